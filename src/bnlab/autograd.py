@@ -46,7 +46,10 @@ class BatchNormFunction(torch.autograd.Function):
             invstd = torch.rsqrt(var + eps)
             y = backend.normalize(x, mean, invstd, weight, bias)
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.param_dtypes = (
+            None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype,
+        )
         ctx.batch_stats_used = batch_stats_used
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)

@@ -83,10 +83,17 @@ def batch_norm(
                 )
     elif (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    _check_sizes(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    _check_sizes(
+        input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
 
     y, mean, var = batch_norm_with_stats(
-        input, weight, bias, None if training else running_mean, None if training else running_var, eps
+        input,
+        weight,
+        bias,
+        None if training else running_mean,
+        None if training else running_var,
+        eps,
     )
     if training and running_mean is not None and input.numel() > 0:
         _update_running_stats(running_mean, running_var, mean, var, momentum, input)

@@ -50,8 +50,12 @@ class LeNet5(nn.Sequential):
         norm2d, norm1d = norm_layers(norm)
         super().__init__(
             OrderedDict(
-                conv1=nn.Sequential(nn.Conv2d(3, 6, 5), norm2d(6), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
-                conv2=nn.Sequential(nn.Conv2d(6, 16, 5), norm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
+                conv1=nn.Sequential(
+                    nn.Conv2d(3, 6, 5), norm2d(6), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+                ),
+                conv2=nn.Sequential(
+                    nn.Conv2d(6, 16, 5), norm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+                ),
                 flatten=nn.Flatten(),
                 fc1=nn.Sequential(nn.Linear(16 * 5 * 5, 120), norm1d(120), nn.ReLU(inplace=True)),
                 fc2=nn.Sequential(nn.Linear(120, 84), norm1d(84), nn.ReLU(inplace=True)),

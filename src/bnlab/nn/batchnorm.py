@@ -16,6 +16,8 @@ attribute to False later keeps them, so eval still normalizes with them.)
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 from torch.nn import Module, Parameter, init
@@ -28,7 +30,13 @@ class _NormBase(Module):
     """Parameters, buffers and their bookkeeping; no math."""
 
     _version = 2
-    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
+    __constants__: ClassVar[list[str]] = [
+        "track_running_stats",
+        "momentum",
+        "eps",
+        "num_features",
+        "affine",
+    ]
     num_features: int
     eps: float
     momentum: float | None

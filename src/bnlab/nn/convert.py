@@ -48,7 +48,11 @@ def _swap_lazy(module: nn.Module, target: type[nn.Module]) -> nn.Module:
     for name in ("_parameters", "_buffers"):
         getattr(new, name).update(getattr(module, name))
     for name, hooks in module.__dict__.items():
-        if name.endswith("_hooks") and isinstance(hooks, dict) and name != "_forward_pre_hooks_with_kwargs":
+        if (
+            name.endswith("_hooks")
+            and isinstance(hooks, dict)
+            and name != "_forward_pre_hooks_with_kwargs"
+        ):
             for hook_id, hook in hooks.items():
                 if hook_id not in own_hooks:
                     getattr(new, name)[hook_id] = hook
@@ -64,7 +68,11 @@ def _swap(module: nn.Module, mapping: dict[type[nn.Module], type[nn.Module]]) ->
             setattr(module, name, _swap(child, mapping))
         return module
     lazy_types = (nn.modules.lazy.LazyModuleMixin,)
-    return _swap_lazy(module, target) if isinstance(module, lazy_types) else _swap_plain(module, target)
+    return (
+        _swap_lazy(module, target)
+        if isinstance(module, lazy_types)
+        else _swap_plain(module, target)
+    )
 
 
 def convert(module: nn.Module, to: Literal["bnlab", "torch"] = "bnlab") -> nn.Module:
