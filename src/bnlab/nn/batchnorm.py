@@ -129,7 +129,9 @@ class _NormBase(Module):
 class _BatchNorm(_NormBase):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
+        # num_features == 0 is what a lazy module with neither parameters nor
+        # buffers keeps after its first call (as in torch): no size declared.
+        if input.shape[1] != self.num_features and self.num_features != 0:
             raise ChannelMismatchError(
                 f"{type(self).__name__}: expected input with {self.num_features} channels "
                 f"(num_features) but got {input.shape[1]} channels, input size {list(input.shape)}"

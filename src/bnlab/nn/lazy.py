@@ -1,7 +1,9 @@
 """LazyBatchNorm1d/2d/3d: infer ``num_features`` from ``input.shape[1]`` on the first call.
 
 After that call the module becomes the plain bnlab class (``cls_to_become``),
-as torch's lazy modules do.
+as torch's lazy modules do. With ``affine=False`` and
+``track_running_stats=False`` there is nothing to materialize, so, as in
+torch, ``num_features`` stays 0 and the module accepts any channel count.
 """
 
 from __future__ import annotations

@@ -1,0 +1,126 @@
+"""bnlab.functional.batch_norm vs torch.nn.functional.batch_norm: results, buffer updates, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import bnlab
+from bnlab import functional as F
+
+
+def _args(c=3, affine=True, buffers=True):
+    t = lambda *a: torch.randn(*a, dtype=torch.float64)  # noqa: E731
+    return dict(
+        running_mean=t(c) if buffers else None,
+        running_var=t(c).abs() + 0.5 if buffers else None,
+        weight=t(c) if affine else None,
+        bias=t(c) if affine else None,
+    )
+
+
+def _clone(args):
+    return {k: (None if v is None else v.clone()) for k, v in args.items()}
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, 0.0, 1.0, 0.37])
+@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 6), (2, 3, 4, 5), (2, 3, 2, 3, 2)])
+def test_matches_torch_and_updates_buffers_in_place(training, affine, momentum, shape):
+    x = torch.randn(shape, dtype=torch.float64) * 3 - 1
+    ours, theirs = _args(affine=affine), None
+    theirs = _clone(ours)
+    rm, rv = ours["running_mean"], ours["running_var"]
+    y = F.batch_norm(x, **ours, training=training, momentum=momentum, eps=1e-4)
+    ref = TF.batch_norm(x, **theirs, training=training, momentum=momentum, eps=1e-4)
+    torch.testing.assert_close(y, ref, atol=1e-10, rtol=0)
+    assert ours["running_mean"] is rm and ours["running_var"] is rv  # in place
+    torch.testing.assert_close(rm, theirs["running_mean"], atol=1e-12, rtol=0)
+    torch.testing.assert_close(rv, theirs["running_var"], atol=1e-12, rtol=0)
+
+
+def test_training_without_buffers():
+    x = torch.randn(6, 3, 2, dtype=torch.float64)
+    args = _args(buffers=False)
+    torch.testing.assert_close(
+        F.batch_norm(x, **args, training=True), TF.batch_norm(x, **args, training=True), atol=1e-10, rtol=0
+    )
+
+
+def test_tensor_momentum_equals_float_momentum():
+    x = torch.randn(6, 3, dtype=torch.float64)
+    a, b = _args(), None
+    b = _clone(a)
+    F.batch_norm(x, **a, training=True, momentum=0.25)
+    F.batch_norm(x, **b, training=True, momentum=torch.tensor(0.25, dtype=torch.float64))
+    torch.testing.assert_close(a["running_var"], b["running_var"], atol=0, rtol=0)
+
+
+def _torch_error(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - we want whatever torch raises
+        return e
+    return None
+
+
+@pytest.mark.parametrize(
+    "shape, training, eps",
+    [
+        ((1, 3), True, 1e-5),  # one value per channel
+        ((1, 3, 1, 1), True, 1e-5),
+        ((2, 3), True, 0.0),  # eps must be positive when training
+        ((2, 3), False, -1e-3),  # eps must be non-negative
+    ],
+)
+def test_errors_match_torch_type_and_message(shape, training, eps):
+    x = torch.randn(shape)
+    args = _args()
+    args = {k: v.float() for k, v in args.items()}
+    expected = _torch_error(lambda: TF.batch_norm(x, **_clone(args), training=training, eps=eps))
+    if expected is None:
+        pytest.skip(f"this torch accepts {shape=} {training=} {eps=}")
+    with pytest.raises(type(expected)) as info:
+        F.batch_norm(x, **args, training=training, eps=eps)
+    assert str(info.value).split(",")[0] == str(expected).split(",")[0]
+
+
+def test_one_value_per_channel_is_fine_with_running_stats():
+    x = torch.randn(1, 3, dtype=torch.float64)
+    args = _args()
+    torch.testing.assert_close(
+        F.batch_norm(x, **args), TF.batch_norm(x, **_clone(args)), atol=1e-10, rtol=0
+    )
+
+
+def test_eval_needs_buffers():
+    with pytest.raises(RuntimeError, match="running_mean must be defined"):
+        F.batch_norm(torch.randn(4, 3), None, None, training=False)
+    with pytest.raises(ValueError, match="both be None or neither"):
+        F.batch_norm(torch.randn(4, 3), torch.zeros(3), None, training=True)
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
+def test_wrong_sized_tensor_raises_one_clear_error(name):
+    args = _args()
+    args[name] = torch.ones(4, dtype=torch.float64)
+    with pytest.raises(bnlab.ChannelMismatchError, match=rf"{name} has 4 elements .* 3 channels"):
+        F.batch_norm(torch.randn(5, 3, dtype=torch.float64), **args, training=True)
+    assert issubclass(bnlab.ChannelMismatchError, ValueError)
+    assert issubclass(bnlab.ChannelMismatchError, RuntimeError)
+
+
+def test_empty_batch_leaves_buffers_and_gives_zero_parameter_grads():
+    x = torch.randn(0, 3, 4, dtype=torch.float64, requires_grad=True)
+    args = _args()
+    weight, bias = (args[k].requires_grad_() for k in ("weight", "bias"))
+    rm, rv = args["running_mean"].clone(), args["running_var"].clone()
+    y = F.batch_norm(x, **args, training=True)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert torch.equal(args["running_mean"], rm) and torch.equal(args["running_var"], rv)
+    assert torch.equal(weight.grad, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(bias.grad, torch.zeros(3, dtype=torch.float64))
+    assert x.grad.shape == x.shape
