@@ -47,7 +47,9 @@ def test_double_backward_matches_torch(training):
     for fn in (F.batch_norm, TF.batch_norm):
         y = fn(x, *buffers, w, b, training=training)
         gx, gw = torch.autograd.grad((y.square() * y).sum(), (x, w), create_graph=True)
-        grads.append(torch.autograd.grad((gx.square().sum() + gw.sum()), (x, w, b), allow_unused=True))
+        grads.append(
+            torch.autograd.grad((gx.square().sum() + gw.sum()), (x, w, b), allow_unused=True)
+        )
     for ours, theirs in zip(*grads, strict=True):
         if theirs is None:
             assert ours is None or torch.count_nonzero(ours) == 0

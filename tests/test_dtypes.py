@@ -14,7 +14,9 @@ def _run(module, x, train=True):
     module.train(train)
     x = x.clone().requires_grad_()
     y = module(x)
-    y.backward(torch.ones_like(y).mul_(0.5) + torch.linspace(-1, 1, y.numel()).view_as(y).to(y.dtype))
+    y.backward(
+        torch.ones_like(y).mul_(0.5) + torch.linspace(-1, 1, y.numel()).view_as(y).to(y.dtype)
+    )
     return y, x.grad, module.weight.grad
 
 

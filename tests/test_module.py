@@ -22,7 +22,9 @@ ALL = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("track", [True, False])
 def test_attributes_buffers_repr_like_torch(cls_name, affine, track):
-    ours, theirs = make_pair(cls_name, affine=affine, track_running_stats=track, eps=1e-3, momentum=None)
+    ours, theirs = make_pair(
+        cls_name, affine=affine, track_running_stats=track, eps=1e-3, momentum=None
+    )
     assert repr(ours) == repr(theirs)
     for name in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
         assert getattr(ours, name) == getattr(theirs, name)
@@ -96,7 +98,9 @@ def test_version_2_checkpoint_missing_counter_is_reported():
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("track", [True, False])
 def test_lazy_becomes_plain_bnlab_class(cls_name, affine, track):
-    shape = {"BatchNorm1d": (4, 5), "BatchNorm2d": (4, 5, 2, 2), "BatchNorm3d": (2, 5, 2, 2, 2)}[cls_name]
+    shape = {"BatchNorm1d": (4, 5), "BatchNorm2d": (4, 5, 2, 2), "BatchNorm3d": (2, 5, 2, 2, 2)}[
+        cls_name
+    ]
     ours = getattr(bnlab.nn, "Lazy" + cls_name)(affine=affine, track_running_stats=track)
     theirs = getattr(torch.nn, "Lazy" + cls_name)(affine=affine, track_running_stats=track)
     assert repr(ours) == repr(theirs)
@@ -143,7 +147,9 @@ def test_wrong_rank_raises_like_torch(rank):
 @pytest.mark.parametrize("train", [True, False])
 def test_channel_mismatch_always_raises_clear_error(affine, track, train):
     m = bnlab.nn.BatchNorm2d(3, affine=affine, track_running_stats=track).train(train)
-    with pytest.raises(bnlab.ChannelMismatchError, match=r"expected input with 3 channels .* got 4"):
+    with pytest.raises(
+        bnlab.ChannelMismatchError, match=r"expected input with 3 channels .* got 4"
+    ):
         m(torch.randn(2, 4, 2, 2))
     with pytest.raises(ValueError):
         m(torch.randn(2, 4, 2, 2))
@@ -154,7 +160,9 @@ def test_channel_mismatch_always_raises_clear_error(affine, track, train):
 def test_one_value_per_channel_counts_the_batch_then_raises_like_torch():
     ours, theirs = make_pair("BatchNorm1d")
     for m in (ours, theirs):
-        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        with pytest.raises(
+            ValueError, match="Expected more than 1 value per channel when training"
+        ):
             m(torch.randn(1, 3, dtype=torch.float64))
     assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 1
     for m in (ours, theirs):

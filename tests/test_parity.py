@@ -26,7 +26,9 @@ def _step(module, x, dy, mode):
 
 
 def _assert_same_state(ours, theirs):
-    for (name, a), (tname, b) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
+    for (name, a), (tname, b) in zip(
+        ours.state_dict().items(), theirs.state_dict().items(), strict=True
+    ):
         assert name == tname
         assert a.dtype == b.dtype, name
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=name)
@@ -92,7 +94,9 @@ def test_tracking_switched_off_after_construction_keeps_buffers():
     for m in (ours, theirs):
         m.track_running_stats = False
     before = ours.running_mean.clone()
-    torch.testing.assert_close(ours(x), theirs(x), atol=ATOL, rtol=0)  # train: batch stats, no update
+    torch.testing.assert_close(
+        ours(x), theirs(x), atol=ATOL, rtol=0
+    )  # train: batch stats, no update
     assert torch.equal(ours.running_mean, before)
     for m in (ours, theirs):
         m.eval()
