@@ -1,0 +1,204 @@
+"""The `bnlab` command. Thin: parse, check, hand a Config to the library.
+
+    bnlab train   --norm bn              one model
+    bnlab compare --norms bn none        every norm x every seed
+
+Options shared by the subcommands come from the fields of
+`bnlab.experiments.Config` (default and help text); a new subcommand adds
+itself to COMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from bnlab.experiments.config import Config
+from bnlab.models import NORMS
+
+NORM_CHOICES = tuple(NORMS)
+_DEFAULTS = Config()
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+# argparse settings of the shared Config fields; default and help come from Config.
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "epochs": {"type": _int_at_least(1), "metavar": "N"},
+    "lr": {"type": _positive_float},
+    "batch_size": {"type": _int_at_least(1), "metavar": "B"},
+    "device": {"choices": ("auto", "cpu", "cuda")},
+    "data_dir": {"metavar": "DIR"},
+    # at least 2: a batch of one image is dropped (batch norm cannot train on it)
+    "limit_train": {"type": _int_at_least(2), "metavar": "N"},
+    "out": {"metavar": "DIR"},
+    "resume": {"action": "store_true"},
+    "threads": {"type": _int_at_least(0), "metavar": "T"},
+    "channels_last": {"action": argparse.BooleanOptionalAction},
+    "eval_batch_size": {"type": _int_at_least(1), "metavar": "B"},
+    "cuda_graph": {"action": argparse.BooleanOptionalAction},
+}
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    for name, kwargs in _OPTIONS.items():
+        field = _FIELDS[name]
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            default=field.default,
+            help=field.metadata["help"],
+            **kwargs,
+        )
+
+
+def _config(args: argparse.Namespace, **fields: Any) -> Config:
+    return Config(**{name: getattr(args, name) for name in _OPTIONS}, **fields)
+
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--norm", default="bn", choices=NORM_CHOICES, help="normalization layer")
+    parser.add_argument(
+        "--seed", type=_int_at_least(0), default=0, help=_FIELDS["seeds"].metadata["help"]
+    )
+    _add_config_options(parser)
+
+
+def _add_compare(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--norms",
+        nargs="+",
+        default=list(_DEFAULTS.norms),
+        choices=NORM_CHOICES,
+        metavar="NORM",
+        help=f"{_FIELDS['norms'].metadata['help']}: {', '.join(NORM_CHOICES)}",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_int_at_least(1),
+        default=len(_DEFAULTS.seeds),
+        metavar="K",
+        help="run seeds 0..K-1 for every norm",
+    )
+    _add_config_options(parser)
+
+
+# name -> (help, adds the arguments, turns them into a Config)
+COMMANDS: dict[
+    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., Config]]
+] = {
+    "train": (
+        "train LeNet-5 with one normalization layer",
+        _add_train,
+        lambda a: _config(a, norms=(a.norm,), seeds=(a.seed,)),
+    ),
+    "compare": (
+        "train LeNet-5 with each normalization layer for several seeds, and compare",
+        _add_compare,
+        lambda a: _config(a, norms=tuple(a.norms), seeds=tuple(range(a.seeds))),
+    ),
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except an unset option's (its help says what unset means) and a flag's."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bnlab", description="Batch normalization experiments: LeNet-5 on CIFAR-10."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help, add_arguments, _) in COMMANDS.items():
+        command = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+        add_arguments(command)
+        command.set_defaults(command_parser=command)  # its errors show its own usage
+    return parser
+
+
+def _check(cfg: Config, parser: argparse.ArgumentParser) -> None:
+    """Errors argparse cannot see alone: combinations, and the machine."""
+    duplicated = sorted({n for n in cfg.norms if cfg.norms.count(n) > 1})
+    if duplicated:
+        parser.error(f"--norms: {', '.join(duplicated)} given more than once")
+    with_bn = [n for n in cfg.norms if n != "none"]
+    if cfg.batch_size < 2 and with_bn:
+        parser.error(
+            f"--batch-size {cfg.batch_size}: batch norm needs at least 2 images per batch "
+            f"(norm {', '.join(with_bn)})"
+        )
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available (this torch or machine has no GPU)")
+    if cfg.resume and cfg.out is None:
+        parser.error("--resume needs --out DIR, the folder of the runs to continue")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sub = args.command_parser
+    cfg = COMMANDS[args.command][2](args)
+    _check(cfg, sub)
+
+    # Imported here: the experiment pulls in the data package and tqdm, which
+    # parsing (and `--help`) does not need.
+    from bnlab.data import DataError
+    from bnlab.experiments.compare import ExperimentError, check_out, default_out, run_compare
+
+    if cfg.out is None:
+        cfg = dataclasses.replace(cfg, out=default_out(args.command))
+    command = shlex.join(["bnlab", *argv])
+    try:
+        check_out(cfg)  # before loading data: a refused --out should fail at once
+        run_compare(cfg, command=command)
+    except ExperimentError as e:
+        sub.error(str(e))
+    except DataError as e:
+        print(f"bnlab: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        again = command
+        if args.out is None:
+            again += f" --out {shlex.quote(cfg.out)}"
+        if not cfg.resume:
+            again += " --resume"
+        print(
+            f"\ninterrupted; every finished epoch is saved. Continue with:\n  {again}",
+            file=sys.stderr,
+        )
+        return 130
+    return 0

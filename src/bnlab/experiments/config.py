@@ -1,0 +1,62 @@
+"""The experiment's settings: one dataclass, defaults as in the original LeNet-5 + BN script.
+
+The CLI is built from these fields (their defaults and `help` metadata), so a
+setting is added here once. A resumed run must keep every setting but `out` and
+`resume`: even the speed settings change float rounding, and a resumed run must
+give the numbers of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    # what to compare: one run per norm x seed
+    norms: tuple[str, ...] = _setting(("bn", "none"), "normalization layers to compare")
+    seeds: tuple[int, ...] = _setting((0, 1, 2), "a seed fixes the initial weights and data order")
+    # training, as in the original script
+    epochs: int = _setting(10, "passes over the training set")
+    lr: float = _setting(0.01, "Adam learning rate (the script raised it from 0.001)")
+    batch_size: int = _setting(64, "training batch size")
+    # data
+    data_dir: str | None = _setting(None, "CIFAR-10 folder (unset: $BNLAB_DATA, else user cache)")
+    limit_train: int | None = _setting(None, "use the first N training images only (quick runs)")
+    # speed: each choice gives the same numbers run after run, but not the same as another choice
+    device: str = _setting("auto", "auto (cuda when available), cpu or cuda")
+    threads: int = _setting(0, "CPU threads for torch (0: torch's default, one per core)")
+    channels_last: bool | None = _setting(None, "NHWC images and weights (unset: as measured)")
+    eval_batch_size: int = _setting(1000, "batch size for the test set (no gradients)")
+    cuda_graph: bool = _setting(True, "on CUDA, replay the training step as a CUDA graph")
+    # output
+    out: str | None = _setting(None, "output folder (unset: runs/<command>-<timestamp>)")
+    resume: bool = _setting(False, "continue the runs found in --out")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: tuples become lists."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+        )
+
+
+def changed_settings(old: Config, new: Config) -> list[str]:
+    """The settings a resume may not change that differ, as 'name: old -> new' lines."""
+    return [
+        f"{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
+        for f in dataclasses.fields(Config)
+        if f.name not in ("out", "resume") and getattr(old, f.name) != getattr(new, f.name)
+    ]

@@ -1,0 +1,48 @@
+"""curves.png: test accuracy and training loss per epoch, one line per norm (mean ± std over seeds).
+
+matplotlib is imported here only, and through `Figure` rather than pyplot: no
+GUI backend, no global figure state, safe in a headless run.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from bnlab.experiments.results import atomic_open
+
+_PANELS = (("test_acc", "test accuracy (%)"), ("train_loss", "training loss"))
+
+
+def _curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float], list[float]]:
+    """Epochs that every run reached, the mean of `key` over runs and its sample std (0 for one run)."""
+    n = min(len(r["epochs"]) for r in runs)
+    values = [[r["epochs"][i][key] for r in runs] for i in range(n)]
+    means = [statistics.fmean(v) for v in values]
+    stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+    return list(range(1, n + 1)), means, stds
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> None:
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    norms = dict.fromkeys(r["norm"] for r in results["runs"] if r["epochs"])
+    for ax, (key, label) in zip(axes, _PANELS, strict=True):
+        for norm in norms:
+            runs = [r for r in results["runs"] if r["norm"] == norm and r["epochs"]]
+            epochs, mean, std = _curve(runs, key)
+            (line,) = ax.plot(epochs, mean, marker="o", label=f"{norm} (n={len(runs)})")
+            if len(runs) > 1:
+                lo = [m - s for m, s in zip(mean, std, strict=True)]
+                hi = [m + s for m, s in zip(mean, std, strict=True)]
+                ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("LeNet-5 on CIFAR-10: mean ± std over seeds")
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=120)

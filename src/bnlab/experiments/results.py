@@ -1,0 +1,108 @@
+"""What a run leaves in its output folder, and the only code (with report.py and plots.py) that writes it.
+
+    results.json              config, environment, every run's epochs, summary per norm
+    metrics.csv               one row per (norm, seed, epoch)
+    checkpoints/NORM-seedS.pt the latest epoch of each run: model, Adam, RNG, loader epoch, history
+
+Every file is written to a temporary file in the same folder and then renamed
+over the old one (`os.replace` is atomic), so a kill at any moment leaves
+either the old or the new file, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import statistics
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+RESULTS = "results.json"
+METRICS = "metrics.csv"
+CHECKPOINTS = "checkpoints"
+CSV_COLUMNS = ("norm", "seed", "epoch", "train_loss", "test_acc", "train_seconds", "eval_seconds")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """A binary file that replaces `path` only when the block finishes without error."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text.encode())
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    """results.json and metrics.csv, both from `results`."""
+    write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for run in results["runs"]:
+        for e in run["epochs"]:
+            writer.writerow([run["norm"], run["seed"], *(e[c] for c in CSV_COLUMNS[2:])])
+    write_text(out / METRICS, buf.getvalue())
+
+
+def load_results(out: Path) -> dict[str, Any] | None:
+    path = out / RESULTS
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def checkpoint_path(out: Path, norm: str, seed: int) -> Path:
+    return out / CHECKPOINTS / f"{norm}-seed{seed}.pt"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path) as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def summarize(runs: list[dict[str, Any]], epochs: int) -> dict[str, dict[str, Any]]:
+    """Per norm, over its finished runs: final accuracy mean and sample std, mean run time."""
+    summary: dict[str, dict[str, Any]] = {}
+    for norm in dict.fromkeys(run["norm"] for run in runs):
+        done = [r for r in runs if r["norm"] == norm and len(r["epochs"]) == epochs]
+        if not done:
+            continue
+        finals = [r["epochs"][-1]["test_acc"] for r in done]
+        summary[norm] = {
+            "final_acc_mean": statistics.fmean(finals),
+            "final_acc_std": statistics.stdev(finals) if len(finals) > 1 else None,
+            "seconds_mean": statistics.fmean(sum(e["seconds"] for e in r["epochs"]) for r in done),
+            "runs": len(done),
+        }
+    return summary

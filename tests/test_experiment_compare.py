@@ -1,0 +1,223 @@
+"""The comparison's output folder: files, schema, resume after a kill, refusals."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import bnlab.experiments.compare as compare
+from bnlab.experiments import Config, ExperimentError, run_compare
+from bnlab.experiments.results import CSV_COLUMNS, load_checkpoint
+
+from .test_experiment_train import tiny_cifar
+
+EPOCH_KEYS = {
+    "epoch": int,
+    "train_loss": float,
+    "test_acc": float,
+    "train_seconds": float,
+    "eval_seconds": float,
+    "seconds": float,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny runs are bound by per-op overhead, not arithmetic; one thread also avoids the
+    OpenMP stalls (10x and worse) that a second thread meets when other processes share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Killed(Exception):
+    """Stands for a kill: raised in the middle of an experiment."""
+
+
+def config(tmp_path, **kw) -> Config:
+    base = {
+        "norms": ("bn", "none"),
+        "seeds": (0, 1),
+        "epochs": 2,
+        "eval_batch_size": 50,
+        "out": str(tmp_path / "run"),
+    }
+    return Config(**{**base, **kw})
+
+
+def numbers(results: dict) -> list[tuple]:
+    """Everything a run computes (not its timings)."""
+    return [
+        (run["norm"], run["seed"], e["epoch"], e["train_loss"], e["test_acc"])
+        for run in results["runs"]
+        for e in run["epochs"]
+    ]
+
+
+def quiet(line: str) -> None:
+    pass
+
+
+def test_output_files(tmp_path):
+    cfg = config(tmp_path, epochs=1)
+    results = run_compare(cfg, data=tiny_cifar(), command="bnlab compare", log=quiet)
+    out = tmp_path / "run"
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert set(saved) == {"config", "environment", "runs", "summary"}
+    assert saved["config"]["norms"] == ["bn", "none"] and saved["config"]["epochs"] == 1
+    env = saved["environment"]
+    for key in ("bnlab", "torch", "python", "git_commit", "device_name", "threads", "data"):
+        assert key in env
+    assert isinstance(env["torch"], str) and isinstance(env["threads"], int)
+    assert env["data"] == {"path": "memory", "layout": "bin", "fingerprint": "0" * 16}
+    assert env["command"] == "bnlab compare"
+    assert [(r["norm"], r["seed"]) for r in saved["runs"]] == [
+        ("bn", 0),
+        ("bn", 1),
+        ("none", 0),
+        ("none", 1),
+    ]
+    for run in saved["runs"]:
+        assert isinstance(run["norm"], str) and isinstance(run["seed"], int)
+        [epoch] = run["epochs"]
+        assert set(epoch) == set(EPOCH_KEYS)
+        for key, kind in EPOCH_KEYS.items():
+            assert isinstance(epoch[key], kind), key
+    for norm in ("bn", "none"):
+        s = saved["summary"][norm]
+        assert isinstance(s["final_acc_mean"], float) and isinstance(s["final_acc_std"], float)
+        assert isinstance(s["seconds_mean"], float)
+
+    with (out / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert len(rows) == 4
+    assert float(rows[0]["test_acc"]) == saved["runs"][0]["epochs"][0]["test_acc"]
+
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "| norm | test accuracy after 1 epochs (%)" in report
+    assert "](curves.png)" in report
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "bn-seed0.pt",
+        "bn-seed1.pt",
+        "none-seed0.pt",
+        "none-seed1.pt",
+    ]
+    assert not list(out.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_one_seed_has_no_std(tmp_path):
+    results = run_compare(
+        config(tmp_path, norms=("none",), seeds=(0,), epochs=1), data=tiny_cifar(), log=quiet
+    )
+    assert results["summary"]["none"]["final_acc_std"] is None
+
+
+def test_epoch_lines_and_summary_table_are_printed(tmp_path):
+    lines = []
+    run_compare(
+        config(tmp_path, norms=("bn",), seeds=(0,), epochs=2), data=tiny_cifar(), log=lines.append
+    )
+    text = "\n".join(lines)
+    assert "epoch  1/2  train loss" in text and "test acc" in text
+    assert "| bn |" in text
+
+
+def interrupted_then_resumed(
+    tmp_path, cfg, monkeypatch, kill_after_epochs: int, where: str
+) -> dict:
+    data = tiny_cifar()
+    calls = {"n": 0}
+
+    def on_epoch(norm, seed, result):
+        calls["n"] += 1
+        if calls["n"] == kill_after_epochs:
+            raise Killed
+
+    if where == "after epoch":
+        with pytest.raises(Killed):
+            run_compare(cfg, data=data, on_epoch=on_epoch, log=quiet)
+    else:  # killed after the checkpoint was saved but before results.json was
+        real = compare.write_results
+
+        def write_results(out, results):
+            calls["n"] += 1
+            if calls["n"] == kill_after_epochs + 1:  # +1: the write before the first epoch
+                raise Killed
+            real(out, results)
+
+        with monkeypatch.context() as m:
+            m.setattr(compare, "write_results", write_results)
+            with pytest.raises(Killed):
+                run_compare(cfg, data=data, log=quiet)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    finished = sum(len(r["epochs"]) for r in saved["runs"])
+    assert finished == (kill_after_epochs if where == "after epoch" else kill_after_epochs - 1)
+    return run_compare(dataclasses.replace(cfg, resume=True), data=data, log=quiet)
+
+
+@pytest.mark.parametrize(
+    ("kill_after_epochs", "where"),
+    [(1, "after epoch"), (3, "after epoch"), (2, "before results.json")],
+)
+def test_resume_gives_the_numbers_of_an_uninterrupted_run(
+    tmp_path, monkeypatch, kill_after_epochs, where
+):
+    cfg = config(tmp_path, seeds=(0,))
+    straight = run_compare(
+        dataclasses.replace(cfg, out=str(tmp_path / "straight")), data=tiny_cifar(), log=quiet
+    )
+    resumed = interrupted_then_resumed(tmp_path, cfg, monkeypatch, kill_after_epochs, where)
+    assert numbers(resumed) == numbers(straight)
+    assert resumed["summary"].keys() == straight["summary"].keys()
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert numbers(saved) == numbers(straight)
+
+
+def test_resume_of_a_finished_run_trains_nothing(tmp_path):
+    cfg = config(tmp_path, norms=("none",), seeds=(0,), epochs=1)
+    first = run_compare(cfg, data=tiny_cifar(), log=quiet)
+    lines = []
+    again = run_compare(dataclasses.replace(cfg, resume=True), data=tiny_cifar(), log=lines.append)
+    assert numbers(again) == numbers(first)
+    assert not any("train loss" in line for line in lines)
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    run_compare(config(tmp_path, norms=("bn",), seeds=(0,), epochs=1), data=tiny_cifar(), log=quiet)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "bn-seed0.pt")
+    assert state["epochs_done"] == 1 and state["loader_epoch"] == 1
+    assert {"model", "optimizer", "rng", "history"} <= set(state)
+
+
+def test_non_empty_out_is_refused_without_resume(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(ExperimentError, match="not empty; pass --resume"):
+        run_compare(config(tmp_path), data=tiny_cifar(), log=quiet)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_resume_with_changed_settings_names_them(tmp_path):
+    cfg = config(tmp_path, norms=("none",), seeds=(0,), epochs=1)
+    run_compare(cfg, data=tiny_cifar(), log=quiet)
+    changed = dataclasses.replace(cfg, resume=True, epochs=2, lr=0.1)
+    with pytest.raises(ExperimentError) as e:
+        run_compare(changed, data=tiny_cifar(), log=quiet)
+    assert "epochs: 1 -> 2" in str(e.value) and "lr: 0.01 -> 0.1" in str(e.value)
+    assert "batch_size" not in str(e.value)
+
+
+def test_resume_with_other_data_is_refused(tmp_path):
+    cfg = config(tmp_path, norms=("none",), seeds=(0,), epochs=1)
+    run_compare(cfg, data=tiny_cifar(seed=0), log=quiet)
+    with pytest.raises(ExperimentError, match="data differ"):
+        run_compare(dataclasses.replace(cfg, resume=True), data=tiny_cifar(seed=1), log=quiet)
