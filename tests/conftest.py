@@ -34,3 +34,13 @@ def make_pair(cls_name: str, num_features: int = 3, **kwargs):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny training runs are bound by per-op overhead, not arithmetic; one thread also
+    avoids the OpenMP stalls (10x and worse) a second thread meets on busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

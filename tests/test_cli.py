@@ -18,14 +18,7 @@ from ._cifar_writers import BATCHES, write_bin_layout
 PER_BATCH = 64  # images per tiny batch file: 320 training images, 64 test images
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny runs are bound by per-op overhead, not arithmetic; one thread also avoids the
-    OpenMP stalls (10x and worse) that a second thread meets when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 import bnlab.experiments.compare as compare
 from bnlab.experiments import Config, ExperimentError, run_compare
@@ -25,14 +24,7 @@ EPOCH_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny runs are bound by per-op overhead, not arithmetic; one thread also avoids the
-    OpenMP stalls (10x and worse) that a second thread meets when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Killed(Exception):

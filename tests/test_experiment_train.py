@@ -14,14 +14,7 @@ from bnlab.experiments.train import build_model, build_optimizer, eager_step, ev
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny runs are bound by per-op overhead, not arithmetic; one thread also avoids the
-    OpenMP stalls (10x and worse) that a second thread meets when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cifar(n_train: int = 256, n_test: int = 64, seed: int = 0) -> CIFAR10:
