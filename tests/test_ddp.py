@@ -42,7 +42,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         {k: v.detach().clone() for k, v in model.state_dict().items()},
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
+    dist.barrier()
     dist.destroy_process_group()
+    # gloo's worker threads can abort the interpreter's shutdown ("terminate called
+    # without an active exception"); everything is saved, so leave without it.
+    os._exit(0)
 
 
 def test_ddp_keeps_ranks_in_sync(tmp_path):

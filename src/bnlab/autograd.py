@@ -10,6 +10,9 @@ dependence on ``x`` is part of that graph.
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -17,46 +20,79 @@ from . import kernels
 from .kernels import reference
 
 
-class BatchNormFunction(torch.autograd.Function):
-    """y = (x − mean)·invstd·γ + β; returns (y, mean, var) with var biased.
+class Statistics(NamedTuple):
+    """Which statistics normalize ``x``, and which running buffers move.
 
-    With ``running_mean``/``running_var`` given, they are the statistics
-    (evaluation); otherwise the batch's are. ``mean`` and ``var`` are
-    non-differentiable outputs, returned so the caller can update running
-    buffers without a second pass over ``x``.
+    ``running_mean``/``running_var`` given: they are the statistics
+    (evaluation). Otherwise the batch's are, and ``update_mean``/``update_var``
+    (when given) move in place toward them, ``r ← (1 − m)·r + m·s`` with
+    ``m = momentum`` and the unbiased variance
+    (:func:`bnlab.kernels.update_running_stats`); a backend that can does
+    this inside its pass over ``x``. One argument rather than six: every
+    argument of the autograd function costs time on each call.
     """
+
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    eps: float
+    update_mean: Tensor | None = None
+    update_var: Tensor | None = None
+    momentum: float | Tensor = 0.0
+
+
+def _forward(
+    backend: ModuleType,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    s: Statistics,
+    need_stats: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, var, invstd) from ``backend``; see :class:`Statistics`.
+
+    ``need_stats=False``: only y will be used (a backend may skip the rest).
+    """
+    if s.running_mean is None:
+        if s.update_mean is not None and hasattr(backend, "forward_train_update"):
+            return backend.forward_train_update(
+                x, weight, bias, s.eps, s.update_mean, s.update_var, s.momentum
+            )
+        y, mean, var, invstd = backend.forward_train(x, weight, bias, s.eps)
+        if s.update_mean is not None:
+            n = x.numel() // x.size(1)
+            kernels.update_running_stats(s.update_mean, s.update_var, mean, var, s.momentum, n)
+        return y, mean, var, invstd
+    if hasattr(backend, "forward_eval"):
+        return backend.forward_eval(
+            x, weight, bias, s.running_mean, s.running_var, s.eps, need_stats
+        )
+    acc = reference.acc_dtype(x.dtype)
+    mean, var = s.running_mean.to(acc), s.running_var.to(acc)
+    invstd = torch.rsqrt(var + s.eps)
+    return backend.normalize(x, mean, invstd, weight, bias), mean, var, invstd
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """y = (x − mean)·invstd·γ + β, the statistics chosen by a :class:`Statistics`."""
 
     @staticmethod
     def forward(
-        ctx,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        eps: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, statistics: Statistics
+    ) -> Tensor:
         backend = kernels.select(x)
-        batch_stats_used = running_mean is None
-        if batch_stats_used:
-            y, mean, var, invstd = backend.forward_train(x, weight, bias, eps)
-        else:
-            acc = reference.acc_dtype(x.dtype)
-            mean, var = running_mean.to(acc), running_var.to(acc)
-            invstd = torch.rsqrt(var + eps)
-            y = backend.normalize(x, mean, invstd, weight, bias)
+        y, mean, _, invstd = _forward(backend, x, weight, bias, statistics)
         ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.backend = backend
         ctx.param_dtypes = (
             None if weight is None else weight.dtype,
             None if bias is None else bias.dtype,
         )
-        ctx.batch_stats_used = batch_stats_used
-        ctx.eps = eps
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        ctx.batch_stats_used = statistics.running_mean is None
+        ctx.eps = statistics.eps
+        return y
 
     @staticmethod
-    def backward(ctx, dy: Tensor, _dmean: Tensor, _dvar: Tensor):
+    def backward(ctx, dy: Tensor):
         x, weight, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():
             # Double backward: differentiable formulas, statistics rebuilt from x.
@@ -67,28 +103,36 @@ class BatchNormFunction(torch.autograd.Function):
                 dy, x, mean, invstd, weight, ctx.batch_stats_used
             )
         else:
-            dx, dweight, dbias = kernels.select(x).backward(
+            dx, dweight, dbias = ctx.backend.backward(
                 dy, x, mean, invstd, weight, ctx.batch_stats_used
             )
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         weight_dtype, bias_dtype = ctx.param_dtypes
         return (
             dx if need_x else None,
-            dweight.to(weight_dtype) if need_weight else None,
-            dbias.to(bias_dtype) if need_bias else None,
-            None,
-            None,
+            _as_dtype(dweight, weight_dtype) if need_weight else None,
+            _as_dtype(dbias, bias_dtype) if need_bias else None,
             None,
         )
 
 
-def batch_norm_with_stats(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Normalize ``x``; returns (y, mean, var). See :class:`BatchNormFunction`."""
-    return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, eps)
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def batch_norm_autograd(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, statistics: Statistics
+) -> Tensor:
+    """Normalize ``x`` with a hand-written backward. See :class:`Statistics`.
+
+    Without a graph to record (no grad mode, or nothing requires grad) the
+    backend is called directly: the same results without the autograd
+    function's per-call cost.
+    """
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        return BatchNormFunction.apply(x, weight, bias, statistics)
+    return _forward(kernels.select(x), x, weight, bias, statistics, need_stats=False)[0]

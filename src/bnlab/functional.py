@@ -13,10 +13,9 @@ module's business; this function is pure apart from that in-place update.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .autograd import batch_norm_with_stats
+from .autograd import Statistics, batch_norm_autograd
 from .errors import ChannelMismatchError
 
 
@@ -87,30 +86,16 @@ def batch_norm(
         input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
 
-    y, mean, var = batch_norm_with_stats(
-        input,
-        weight,
-        bias,
+    # The running buffers move with the batch statistics (an empty batch leaves
+    # them), inside the kernel's pass when the backend can: see
+    # kernels.update_running_stats for the rule.
+    update = training and running_mean is not None and input.numel() > 0
+    statistics = Statistics(
         None if training else running_mean,
         None if training else running_var,
         eps,
+        running_mean if update else None,
+        running_var if update else None,
+        momentum,
     )
-    if training and running_mean is not None and input.numel() > 0:
-        _update_running_stats(running_mean, running_var, mean, var, momentum, input)
-    return y
-
-
-def _update_running_stats(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    momentum: float | Tensor,
-    input: Tensor,
-) -> None:
-    """r ← (1 − m)·r + m·s, with the unbiased variance var·n/(n − 1)."""
-    n = input.numel() // input.size(1)
-    with torch.no_grad():
-        unbiased_var = var * (n / (n - 1))
-        running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
-        running_var.mul_(1 - momentum).add_(momentum * unbiased_var.to(running_var.dtype))
+    return batch_norm_autograd(input, weight, bias, statistics)

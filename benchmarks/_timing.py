@@ -1,0 +1,97 @@
+"""Timing helpers for the benchmark scripts: interleaved medians, machine facts, recording.
+
+Machines are noisy (other processes, frequency changes), so contenders are
+timed in alternation, many short rounds each, and compared by their medians:
+a disturbance hits both sides instead of one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], rounds: int = 15, round_time: float = 0.02
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternating rounds.
+
+    Each function is first warmed up and calibrated to a number of calls that
+    takes about ``round_time``; then every round times each function once (in
+    an order that rotates, so none always runs first).
+    """
+    calls = {}
+    for name, fn in fns.items():
+        fn()
+        fn()
+        start = time.perf_counter()
+        fn()
+        once = max(time.perf_counter() - start, 1e-7)
+        calls[name] = max(1, int(round_time / once))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn, k = fns[name], calls[name]
+            start = time.perf_counter()
+            for _ in range(k):
+                fn()
+            samples[name].append((time.perf_counter() - start) / k)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, rounds: int = 15) -> float:
+    """GB/s of a plain tensor copy into an existing tensor (read + write counted)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    seconds = interleaved({"copy": lambda: dst.copy_(src)}, rounds=rounds, round_time=0.05)["copy"]
+    return 2 * nbytes / seconds / 1e9
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_summary() -> str:
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; Python {platform.python_version()}"
+    )
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def append_section(path: Path, title: str, body: str) -> None:
+    """Append a dated section to a markdown file, atomically (temp file + rename)."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    section = (
+        f"\n## {title} — {stamp}\n\n"
+        f"- Machine: {machine_summary()}\n"
+        f"- Command: `{command_line()}`\n\n"
+        f"{body.rstrip()}\n"
+    )
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(old.rstrip("\n") + "\n" + section)
+    os.chmod(tmp, 0o644)  # mkstemp creates files readable by their owner only
+    os.replace(tmp, path)

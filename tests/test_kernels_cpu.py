@@ -1,0 +1,371 @@
+"""The native CPU backend against the reference backend and against torch.
+
+float64 results must agree with both to 1e-10 (the same sums in another
+order). float32 results are measured against the float64 truth computed
+from the same float32-representable inputs; the tolerances are derived
+where they are used.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import bnlab.nn
+from bnlab import kernels
+from bnlab.kernels import _build, cpu, reference
+
+pytestmark = pytest.mark.skipif(
+    _build.native() is None, reason="native CPU kernels unavailable (no C++ compiler?)"
+)
+
+F32, F64 = torch.float32, torch.float64
+CL = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+# (shape, memory format) covering both traversals of the kernels: planes (inner
+# >= 64, vector tails of every length) and periodic rows (channels_last, (N, C),
+# short inner).
+LAYOUTS = {
+    "NC": ((37, 5), None),
+    "NCL-short": ((6, 3, 5), None),
+    "NCHW": ((5, 3, 9, 11), None),
+    "NCHW-85": ((3, 4, 5, 17), None),
+    "NCHW-cl": ((5, 3, 9, 11), "cl"),
+    "NCDHW": ((3, 2, 5, 6, 7), None),
+    "NCDHW-cl": ((3, 2, 5, 6, 7), "cl"),
+    "NCHW-wide": ((4, 19, 8, 12), None),
+    "NC-wide": ((9, 1001), None),
+}
+
+
+def _make(shape, fmt, dtype, mean=1.0, std=2.0):
+    x = torch.randn(shape, dtype=F64) * std + mean
+    x = x.to(dtype)
+    if fmt == "cl":
+        x = x.contiguous(memory_format=CL[x.dim()])
+    return x
+
+
+def _params(c, dtype):
+    w = torch.rand(c, dtype=F64).add(0.5).to(dtype)
+    b = torch.randn(c, dtype=F64).to(dtype)
+    return w, b
+
+
+# ---- the backend contract against the reference backend ---------------------------
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("affine", [True, False])
+def test_contract_matches_reference_float64(layout, affine):
+    shape, fmt = LAYOUTS[layout]
+    x = _make(shape, fmt, F64)
+    w, b = _params(shape[1], F64) if affine else (None, None)
+    dy = torch.randn(shape, dtype=F64)
+    ours = cpu.forward_train(x, w, b, 1e-5)
+    ref = reference.forward_train(x, w, b, 1e-5)
+    for name, a, r in zip(("y", "mean", "var", "invstd"), ours, ref, strict=True):
+        torch.testing.assert_close(a, r, atol=1e-10, rtol=0, msg=name)
+    mean, invstd = ref[1], ref[3]
+    for batch_stats in (True, False):
+        ours = cpu.backward(dy, x, mean, invstd, w, batch_stats)
+        ref = reference.backward(dy, x, mean, invstd, w, batch_stats)
+        for name, a, r in zip(("dx", "dweight", "dbias"), ours, ref, strict=True):
+            torch.testing.assert_close(a, r, atol=1e-10, rtol=0, msg=name)
+    torch.testing.assert_close(
+        cpu.normalize(x, mean, invstd, w, b),
+        reference.normalize(x, mean, invstd, w, b),
+        atol=1e-10,
+        rtol=0,
+    )
+
+
+def test_parameters_of_another_dtype_or_strided():
+    """Converted copies of weight and bias must live as long as the kernel reads them."""
+    x = _make((6, 3, 8, 9), None, F32)
+    w64, b64 = _params(3, F64)
+    w = torch.empty(6, dtype=F64)[::2].copy_(w64)  # strided, float64
+    ours = cpu.forward_train(x, w, b64, 1e-5)
+    ref = reference.forward_train(x, w64.float(), b64.float(), 1e-5)
+    torch.testing.assert_close(ours[0], ref[0], atol=F32_ATOL, rtol=0)
+    dy = torch.randn_like(x)
+    ours = cpu.backward(dy, x, ours[1], ours[3], w, True)
+    ref = reference.backward(dy.double(), x.double(), ref[1].double(), ref[3].double(), w64, True)
+    for a, r in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a.double(), r, atol=F32_ATOL * max(1.0, r.abs().max()), rtol=0)
+
+
+def test_backend_selection():
+    assert kernels.select(torch.randn(4, 3)) is cpu
+    assert kernels.select(torch.randn(4, 3, dtype=F64)) is cpu
+    assert kernels.select(torch.randn(4, 3).half()) is reference
+    assert kernels.select(torch.randn(0, 3)) is reference
+
+
+# ---- modules against torch.nn ----------------------------------------------------------
+
+
+def _module_pair(shape, affine, dtype, momentum=0.1):
+    cls = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[len(shape)]
+    ours = getattr(bnlab.nn, cls)(shape[1], affine=affine, momentum=momentum, dtype=dtype)
+    theirs = getattr(torch.nn, cls)(shape[1], affine=affine, momentum=momentum, dtype=F64)
+    if affine:
+        w, b = _params(shape[1], F64)
+        with torch.no_grad():
+            ours.weight.copy_(w)
+            ours.bias.copy_(b)
+            theirs.weight.copy_(w)
+            theirs.bias.copy_(b)
+    return ours, theirs
+
+
+def _step(module, x, dy, train):
+    module.train(train)
+    x = x.detach().clone().requires_grad_()
+    y = module(x)
+    y.backward(dy)
+    grads = [x.grad]
+    if module.weight is not None:
+        grads += [module.weight.grad.clone(), module.bias.grad.clone()]
+        module.weight.grad = module.bias.grad = None
+    return y.detach(), grads
+
+
+def _compare_with_torch(shape, fmt, affine, dtype, atol, momentum=0.1, mean=1.0):
+    """Train, train, eval steps of bnlab (dtype) and torch (float64 on the same values)."""
+    ours, theirs = _module_pair(shape, affine, dtype, momentum)
+    for train in (True, True, False):
+        x = _make(shape, fmt, dtype, mean=mean)
+        dy = torch.randn(shape, dtype=F64).to(dtype)
+        y, grads = _step(ours, x, dy, train)
+        y_ref, grads_ref = _step(theirs, x.double(), dy.double(), train)
+        torch.testing.assert_close(y.double(), y_ref, atol=atol, rtol=0)
+        for g, r in zip(grads, grads_ref, strict=True):
+            scale = max(1.0, r.abs().max().item())
+            torch.testing.assert_close(g.double(), r, atol=atol * scale, rtol=0)
+        for name in ("running_mean", "running_var"):
+            a, r = getattr(ours, name), getattr(theirs, name)
+            torch.testing.assert_close(a.double(), r, atol=atol * max(1.0, mean), rtol=0, msg=name)
+    return ours
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("affine", [True, False])
+def test_module_matches_torch_float64(layout, affine):
+    shape, fmt = LAYOUTS[layout]
+    _compare_with_torch(shape, fmt, affine, F64, atol=1e-10)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_stats_float64(momentum):
+    shape, fmt = LAYOUTS["NCHW"]
+    ours = _compare_with_torch(shape, fmt, True, F64, atol=1e-10, momentum=momentum)
+    assert ours.num_batches_tracked.item() == 2
+
+
+# float32: every value passes through a handful of float32 roundings (input
+# of the statistics, the split mean, scale and shift), each ≤ 2^-24 relative,
+# and sums are carried in float64 after at most 32 float32 additions per
+# lane. At unit scale that is ~1e-6 at worst; 1e-5 (of the result's scale for
+# gradients and running stats) leaves room and is what torch's own float32
+# path meets on these sizes.
+F32_ATOL = 1e-5
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("affine", [True, False])
+def test_module_float32_close_to_float64_truth(layout, affine):
+    shape, fmt = LAYOUTS[layout]
+    _compare_with_torch(shape, fmt, affine, F32, atol=F32_ATOL)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NCHW-cl", "NC"])
+def test_large_mean_float32(layout):
+    """mean 1e3, std 1: no cancellation (shifted sums, split mean), float32 tolerance kept.
+
+    A float32 mean alone would be off by up to 2^-14 ≈ 6e-5 at 1e3 (half an
+    ulp), which the normalized output would show in full; the kernels keep the
+    mean in float64 (and split in two floats) instead.
+    """
+    shape, fmt = LAYOUTS[layout]
+    shape = (shape[0] * 8, *shape[1:])
+    ours, theirs = _module_pair(shape, True, F32)
+    x = (torch.randn(shape, dtype=F64) + 1e3).float()
+    if fmt == "cl":
+        x = x.contiguous(memory_format=CL[x.dim()])
+    dy = torch.randn(shape).float()
+    y, grads = _step(ours, x, dy, True)
+    y_ref, grads_ref = _step(theirs, x.double(), dy.double(), True)
+    torch.testing.assert_close(y.double(), y_ref, atol=F32_ATOL, rtol=0)
+    for g, r in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g.double(), r, atol=F32_ATOL * max(1.0, r.abs().max()), rtol=0)
+    # running_mean ≈ 0.1·1e3: float32 resolution there is ~8e-6.
+    torch.testing.assert_close(ours.running_mean.double(), theirs.running_mean, atol=2e-5, rtol=0)
+    torch.testing.assert_close(ours.running_var.double(), theirs.running_var, atol=1e-5, rtol=0)
+
+
+# ---- layouts -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [4, 5])
+@pytest.mark.parametrize("train", [True, False])
+def test_channels_last_in_channels_last_out(dim, train):
+    shape = (3, 4, 5, 6) if dim == 4 else (2, 4, 3, 5, 6)
+    fmt = CL[dim]
+    m = (bnlab.nn.BatchNorm2d if dim == 4 else bnlab.nn.BatchNorm3d)(4).train(train)
+    x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+    y = m(x)
+    assert y.is_contiguous(memory_format=fmt)
+    y.backward(torch.randn(shape).contiguous(memory_format=fmt))
+    assert x.grad.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda t: t.transpose(2, 3),  # dense, permuted
+        lambda t: t[:, :, ::2, 1:],  # strided slice
+        lambda t: t.transpose(0, 1)[:3].transpose(0, 1),  # channel slice
+    ],
+    ids=["transposed", "sliced", "channel-slice"],
+)
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_non_contiguous_input(view, dtype):
+    base = torch.randn(4, 5, 6, 7, dtype=F64).to(dtype)
+    x = view(base)
+    ours, theirs = _module_pair(tuple(x.shape), True, dtype)
+    dy = view(torch.randn(base.shape, dtype=F64).to(dtype))  # also non-contiguous
+    atol = 1e-10 if dtype == F64 else F32_ATOL
+    for train in (True, False):
+        y, grads = _step(ours, x, dy, train)
+        y_ref, grads_ref = _step(theirs, x.double(), dy.double(), train)
+        torch.testing.assert_close(y.double(), y_ref, atol=atol, rtol=0)
+        for g, r in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(g.double(), r, atol=atol * max(1.0, r.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_no_grad_path_matches_graph_path(train):
+    """Without a graph to record the backend is called directly; same numbers, same buffers."""
+    x = _make((8, 3, 5, 5), None, F32)
+    a, b = bnlab.nn.BatchNorm2d(3).train(train), bnlab.nn.BatchNorm2d(3).train(train)
+    for m in (a, b):
+        m.running_var.fill_(2.0)
+    with torch.no_grad():
+        ya = a(x)
+    yb = b(x)
+    assert yb.requires_grad and not ya.requires_grad
+    torch.testing.assert_close(ya, yb.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(a.running_var, b.running_var, atol=0, rtol=0)
+
+
+def test_expanded_gradient():
+    """y.sum().backward() hands backward a stride-0 dy."""
+    x = torch.randn(4, 3, 5, 5, dtype=F64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    bnlab.nn.BatchNorm2d(3, dtype=F64)(x).square().sum().backward()
+    torch.nn.BatchNorm2d(3, dtype=F64)(xr).square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-10, rtol=0)
+
+
+def test_buffers_the_kernel_cannot_write():
+    """Strided running buffers: the update runs as torch ops, with the same result."""
+    x = torch.randn(8, 3, 4, 4, dtype=F64)
+    rm, rv = torch.zeros(6, dtype=F64)[::2], torch.ones(6, dtype=F64)[::2]
+    rm_ref, rv_ref = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)
+    y = bnlab.functional.batch_norm(x, rm, rv, training=True, momentum=0.3)
+    y_ref = torch.nn.functional.batch_norm(x, rm_ref, rv_ref, training=True, momentum=0.3)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(rm, rm_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(rv, rv_ref, atol=1e-12, rtol=0)
+
+
+# ---- threads -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize(
+    "shape, fmt",
+    [
+        ((16, 6, 32, 32), None),  # whole channels per thread
+        ((16, 3, 48, 48), None),  # channels split across threads
+        ((64, 16, 16, 16), "cl"),  # periodic rows
+        ((2048, 96), None),
+    ],
+    ids=["channel-split", "element-split", "channels-last", "NC"],
+)
+def test_one_and_two_threads_agree(shape, fmt, restore_threads):
+    """Threads change only the order of float64 additions of float32 partial sums."""
+    x = _make(shape, fmt, F32)
+    w, b = _params(shape[1], F32)
+    dy = _make(shape, fmt, F32)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        y, mean, var, invstd = cpu.forward_train(x, w, b, 1e-5)
+        dx, dw, db = cpu.backward(dy, x, mean, invstd, w, True)
+        results.append((y, mean, var, dx, dw, db))
+    for a, b_ in zip(*results, strict=True):
+        scale = max(1.0, b_.abs().max().item())
+        torch.testing.assert_close(a, b_, atol=4 * 2**-24 * scale, rtol=0)
+
+
+# ---- without the native kernels -----------------------------------------------------------
+
+
+def test_reference_fallback_when_kernels_unavailable(monkeypatch):
+    """A failed build warns once and leaves every input to the reference backend."""
+    monkeypatch.setattr(_build, "_module", _build._UNSET)
+    monkeypatch.setattr(_build, "_compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="reference backend"):
+        assert not cpu.supports(torch.randn(4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert kernels.select(torch.randn(4, 3)) is reference
+    _compare_with_torch((6, 3, 4, 5), None, True, F64, atol=1e-10)
+
+
+def test_reference_backend_by_environment(monkeypatch):
+    monkeypatch.setattr(_build, "_module", _build._UNSET)
+    monkeypatch.setattr(_build, "ENABLED", False)
+    assert kernels.select(torch.randn(4, 3)) is reference
+
+
+# ---- torch.compile ---------------------------------------------------------------------------
+
+
+def test_compile_fullgraph_uses_the_kernels():
+    """aot_eager captures forward and backward through the custom ops."""
+    seen = set()
+
+    def backend(gm, example_inputs):
+        for module in gm.modules():
+            if isinstance(module, torch.fx.GraphModule):
+                seen.update(str(node.target) for node in module.graph.nodes)
+        return gm
+
+    torch._dynamo.reset()
+    eager = bnlab.nn.BatchNorm2d(3)
+    compiled = bnlab.nn.BatchNorm2d(3)
+    step = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    captured = torch.compile(bnlab.nn.BatchNorm2d(3), fullgraph=True, backend=backend)
+    for _ in range(2):
+        x = torch.randn(4, 3, 5, 5) * 2 + 1
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = eager(xa), step(xb)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        torch.testing.assert_close(ya, yb, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eager.running_var, compiled.running_var)
+    torch.testing.assert_close(eager.weight.grad, compiled.weight.grad, atol=1e-5, rtol=1e-5)
+    captured(torch.randn(4, 3, 5, 5))
+    assert any("bnlab.cpu_forward_train" in t for t in seen), sorted(seen)
