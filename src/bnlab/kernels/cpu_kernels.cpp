@@ -48,6 +48,7 @@ inline int omp_get_num_threads() { return 1; }
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -1035,6 +1036,188 @@ void backward(const T* dy, const T* x, T* dx, const T* w, const double* mean, co
     }
 }
 
+// ---- fused ReLU + 2x2 max pooling (stride 2, floor) -----------------------------------
+//
+// y = max of relu over each 2x2 window = relu(max of the window): the numbers
+// of ReLU followed by MaxPool2d(2), in one pass instead of three (ReLU, the
+// pool, and the zero fill of the pool's backward). `which` keeps, per output,
+// the window position (0..3, row-major) of the first maximum, as torch's pool
+// picks it (a later value wins only if greater, or NaN), or kNoGrad where the
+// maximum is <= 0 and ReLU passes no gradient. Backward writes every dx value
+// once: dy at that position, 0 elsewhere, also in rows or columns past the
+// last whole window.
+//
+// Layouts: NCHW walks planes of one channel; channels_last (memory N, H, W, C)
+// walks rows of windows with the channels innermost, which vectorizes.
+
+constexpr uint8_t kNoGrad = 255;
+
+// Branch-free by construction: the winner is data-dependent, so jumps would
+// mispredict about half the time (measured 2-5x slower on random data), and
+// compilers turn plain ?: on floats back into jumps. pick() selects bits.
+template <typename T>
+struct Bits;
+template <>
+struct Bits<float> {
+    typedef uint32_t u;
+};
+template <>
+struct Bits<double> {
+    typedef uint64_t u;
+};
+
+template <typename T>
+inline T pick(bool take, T yes, T no) {
+    typedef typename Bits<T>::u U;
+    U a, b;
+    std::memcpy(&a, &yes, sizeof(T));
+    std::memcpy(&b, &no, sizeof(T));
+    const U mask = U(0) - U(take);
+    const U r = (a & mask) | (b & ~mask);
+    T out;
+    std::memcpy(&out, &r, sizeof(T));
+    return out;
+}
+
+// Written as (no & (take - 1)) | (yes & -take): GCC keeps this form branch-free,
+// while it turned the equivalent mask-and-complement form back into a jump.
+inline unsigned pick_index(bool take, unsigned yes, unsigned no) {
+    return (no & (unsigned(take) - 1u)) | (yes & (0u - unsigned(take)));
+}
+
+template <typename T>
+inline void pool_window(T a, T b, T c, T d, T* y, uint8_t* which) {
+    T m = a;
+    unsigned k = 0;
+    bool take = (b > m) | (b != b);
+    m = pick(take, b, m);
+    k = pick_index(take, 1, k);
+    take = (c > m) | (c != c);
+    m = pick(take, c, m);
+    k = pick_index(take, 2, k);
+    take = (d > m) | (d != d);
+    m = pick(take, d, m);
+    k = pick_index(take, 3, k);
+    const bool dead = m <= T(0);  // false for NaN: it passes, like ReLU's backward
+    *y = pick(dead, T(0), m);
+    *which = uint8_t(k | (0u - unsigned(dead)));  // kNoGrad (all ones) where dead
+}
+
+struct PoolShape {
+    int64_t N, C, H, W;
+    int64_t Ho() const { return H / 2; }
+    int64_t Wo() const { return W / 2; }
+};
+
+// One NCHW plane: windows of rows 2i, 2i+1. Sizes are int and pointers
+// restrict so the loop over j vectorizes (a uint8_t store may otherwise alias
+// anything, and forces reloads and scalar code).
+template <typename T>
+void pool_plane(const T* __restrict x, T* __restrict y, uint8_t* __restrict which, int64_t Ho,
+                int64_t Wo, int64_t W) {
+    const int ho = int(Ho), wo = int(Wo), w = int(W);
+    for (int i = 0; i < ho; ++i) {
+        const T* __restrict p = x + 2 * i * w;
+        const T* __restrict q = p + w;
+        for (int j = 0; j < wo; ++j)
+            pool_window(p[2 * j], p[2 * j + 1], q[2 * j], q[2 * j + 1], y + i * wo + j,
+                        which + i * wo + j);
+    }
+}
+
+// One channels_last row of windows (memory H, W, C): channels innermost.
+template <typename T>
+void pool_row_cl(const T* __restrict top, T* __restrict y, uint8_t* __restrict which, int64_t Wo,
+                 int64_t W, int64_t C) {
+    const int wo = int(Wo), c_ = int(C), below = int(W * C);
+    for (int j = 0; j < wo; ++j) {
+        const T* __restrict p = top + 2 * j * c_;
+        const T* __restrict q = p + below;
+        for (int c = 0; c < c_; ++c)
+            pool_window(p[c], p[c_ + c], q[c], q[c_ + c], y + j * c_ + c, which + j * c_ + c);
+    }
+}
+
+template <typename T>
+void relu_maxpool_forward(const T* x, T* y, uint8_t* which, const PoolShape& s, bool channels_last,
+                          int threads) {
+    const int64_t rows = channels_last ? s.N * s.Ho() : s.N * s.C;  // units of work
+    parallel(team_size(s.N * s.C * s.H * s.W, threads), [&, s](int t, int T_) {
+        // Locals, not captures: stores through uint8_t* may alias anything, so
+        // captured sizes would be reloaded after every store.
+        const int64_t Ho = s.Ho(), Wo = s.Wo(), H = s.H, W = s.W, C = s.C;
+        const T* const x_ = x;
+        T* const y_ = y;
+        uint8_t* const which_ = which;
+        int64_t begin, end;
+        split(rows, t, T_, 1, &begin, &end);
+        for (int64_t r = begin; r < end; ++r) {
+            if (channels_last) {  // r = (n, i): one row of windows, all channels
+                const int64_t n = r / Ho, i = r % Ho;
+                pool_row_cl(x_ + ((n * H + 2 * i) * W) * C, y_ + r * Wo * C, which_ + r * Wo * C,
+                            Wo, W, C);
+            } else {  // r = (n, c): one plane
+                pool_plane(x_ + r * H * W, y_ + r * Ho * Wo, which_ + r * Ho * Wo, Ho, Wo, W);
+            }
+        }
+    });
+}
+
+template <typename T>
+inline void unpool_window(T g, uint8_t k, T* a, T* b, T* c, T* d) {
+    *a = pick(k == 0, g, T(0));
+    *b = pick(k == 1, g, T(0));
+    *c = pick(k == 2, g, T(0));
+    *d = pick(k == 3, g, T(0));
+}
+
+template <typename T>
+void relu_maxpool_backward(const T* dy, const uint8_t* which, T* dx, const PoolShape& s,
+                           bool channels_last, int threads) {
+    const int64_t rows = channels_last ? s.N : s.N * s.C;
+    parallel(team_size(s.N * s.C * s.H * s.W, threads), [&, s](int t, int T_) {
+        const int64_t Ho = s.Ho(), Wo = s.Wo(), H = s.H, W = s.W, C = s.C;  // locals: see forward
+        const T* const dy_ = dy;
+        const uint8_t* const which_ = which;
+        T* const dx_ = dx;
+        int64_t begin, end;
+        split(rows, t, T_, 1, &begin, &end);
+        for (int64_t r = begin; r < end; ++r) {
+            if (channels_last) {  // r = n: the whole image, (H, W, C)
+                T* img = dx_ + r * H * W * C;
+                for (int64_t i = 0; i < Ho; ++i) {
+                    T* p = img + 2 * i * W * C;
+                    T* q = p + W * C;
+                    const T* g = dy_ + (r * Ho + i) * Wo * C;
+                    const uint8_t* k = which_ + (r * Ho + i) * Wo * C;
+                    for (int64_t j = 0; j < Wo; ++j)
+                        for (int64_t c = 0; c < C; ++c)
+                            unpool_window(g[j * C + c], k[j * C + c], p + 2 * j * C + c,
+                                          p + (2 * j + 1) * C + c, q + 2 * j * C + c,
+                                          q + (2 * j + 1) * C + c);
+                    if (W % 2) {  // the last column belongs to no window
+                        for (int64_t c = 0; c < C; ++c) p[(W - 1) * C + c] = q[(W - 1) * C + c] = T(0);
+                    }
+                }
+                for (int64_t e = 2 * Ho * W * C; e < H * W * C; ++e) img[e] = T(0);
+            } else {  // r = (n, c): one plane
+                T* plane = dx_ + r * H * W;
+                for (int64_t i = 0; i < Ho; ++i) {
+                    T* p = plane + 2 * i * W;
+                    T* q = p + W;
+                    const T* g = dy_ + (r * Ho + i) * Wo;
+                    const uint8_t* k = which_ + (r * Ho + i) * Wo;
+                    for (int64_t j = 0; j < Wo; ++j)
+                        unpool_window(g[j], k[j], p + 2 * j, p + 2 * j + 1, q + 2 * j,
+                                      q + 2 * j + 1);
+                    if (W % 2) p[W - 1] = q[W - 1] = T(0);
+                }
+                for (int64_t e = 2 * Ho * W; e < H * W; ++e) plane[e] = T(0);
+            }
+        }
+    });
+}
+
 // ---- Python functions ----------------------------------------------------------------------
 //
 // Arguments are ints (data pointers, sizes, flags; None for an absent tensor)
@@ -1192,6 +1375,46 @@ PyObject* py_backward(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     Py_RETURN_NONE;
 }
 
+// relu_maxpool_forward(x, y, which, is_double, N, C, H, W, channels_last, threads)
+PyObject* py_relu_maxpool_forward(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
+    if (!check_nargs(nargs, 10, "relu_maxpool_forward")) return nullptr;
+    void *x = ptr(a[0]), *y = ptr(a[1]);
+    uint8_t* which = static_cast<uint8_t*>(ptr(a[2]));
+    const bool is_double = i64(a[3]) != 0;
+    const PoolShape s{i64(a[4]), i64(a[5]), i64(a[6]), i64(a[7])};
+    const bool channels_last = i64(a[8]) != 0;
+    const int threads = int(i64(a[9]));
+    if (PyErr_Occurred()) return nullptr;
+    MaybeReleaseGil gil(s.N * s.C * s.H * s.W);
+    if (is_double)
+        relu_maxpool_forward(static_cast<const double*>(x), static_cast<double*>(y), which, s,
+                             channels_last, threads);
+    else
+        relu_maxpool_forward(static_cast<const float*>(x), static_cast<float*>(y), which, s,
+                             channels_last, threads);
+    Py_RETURN_NONE;
+}
+
+// relu_maxpool_backward(dy, which, dx, is_double, N, C, H, W, channels_last, threads)
+PyObject* py_relu_maxpool_backward(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
+    if (!check_nargs(nargs, 10, "relu_maxpool_backward")) return nullptr;
+    void *dy = ptr(a[0]), *dx = ptr(a[2]);
+    const uint8_t* which = static_cast<const uint8_t*>(ptr(a[1]));
+    const bool is_double = i64(a[3]) != 0;
+    const PoolShape s{i64(a[4]), i64(a[5]), i64(a[6]), i64(a[7])};
+    const bool channels_last = i64(a[8]) != 0;
+    const int threads = int(i64(a[9]));
+    if (PyErr_Occurred()) return nullptr;
+    MaybeReleaseGil gil(s.N * s.C * s.H * s.W);
+    if (is_double)
+        relu_maxpool_backward(static_cast<const double*>(dy), which, static_cast<double*>(dx), s,
+                              channels_last, threads);
+    else
+        relu_maxpool_backward(static_cast<const float*>(dy), which, static_cast<float*>(dx), s,
+                              channels_last, threads);
+    Py_RETURN_NONE;
+}
+
 template <PyObject* (*F)(PyObject*, PyObject* const*, Py_ssize_t)>
 PyCFunction fastcall() {
     return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(F));
@@ -1204,6 +1427,10 @@ PyMethodDef methods[] = {
      "Normalize with running statistics."},
     {"normalize", fastcall<py_normalize>(), METH_FASTCALL, "Normalize with given statistics."},
     {"backward", fastcall<py_backward>(), METH_FASTCALL, "Gradients of x, weight and bias."},
+    {"relu_maxpool_forward", fastcall<py_relu_maxpool_forward>(), METH_FASTCALL,
+     "ReLU then 2x2 max pooling, fused; records the window position of each maximum."},
+    {"relu_maxpool_backward", fastcall<py_relu_maxpool_backward>(), METH_FASTCALL,
+     "Gradient of the fused ReLU + 2x2 max pooling."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_bnlab_cpu", "bnlab CPU batch norm kernels", -1,

@@ -1,0 +1,81 @@
+"""ReLU followed by 2x2 max pooling (stride 2), fused into one native pass each way.
+
+``relu_maxpool2d(x)`` equals ``F.max_pool2d(F.relu(x), 2)`` in value and
+gradient: ReLU is monotonic, so the maximum of the ReLU'd window is the ReLU
+of the window's maximum, at the same (first) position. The native kernels
+(``cpu_kernels.cpp``) compute it in one pass forward and one backward, where
+torch makes three each way (ReLU, the pool, and the pool gradient's zero fill
+plus ReLU's mask). Other inputs (CUDA, half precision, other strides, graph
+capture, no compiler) take the torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import _build
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _layout(x: Tensor) -> torch.memory_format | None:
+    """The memory format the kernels read ``x`` in, or None if they cannot."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
+def _native_ok(x: Tensor) -> bool:
+    return (
+        x.dim() == 4
+        and x.is_cpu
+        and x.dtype in _DTYPES
+        and x.shape[2] >= 2
+        and x.shape[3] >= 2
+        and not torch.compiler.is_compiling()
+        and _layout(x) is not None
+        and _build.native() is not None
+    )
+
+
+class _ReLUMaxPool2x2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        fmt = _layout(x)
+        n, c, h, w = x.shape
+        out_shape = (n, c, h // 2, w // 2)
+        y = torch.empty(out_shape, dtype=x.dtype, memory_format=fmt)
+        which = torch.empty(out_shape, dtype=torch.uint8, memory_format=fmt)
+        channels_last = fmt is torch.channels_last
+        _build.native().relu_maxpool_forward(
+            x.data_ptr(), y.data_ptr(), which.data_ptr(), x.dtype == torch.float64,
+            n, c, h, w, channels_last, torch.get_num_threads(),
+        )  # fmt: skip
+        ctx.save_for_backward(which)
+        ctx.geometry = (x.shape, x.dtype, fmt, channels_last)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor) -> Tensor:
+        (which,) = ctx.saved_tensors
+        shape, dtype, fmt, channels_last = ctx.geometry
+        dy = dy.contiguous(memory_format=fmt)
+        dx = torch.empty(shape, dtype=dtype, memory_format=fmt)
+        _build.native().relu_maxpool_backward(
+            dy.data_ptr(), which.data_ptr(), dx.data_ptr(), dtype == torch.float64,
+            *shape, channels_last, torch.get_num_threads(),
+        )  # fmt: skip
+        return dx
+
+
+def relu_maxpool2d(x: Tensor) -> Tensor:
+    """``max_pool2d(relu(x), 2)`` for (N, C, H, W) input, fused on the CPU."""
+    if _native_ok(x):
+        return _ReLUMaxPool2x2.apply(x)
+    return F.max_pool2d(F.relu(x), 2)
