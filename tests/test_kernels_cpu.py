@@ -369,3 +369,198 @@ def test_compile_fullgraph_uses_the_kernels():
     torch.testing.assert_close(eager.weight.grad, compiled.weight.grad, atol=1e-5, rtol=1e-5)
     captured(torch.randn(4, 3, 5, 5))
     assert any("bnlab.cpu_forward_train" in t for t in seen), sorted(seen)
+
+
+# ---- the eager fast path against the general path -----------------------------------------
+
+
+def _no_fast_path(monkeypatch):
+    """Make every eager call take the general path (functional, autograd, backend)."""
+    monkeypatch.setattr(bnlab.autograd, "batch_norm_eager", lambda *args: None)
+    monkeypatch.setattr(bnlab.functional, "batch_norm_eager", lambda *args: None)
+
+
+def _count_fast_calls(monkeypatch) -> list[int]:
+    calls = [0]
+    forward = cpu.eager_forward
+
+    def counting(*args):
+        calls[0] += 1
+        return forward(*args)
+
+    monkeypatch.setattr(cpu, "eager_forward", counting)
+    return calls
+
+
+def _run_module(module, steps):
+    """Outputs, gradients, buffers and counter after ``steps`` of (train, x, dy)."""
+    results = []
+    for train, x, dy in steps:
+        module.train(train)
+        x = x.detach().clone().requires_grad_(dy is not None)
+        if dy is None:
+            with torch.no_grad():
+                results.append(module(x))
+            continue
+        y = module(x)
+        y.backward(dy)
+        results += [y.detach(), x.grad]
+        for p in module.parameters():
+            results.append(p.grad.clone())
+            p.grad = None
+    results += [b.clone() for b in module.buffers()]
+    return results
+
+
+@pytest.mark.parametrize("layout", ["NC", "NCL-short", "NCHW", "NCHW-cl", "NCDHW-cl"])
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"affine": False},
+        {"momentum": None},
+        {"track_running_stats": False},
+        {"affine": False, "track_running_stats": False},
+    ],
+)
+def test_fast_path_matches_general_path(layout, dtype, kwargs, monkeypatch):
+    """Bit for bit: the same kernels, the same buffers and counter, the same gradients."""
+    shape, fmt = LAYOUTS[layout]
+    cls = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[len(shape)]
+    steps = [
+        (train, _make(shape, fmt, dtype), dy)
+        for train, dy in ((True, True), (True, None), (False, True), (False, None), (True, True))
+    ]
+    steps = [(t, x, torch.randn(shape, dtype=dtype) if dy else None) for t, x, dy in steps]
+    torch.manual_seed(0)
+    fast_module = getattr(bnlab.nn, cls)(shape[1], dtype=dtype, **kwargs)
+    general_module = getattr(bnlab.nn, cls)(shape[1], dtype=dtype, **kwargs)
+    if kwargs.get("affine", True):
+        with torch.no_grad():
+            for m in (fast_module, general_module):
+                m.weight.copy_(torch.linspace(0.5, 2.0, shape[1]))
+                m.bias.copy_(torch.linspace(-1.0, 1.0, shape[1]))
+    calls = _count_fast_calls(monkeypatch)
+    fast = _run_module(fast_module, steps)
+    assert calls[0] == len(steps)
+    _no_fast_path(monkeypatch)
+    general = _run_module(general_module, steps)
+    assert calls[0] == len(steps)
+    assert len(fast) == len(general)
+    for a, b in zip(fast, general, strict=True):
+        assert a.dtype == b.dtype and a.stride() == b.stride()
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fast_path_functional_matches_general_path(train, monkeypatch):
+    x = _make((6, 4, 5), None, F32)
+    w, b = _params(4, F32)
+    buffers = [torch.rand(4), torch.rand(4) + 0.5]
+    calls = _count_fast_calls(monkeypatch)
+    fast_buffers = [t.clone() for t in buffers]
+    y = bnlab.functional.batch_norm(x, *fast_buffers, w, b, train, 0.2, 1e-3)
+    assert calls[0] == 1
+    _no_fast_path(monkeypatch)
+    y_ref = bnlab.functional.batch_norm(x, *buffers, w, b, train, 0.2, 1e-3)
+    assert calls[0] == 1
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    for a, r in zip(fast_buffers, buffers, strict=True):
+        torch.testing.assert_close(a, r, atol=0, rtol=0)
+
+
+def _uncommon_cases():
+    """(name, module, input): inputs the fast path leaves to the general path."""
+    m = bnlab.nn.BatchNorm2d
+    x = torch.randn(4, 3, 5, 5)
+    half_weight = m(3)
+    half_weight.weight.data = half_weight.weight.data.double()
+    strided_buffer = m(3)
+    strided_buffer.running_mean = torch.zeros(6)[::2]
+    tensor_momentum = m(3)
+    tensor_momentum.momentum = torch.tensor(0.2)
+    return [
+        ("float16 input", m(3, dtype=torch.float16), x.half()),
+        ("weight of another dtype", half_weight, x),
+        ("strided running buffer", strided_buffer, x),
+        ("tensor momentum", tensor_momentum, x),
+        ("transposed input", m(3), x.transpose(2, 3)),
+        ("empty batch", m(3), torch.randn(0, 3, 5, 5)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_uncommon_cases())))
+@pytest.mark.parametrize("train", [True, False])
+def test_uncommon_cases_take_the_general_path(case, train, monkeypatch):
+    name, fast_module, x = _uncommon_cases()[case]
+    _, general_module, _ = _uncommon_cases()[case]
+    calls = _count_fast_calls(monkeypatch)
+    y = fast_module.train(train)(x)
+    assert calls[0] == 0, name
+    _no_fast_path(monkeypatch)
+    y_ref = general_module.train(train)(x)
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0, msg=name)
+    for a, r in zip(fast_module.buffers(), general_module.buffers(), strict=True):
+        torch.testing.assert_close(a, r, atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    "make, train, message",
+    [
+        (lambda: bnlab.nn.BatchNorm1d(3, eps=0.0), True, "eps must be positive"),
+        (lambda: bnlab.nn.BatchNorm1d(3, eps=-1.0), False, "must be non-negative"),
+        (lambda: bnlab.nn.BatchNorm1d(3), True, "more than 1 value per channel"),
+        (lambda: bnlab.nn.BatchNorm1d(3, track_running_stats=False), False, "more than 1 value"),
+    ],
+)
+def test_fast_path_raises_as_the_general_path(make, train, message, monkeypatch):
+    """Errors come from the general path, after the batch is counted exactly once."""
+    x = torch.randn(1 if "value" in message else 4, 3)
+    for fast in (True, False):
+        if not fast:
+            _no_fast_path(monkeypatch)
+        m = make().train(train)
+        with pytest.raises(ValueError, match=message):
+            m(x)
+        assert m.num_batches_tracked is None or m.num_batches_tracked.item() == int(train)
+
+
+def test_fast_path_yields_to_a_backend_registered_ahead(monkeypatch):
+    taken = []
+
+    def supports(x):
+        taken.append(x.shape)
+        return False
+
+    monkeypatch.setattr(kernels, "_BACKENDS", list(kernels._BACKENDS))
+    monkeypatch.setattr(kernels, "_AHEAD_OF_CPU", kernels._AHEAD_OF_CPU)
+    kernels.register("other", supports, reference)
+    assert list(kernels._AHEAD_OF_CPU) == [supports]
+    calls = _count_fast_calls(monkeypatch)
+    bnlab.nn.BatchNorm1d(3)(torch.randn(4, 3))
+    assert taken == [(4, 3)] and calls[0] == 1
+    kernels._AHEAD_OF_CPU = (lambda x: True,)
+    bnlab.nn.BatchNorm1d(3)(torch.randn(4, 3))
+    assert calls[0] == 1
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fast_path_double_backward(train, monkeypatch):
+    calls = _count_fast_calls(monkeypatch)
+    m = bnlab.nn.BatchNorm2d(3, dtype=F64).train(train)
+    with torch.no_grad():
+        m.running_var.fill_(1.5)
+        m.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    x = torch.randn(4, 3, 2, 2, dtype=F64, requires_grad=True)
+    buffers = [b.clone() for b in m.buffers()]
+
+    def fn(x, w, b):
+        # Buffers restored: each evaluation sees the same running statistics.
+        for buf, saved in zip(m.buffers(), buffers, strict=True):
+            buf.copy_(saved)
+        return torch.func.functional_call(m, {"weight": w, "bias": b}, (x,))
+
+    args = (x, m.weight.detach().clone().requires_grad_(), m.bias.detach().clone().requires_grad_())
+    assert torch.autograd.gradgradcheck(fn, args)
+    assert calls[0] > 0

@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .kernels import reference
+from .kernels import _build, cpu, reference
+
+_F32, _F64 = torch.float32, torch.float64
 
 
 class Statistics(NamedTuple):
@@ -136,3 +138,152 @@ def batch_norm_autograd(
     ):
         return BatchNormFunction.apply(x, weight, bias, statistics)
     return _forward(kernels.select(x), x, weight, bias, statistics, need_stats=False)[0]
+
+
+# ---- eager fast path ----------------------------------------------------------------
+#
+# A small batch norm costs less than the Python around it, so the common eager
+# case skips the layers above: the module hands its tensors to batch_norm_eager,
+# which checks with plain comparisons that the general path would take the same
+# decisions and raise nothing, then calls the CPU kernels directly. Anything
+# else (errors included) is left to the general path.
+
+
+class _EagerBatchNormFunction(torch.autograd.Function):
+    """:class:`BatchNormFunction` for the inputs :func:`batch_norm_eager` takes.
+
+    Saves x, weight and the kernels' flat float64 statistics [mean | var | invstd].
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, args: tuple) -> Tensor:
+        geometry, eps, running_mean, running_var, momentum, batch_stats = args
+        y, stats = cpu.eager_forward(
+            x, geometry, weight, bias, eps, running_mean, running_var, momentum, batch_stats, True
+        )
+        ctx.save_for_backward(x, weight, stats)
+        ctx.args = args
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight, stats = ctx.saved_tensors
+        geometry, eps, _, _, _, batch_stats = ctx.args
+        if torch.is_grad_enabled():
+            # Double backward: as BatchNormFunction.backward.
+            if batch_stats:
+                mean, var = reference.batch_stats(x)
+                invstd = torch.rsqrt(var + eps)
+            else:
+                c = geometry[1]
+                mean, invstd = stats[:c], stats[2 * c :]
+            dx, dweight, dbias = reference.backward(dy, x, mean, invstd, weight, batch_stats)
+            dweight, dbias = _as_dtype(dweight, x.dtype), _as_dtype(dbias, x.dtype)
+        else:
+            dx, dweight, dbias = cpu.eager_backward(dy, x, geometry, stats, weight, batch_stats)
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        return (
+            dx if need_x else None,
+            dweight if need_weight else None,
+            dbias if need_bias else None,
+            None,
+        )
+
+
+# Function.apply minus what batch_norm_eager has already settled: no
+# setup_context to bind, functorch transforms inactive (checked per call).
+# These are torch internals; a torch without them gets the public apply.
+try:
+    _eager_apply = super(torch.autograd.Function, _EagerBatchNormFunction).apply
+    _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+    _transforms_active = torch._C._are_functorch_transforms_active
+except AttributeError:
+    _eager_apply = _EagerBatchNormFunction.apply
+
+    def _unwrap_if_dead(t: Tensor) -> Tensor:
+        return t
+
+    def _transforms_active() -> bool:
+        return False
+
+
+def batch_norm_eager(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    batch_stats: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor | None:
+    """``functional.batch_norm(x, ..., training=batch_stats, ...)`` on the CPU kernels, or None.
+
+    None: not the common case (another backend, device or dtype, an odd
+    layout, an empty batch, anything that raises); the caller then takes the
+    general path, which decides and raises everything itself. The caller
+    guarantees eager mode (not compiling), ``type(x) is Tensor``, ``x.dim() >= 2``
+    and a float ``momentum``.
+    """
+    dtype = x.dtype
+    if not (x.is_cpu and (dtype is _F32 or dtype is _F64)):
+        return None
+    ahead = kernels._AHEAD_OF_CPU
+    if ahead is None or _build.native() is None:
+        return None
+    for supports in ahead:
+        if supports(x):
+            return None
+    c = x.shape[1]
+    numel = x.numel()
+    if numel == 0:
+        return None
+    if batch_stats:
+        # n == 1 and eps <= 0 raise; buffers move only as a pair.
+        if numel == c or not eps > 0.0 or (running_mean is None) != (running_var is None):
+            return None
+    elif not eps >= 0.0 or running_mean is None or running_var is None:
+        return None
+    if running_mean is not None and not (
+        running_mean.is_cpu
+        and running_var.is_cpu
+        and (running_mean.dtype is _F32 or running_mean.dtype is _F64)
+        and running_var.dtype is running_mean.dtype
+        and running_mean.is_contiguous()
+        and running_var.is_contiguous()
+        and running_mean.numel() == c
+        and running_var.numel() == c
+    ):
+        return None
+    if weight is not None and not (
+        weight.dtype is dtype and weight.is_cpu and weight.is_contiguous() and weight.numel() == c
+    ):
+        return None
+    if bias is not None and not (
+        bias.dtype is dtype and bias.is_cpu and bias.is_contiguous() and bias.numel() == c
+    ):
+        return None
+    if x.is_contiguous():
+        outer = x.shape[0]
+        geometry = (outer, c, numel // (outer * c))
+    else:
+        geometry = cpu._geometry(x)
+        if geometry is None:
+            return None
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        if _transforms_active():
+            return None
+        # As Function.apply: a tensor left over from a finished transform is unwrapped.
+        return _eager_apply(
+            _unwrap_if_dead(x),
+            None if weight is None else _unwrap_if_dead(weight),
+            None if bias is None else _unwrap_if_dead(bias),
+            (geometry, eps, running_mean, running_var, momentum, batch_stats),
+        )
+    return cpu.eager_forward(
+        x, geometry, weight, bias, eps, running_mean, running_var, momentum, batch_stats, False
+    )[0]

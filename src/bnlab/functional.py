@@ -13,9 +13,10 @@ module's business; this function is pure apart from that in-place update.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from .autograd import Statistics, batch_norm_autograd
+from .autograd import Statistics, batch_norm_autograd, batch_norm_eager
 from .errors import ChannelMismatchError
 
 
@@ -70,6 +71,18 @@ def batch_norm(
     tensor, so a cumulative average (``1 / num_batches_tracked``) needs no
     host sync and stays inside a compiled graph.
     """
+    if (
+        type(input) is Tensor
+        and type(momentum) is float
+        and not torch.compiler.is_compiling()
+        and input.dim() >= 2
+    ):
+        # The common eager case, checked and computed in one step; None: not that case.
+        y = batch_norm_eager(
+            input, weight, bias, running_mean, running_var, bool(training), momentum, eps
+        )
+        if y is not None:
+            return y
     if training:
         _verify_batch_size(input)
     _check_eps(eps, training)

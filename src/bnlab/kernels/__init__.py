@@ -27,11 +27,19 @@ from torch import Tensor
 from . import reference
 
 _BACKENDS: list[tuple[str, Callable[[Tensor], bool], ModuleType]] = []
+# The predicates tried before the CPU backend's (None until it is registered):
+# the eager fast path (bnlab.autograd.batch_norm_eager) asks them before it
+# hands an input to the CPU kernels.
+_AHEAD_OF_CPU: tuple[Callable[[Tensor], bool], ...] | None = None
 
 
 def register(name: str, supports: Callable[[Tensor], bool], backend: ModuleType) -> None:
     """Add a backend; later registrations are tried first."""
+    global _AHEAD_OF_CPU
     _BACKENDS.insert(0, (name, supports, backend))
+    names = [n for n, _, _ in _BACKENDS]
+    if "cpu" in names:
+        _AHEAD_OF_CPU = tuple(s for _, s, _ in _BACKENDS[: names.index("cpu")])
 
 
 def select(x: Tensor) -> ModuleType:

@@ -127,9 +127,9 @@ def _native_forward_train(
     weight, bias = _per_channel(weight, x.dtype), _per_channel(bias, x.dtype)
     y = torch.empty_like(x)
     mean, var, invstd = (
-        torch.empty(c, dtype=_F64),
-        torch.empty(c, dtype=_F64),
-        torch.empty(c, dtype=_F64),
+        torch.empty(c, dtype=_F64, device="cpu"),
+        torch.empty(c, dtype=_F64, device="cpu"),
+        torch.empty(c, dtype=_F64, device="cpu"),
     )
     _build.native().forward_train(
         x.data_ptr(),
@@ -170,9 +170,9 @@ def _native_forward_eval(
     mean = var = invstd = None
     if need_stats:
         mean, var, invstd = (
-            torch.empty(c, dtype=_F64),
-            torch.empty(c, dtype=_F64),
-            torch.empty(c, dtype=_F64),
+            torch.empty(c, dtype=_F64, device="cpu"),
+            torch.empty(c, dtype=_F64, device="cpu"),
+            torch.empty(c, dtype=_F64, device="cpu"),
         )
     _build.native().forward_eval(
         x.data_ptr(),
@@ -237,7 +237,7 @@ def _native_backward(
     weight = _per_channel(weight, x.dtype)
     mean, invstd = _per_channel(mean, _F64), _per_channel(invstd, _F64)
     dx = torch.empty_like(x)
-    dweight, dbias = torch.empty(c, dtype=x.dtype), torch.empty(c, dtype=x.dtype)
+    dweight, dbias = x.new_empty(c), x.new_empty(c)
     _build.native().backward(
         dy.data_ptr(),
         x.data_ptr(),
@@ -346,3 +346,116 @@ def backward(
             dy, x, mean.to(_F64), invstd.to(_F64), weight, batch_stats_used
         )
     return _native_backward(dy, x, geometry, mean, invstd, weight, batch_stats_used)
+
+
+# ---- eager fast path ----------------------------------------------------------------
+#
+# For the common case (see bnlab.autograd.batch_norm_eager): x dense with the
+# given geometry, weight/bias/running buffers contiguous CPU tensors the
+# kernels read directly. The statistics live in one flat float64 buffer
+# ``stats`` = [mean | var | invstd] (3·C), addressed by pointer offsets: one
+# allocation and no views on the hot path. (``t.new_empty(n)`` is cheaper than
+# ``torch.empty(n, dtype=...)``: no keyword arguments to parse.)
+
+_F64_CPU = torch.empty(0, dtype=_F64, device="cpu")
+
+
+def eager_forward(
+    x: Tensor,
+    geometry: tuple[int, int, int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    batch_stats: bool,
+    need_stats: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """(y, stats): batch statistics (moving the running buffers when given) or running ones.
+
+    ``stats`` is None when not ``need_stats`` and the running statistics normalize.
+    """
+    outer, c, inner = geometry
+    y = torch.empty_like(x)
+    is_double = x.dtype == _F64
+    if batch_stats:
+        stats = _F64_CPU.new_empty(3 * c)
+        p = stats.data_ptr()
+        _build.native().forward_train(
+            x.data_ptr(),
+            y.data_ptr(),
+            None if weight is None else weight.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            p,
+            p + 8 * c,
+            p + 16 * c,
+            None if running_mean is None else running_mean.data_ptr(),
+            None if running_var is None else running_var.data_ptr(),
+            running_mean is not None and running_mean.dtype == _F64,
+            momentum,
+            eps,
+            is_double,
+            outer,
+            c,
+            inner,
+            torch.get_num_threads(),
+        )
+        return y, stats
+    stats = None
+    if need_stats:
+        stats = _F64_CPU.new_empty(3 * c)
+        p = stats.data_ptr()
+    _build.native().forward_eval(
+        x.data_ptr(),
+        y.data_ptr(),
+        None if weight is None else weight.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        None if stats is None else p,
+        None if stats is None else p + 8 * c,
+        None if stats is None else p + 16 * c,
+        running_mean.data_ptr(),
+        running_var.data_ptr(),
+        running_mean.dtype == _F64,
+        eps,
+        is_double,
+        outer,
+        c,
+        inner,
+        torch.get_num_threads(),
+    )
+    return y, stats
+
+
+def eager_backward(
+    dy: Tensor,
+    x: Tensor,
+    geometry: tuple[int, int, int],
+    stats: Tensor,
+    weight: Tensor | None,
+    batch_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) from the ``stats`` buffer of :func:`eager_forward`."""
+    outer, c, inner = geometry
+    if dy.dtype != x.dtype or dy.stride() != x.stride():
+        dy = torch.empty_like(x).copy_(dy)
+    dx = torch.empty_like(x)
+    dweight, dbias = x.new_empty(c), x.new_empty(c)
+    p = stats.data_ptr()
+    _build.native().backward(
+        dy.data_ptr(),
+        x.data_ptr(),
+        dx.data_ptr(),
+        None if weight is None else weight.data_ptr(),
+        p,
+        p + 16 * c,
+        dweight.data_ptr(),
+        dbias.data_ptr(),
+        batch_stats,
+        x.dtype == _F64,
+        outer,
+        c,
+        inner,
+        torch.get_num_threads(),
+    )
+    return dx, dweight, dbias
