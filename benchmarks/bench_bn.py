@@ -40,6 +40,7 @@ import torch
 
 import bnlab.nn
 from bnlab import kernels
+from bnlab.experiments.memory import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import append_section, copy_bandwidth, interleaved
@@ -115,16 +116,6 @@ def measure(case: Case, rounds: int) -> dict[str, dict[str, float]]:
             m.train(mode != "eval")
         results[mode] = interleaved({"torch": make(theirs), "bnlab": make(ours)}, rounds=rounds)
     return results
-
-
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory for reuse instead of returning it (Linux only)."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_trim_threshold, 1 << 30)
-    libc.mallopt(m_mmap_threshold, 1 << 30)
 
 
 def compile_costs() -> tuple[float, float]:

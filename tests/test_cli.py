@@ -169,7 +169,17 @@ def test_resume_after_interrupt_via_cli(data_dir, tmp_path, capsys, monkeypatch)
     import bnlab.experiments.compare as compare
 
     out = tmp_path / "out"
-    argv = ["train", "--epochs", "3", "--data-dir", str(data_dir), "--out", str(out)]
+    argv = [
+        "train",
+        "--epochs",
+        "3",
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+    ]
     real_save = compare.save_checkpoint
     saved = []
 
@@ -188,7 +198,20 @@ def test_resume_after_interrupt_via_cli(data_dir, tmp_path, capsys, monkeypatch)
 
     straight = tmp_path / "straight"
     assert (
-        main(["train", "--epochs", "3", "--data-dir", str(data_dir), "--out", str(straight)]) == 0
+        main(
+            [
+                "train",
+                "--epochs",
+                "3",
+                "--device",
+                "cpu",
+                "--data-dir",
+                str(data_dir),
+                "--out",
+                str(straight),
+            ]
+        )
+        == 0
     )
     expected = json.loads((straight / "results.json").read_text())["runs"][0]["epochs"]
     assert [(e["train_loss"], e["test_acc"]) for e in resumed] == [

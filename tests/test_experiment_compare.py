@@ -37,6 +37,7 @@ def config(tmp_path, **kw) -> Config:
         "seeds": (0, 1),
         "epochs": 2,
         "eval_batch_size": 50,
+        "device": "cpu",  # exact equality across runs holds on the CPU
         "out": str(tmp_path / "run"),
     }
     return Config(**{**base, **kw})

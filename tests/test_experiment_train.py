@@ -37,7 +37,7 @@ def curves(cfg: Config, norm: str, data: CIFAR10, seed: int = 0) -> list[tuple[f
 
 def test_bn_and_torch_bn_give_the_same_curves():
     data = tiny_cifar(n_train=320, n_test=100)
-    cfg = Config(epochs=1, eval_batch_size=50)
+    cfg = Config(device="cpu", epochs=1, eval_batch_size=50)
     ours = list(train_run(cfg, "bn", 0, data))
     theirs = list(train_run(cfg, "torch-bn", 0, data))
     (r_ours, s_ours), (r_theirs, s_theirs) = ours[-1], theirs[-1]
@@ -53,7 +53,7 @@ def test_bn_and_torch_bn_give_the_same_curves():
 
 def test_same_seed_same_numbers_other_seed_other_numbers():
     data = tiny_cifar()
-    cfg = Config(epochs=2, eval_batch_size=50)
+    cfg = Config(device="cpu", epochs=2, eval_batch_size=50)
     first = curves(cfg, "bn", data, seed=0)
     assert curves(cfg, "bn", data, seed=0) == first  # exactly
     assert curves(cfg, "bn", data, seed=1) != first
@@ -62,14 +62,16 @@ def test_same_seed_same_numbers_other_seed_other_numbers():
 @pytest.mark.parametrize("norm", ["bn", "none"])
 def test_training_loss_falls(norm):
     data = tiny_cifar()
-    losses = [loss for loss, _ in curves(Config(epochs=3, eval_batch_size=50), norm, data)]
+    losses = [
+        loss for loss, _ in curves(Config(device="cpu", epochs=3, eval_batch_size=50), norm, data)
+    ]
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] * 0.8, losses
 
 
 def test_results_have_timings_and_1_based_epochs():
     data = tiny_cifar(n_train=128, n_test=32)
-    results = [r for r, _ in train_run(Config(epochs=2), "none", 0, data)]
+    results = [r for r, _ in train_run(Config(device="cpu", epochs=2), "none", 0, data)]
     assert [r.epoch for r in results] == [1, 2]
     for r in results:
         assert 0 <= r.test_acc <= 100
@@ -80,9 +82,11 @@ def test_results_have_timings_and_1_based_epochs():
 def test_checkpoint_continues_exactly():
     """Training 1 epoch, then 1 more from the yielded state, equals 2 epochs straight."""
     data = tiny_cifar()
-    cfg = Config(epochs=2, eval_batch_size=50)
+    cfg = Config(device="cpu", epochs=2, eval_batch_size=50)
     straight = [r for r, _ in train_run(cfg, "bn", 0, data)]
-    _, state = next(iter(train_run(Config(epochs=1, eval_batch_size=50), "bn", 0, data)))
+    _, state = next(
+        iter(train_run(Config(device="cpu", epochs=1, eval_batch_size=50), "bn", 0, data))
+    )
     state = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
     resumed = [r for r, _ in train_run(cfg, "bn", 0, data, checkpoint=state)]
     assert [r.epoch for r in resumed] == [2]

@@ -21,12 +21,12 @@ from .errors import ChannelMismatchError
 
 
 def _verify_batch_size(input: Tensor) -> None:
-    size = list(input.shape)
+    size = input.shape
     values_per_channel = size[0]
     for s in size[2:]:
         values_per_channel *= s
     if values_per_channel == 1:
-        raise ValueError(
+        raise ValueError(  # torch's words, torch.Size included
             f"Expected more than 1 value per channel when training, got input size {size}"
         )
 

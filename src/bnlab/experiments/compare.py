@@ -19,6 +19,7 @@ import torch
 from bnlab.data import CIFAR10, load_cifar10
 from bnlab.experiments import environment
 from bnlab.experiments.config import Config, changed_settings
+from bnlab.experiments.memory import keep_freed_memory
 from bnlab.experiments.plots import plot_curves
 from bnlab.experiments.report import CURVES, summary_table, write_report
 from bnlab.experiments.results import (
@@ -110,6 +111,8 @@ def run_compare(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults on every step's buffers (see memory.py)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "config": cfg.to_dict(),
@@ -129,7 +132,7 @@ def run_compare(
     for run in results["runs"]:
         norm, seed = run["norm"], run["seed"]
         path = checkpoint_path(out, norm, seed)
-        checkpoint = load_checkpoint(path, device) if cfg.resume and path.exists() else None
+        checkpoint = load_checkpoint(path) if cfg.resume and path.exists() else None
         if checkpoint is not None:
             run["epochs"] = list(checkpoint["history"])[: checkpoint["epochs_done"]]
             log(f"{norm:>8} seed {seed}  resumed after epoch {checkpoint['epochs_done']}")

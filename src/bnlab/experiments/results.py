@@ -86,9 +86,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, f)
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: Path) -> dict[str, Any]:
     # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
-    return torch.load(path, map_location=device, weights_only=True)
+    # Loaded to the CPU: RNG states must be CPU tensors, and load_state_dict copies
+    # weights and optimizer state to wherever the model lives.
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def summarize(runs: list[dict[str, Any]], epochs: int) -> dict[str, dict[str, Any]]:

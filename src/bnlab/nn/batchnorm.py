@@ -16,6 +16,7 @@ attribute to False later keeps them, so eval still normalizes with them.)
 
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar
 
 import torch
@@ -25,6 +26,8 @@ from torch.nn import Module, Parameter, init
 from .. import autograd as BNA
 from .. import functional as F
 from ..errors import ChannelMismatchError
+
+_REPR_SHOWS_BIAS = "bias" in inspect.signature(torch.nn.BatchNorm2d.__init__).parameters
 
 
 class _NormBase(Module):
@@ -102,9 +105,16 @@ class _NormBase(Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
+        # Printed like the installed torch's: torch versions without the bias=
+        # argument do not show it (bnlab shows it anyway once it is False).
+        bias = (
+            f"bias={self.bias is not None}, "
+            if _REPR_SHOWS_BIAS or (self.affine and self.bias is None)
+            else ""
+        )
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"affine={self.affine}, {bias}"
             f"track_running_stats={self.track_running_stats}"
         )
 
