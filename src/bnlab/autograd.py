@@ -97,12 +97,8 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, weight, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():
-            # Double backward: differentiable formulas, statistics rebuilt from x.
-            if ctx.batch_stats_used:
-                mean, var = reference.batch_stats(x)
-                invstd = torch.rsqrt(var + ctx.eps)
-            dx, dweight, dbias = reference.backward(
-                dy, x, mean, invstd, weight, ctx.batch_stats_used
+            dx, dweight, dbias = _differentiable_backward(
+                dy, x, weight, mean, invstd, ctx.batch_stats_used, ctx.eps
             )
         else:
             dx, dweight, dbias = ctx.backend.backward(
@@ -118,6 +114,32 @@ class BatchNormFunction(torch.autograd.Function):
         )
 
 
+def _differentiable_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    batch_stats_used: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Double backward: the reference formulas, with batch statistics rebuilt from x
+    so that their dependence on x is part of the graph (running ones are constants)."""
+    if batch_stats_used:
+        mean, var = reference.batch_stats(x)
+        invstd = torch.rsqrt(var + eps)
+    return reference.backward(dy, x, mean, invstd, weight, batch_stats_used)
+
+
+def _records_graph(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether autograd would record this call: grad mode on and some input requires grad."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+
+
 def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -131,11 +153,7 @@ def batch_norm_autograd(
     backend is called directly: the same results without the autograd
     function's per-call cost.
     """
-    if torch.is_grad_enabled() and (
-        x.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
+    if _records_graph(x, weight, bias):
         return BatchNormFunction.apply(x, weight, bias, statistics)
     return _forward(kernels.select(x), x, weight, bias, statistics, need_stats=False)[0]
 
@@ -170,14 +188,10 @@ class _EagerBatchNormFunction(torch.autograd.Function):
         x, weight, stats = ctx.saved_tensors
         geometry, eps, _, _, _, batch_stats = ctx.args
         if torch.is_grad_enabled():
-            # Double backward: as BatchNormFunction.backward.
-            if batch_stats:
-                mean, var = reference.batch_stats(x)
-                invstd = torch.rsqrt(var + eps)
-            else:
-                c = geometry[1]
-                mean, invstd = stats[:c], stats[2 * c :]
-            dx, dweight, dbias = reference.backward(dy, x, mean, invstd, weight, batch_stats)
+            c = geometry[1]
+            dx, dweight, dbias = _differentiable_backward(
+                dy, x, weight, stats[:c], stats[2 * c :], batch_stats, eps
+            )
             dweight, dbias = _as_dtype(dweight, x.dtype), _as_dtype(dbias, x.dtype)
         else:
             dx, dweight, dbias = cpu.eager_backward(dy, x, geometry, stats, weight, batch_stats)
@@ -270,11 +284,7 @@ def batch_norm_eager(
         geometry = cpu._geometry(x)
         if geometry is None:
             return None
-    if torch.is_grad_enabled() and (
-        x.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
+    if _records_graph(x, weight, bias):
         if _transforms_active():
             return None
         # As Function.apply: a tensor left over from a finished transform is unwrapped.
