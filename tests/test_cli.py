@@ -166,7 +166,7 @@ def test_refused_out_and_changed_resume(data_dir, tmp_path, capsys):
 
 
 def test_resume_after_interrupt_via_cli(data_dir, tmp_path, capsys, monkeypatch):
-    import bnlab.experiments.compare as compare
+    import bnlab.experiments.runner as runner
 
     out = tmp_path / "out"
     argv = [
@@ -180,7 +180,7 @@ def test_resume_after_interrupt_via_cli(data_dir, tmp_path, capsys, monkeypatch)
         "--out",
         str(out),
     ]
-    real_save = compare.save_checkpoint
+    real_save = runner.save_checkpoint
     saved = []
 
     def save_then_maybe_die(path, state):
@@ -189,7 +189,7 @@ def test_resume_after_interrupt_via_cli(data_dir, tmp_path, capsys, monkeypatch)
         if len(saved) == 1:
             raise KeyboardInterrupt  # Ctrl-C right after epoch 1 was saved
 
-    monkeypatch.setattr(compare, "save_checkpoint", save_then_maybe_die)
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_maybe_die)
     assert main(argv) == 130
     assert f"--out {out} --resume" in capsys.readouterr().err
     assert main([*argv, "--resume"]) == 0

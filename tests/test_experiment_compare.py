@@ -38,6 +38,7 @@ def config(tmp_path, **kw) -> Config:
         "epochs": 2,
         "eval_batch_size": 50,
         "device": "cpu",  # exact equality across runs holds on the CPU
+        "jobs": 1,  # in this process (runs in workers: test_experiment_parallel.py)
         "out": str(tmp_path / "run"),
     }
     return Config(**{**base, **kw})

@@ -62,6 +62,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "limit_train": {"type": _int_at_least(2), "metavar": "N"},
     "out": {"metavar": "DIR"},
     "resume": {"action": "store_true"},
+    "jobs": {"type": _int_at_least(0), "metavar": "J"},
     "threads": {"type": _int_at_least(0), "metavar": "T"},
     "channels_last": {"action": argparse.BooleanOptionalAction},
     "eval_batch_size": {"type": _int_at_least(1), "metavar": "B"},

@@ -2,19 +2,21 @@
 
 `run_compare(cfg)` is what `bnlab train` and `bnlab compare` do. After every
 epoch of every run it saves the run's checkpoint, then results.json and
-metrics.csv; at the end report.md and curves.png. A run killed at any point and
+metrics.csv; at the end report.md and curves.png. Runs may train several at
+once, in worker processes (see runner.py). A run killed at any point and
 started again with `resume=True` continues each run after its last finished
 epoch and ends with the numbers an uninterrupted run gives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+from tqdm import tqdm
 
 from bnlab.data import CIFAR10, load_cifar10
 from bnlab.experiments import environment
@@ -26,11 +28,11 @@ from bnlab.experiments.results import (
     checkpoint_path,
     load_checkpoint,
     load_results,
-    save_checkpoint,
     summarize,
     write_results,
 )
-from bnlab.experiments.train import EpochResult, resolve_device, train_run
+from bnlab.experiments.runner import Task, plan, run_tasks
+from bnlab.experiments.train import EpochResult, resolve_device
 
 OnEpoch = Callable[[str, int, EpochResult], None]
 
@@ -90,12 +92,13 @@ def run_compare(
     data: CIFAR10 | None = None,
     command: str | None = None,
     on_epoch: OnEpoch | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = tqdm.write,
 ) -> dict[str, Any]:
     """Train every norm x seed of `cfg`, writing into `cfg.out`; return the results.
 
     `data` skips loading (benchmarks, tests); `command` is recorded in the
-    environment; `on_epoch(norm, seed, result)` is called after each epoch is saved.
+    environment; `on_epoch(norm, seed, result)` is called after each epoch is
+    saved; `log` prints a line (tqdm.write keeps progress bars intact).
     """
     previous = check_out(cfg)
     out = Path(cfg.out)  # check_out refused None
@@ -108,43 +111,56 @@ def run_compare(
                 f"--resume: the data differ from those of the runs in {out} "
                 f"(fingerprint {old} -> {data.source.fingerprint})"
             )
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    runs = [{"norm": n, "seed": s, "epochs": []} for n in cfg.norms for s in cfg.seeds]
+    how = plan(cfg, len(runs), device)
     if device.type == "cpu":
         keep_freed_memory()  # no page faults on every step's buffers (see memory.py)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "config": cfg.to_dict(),
-        "environment": environment.collect(device, data.source, command),
-        "runs": [{"norm": n, "seed": s, "epochs": []} for n in cfg.norms for s in cfg.seeds],
+        "environment": {
+            **environment.collect(device, data.source, command),
+            "threads": how.threads,  # per run
+            "jobs": how.jobs,
+        },
+        "runs": runs,
         "summary": {},
     }
     n_train = min(len(data.train_images), cfg.limit_train or len(data.train_images))
-    where = f"{device} ({environment.device_name(device)}, {torch.get_num_threads()} threads)"
-    log(f"{len(results['runs'])} runs of {cfg.epochs} epochs on {where}, {n_train} training images")
+    where = f"{device} ({environment.device_name(device)})"
+    at_once = f"{how.jobs} at once, " if how.jobs > 1 else ""
+    log(
+        f"{len(runs)} runs of {cfg.epochs} epochs on {where}, {at_once}"
+        f"{how.threads} threads each, {n_train} training images"
+    )
 
     def save() -> None:
-        results["summary"] = summarize(results["runs"], cfg.epochs)
+        results["summary"] = summarize(runs, cfg.epochs)
         write_results(out, results)
 
     save()  # config and environment first: a resume needs them even if killed in epoch 1
-    for run in results["runs"]:
+    tasks = []
+    for index, run in enumerate(runs):
         norm, seed = run["norm"], run["seed"]
         path = checkpoint_path(out, norm, seed)
-        checkpoint = load_checkpoint(path) if cfg.resume and path.exists() else None
-        if checkpoint is not None:
+        resume = cfg.resume and path.exists()
+        if resume:
+            checkpoint = load_checkpoint(path)
             run["epochs"] = list(checkpoint["history"])[: checkpoint["epochs_done"]]
             log(f"{norm:>8} seed {seed}  resumed after epoch {checkpoint['epochs_done']}")
             if checkpoint["epochs_done"] >= cfg.epochs:
                 continue
-        for result, state in train_run(cfg, norm, seed, data, checkpoint=checkpoint):
-            save_checkpoint(path, state)  # first: it alone is enough to resume this run
-            run["epochs"] = state["history"]
+        tasks.append(Task(index, norm, seed, path, resume))
+
+    with contextlib.closing(run_tasks(cfg, tasks, data, how, device)) as epochs:
+        for done in epochs:  # each one's checkpoint is already saved
+            run = runs[done.index]
+            run["epochs"] = done.history
             save()
-            log(_epoch_line(norm, seed, cfg.epochs, result))
+            log(_epoch_line(run["norm"], run["seed"], cfg.epochs, done.result))
             if on_epoch is not None:
-                on_epoch(norm, seed, result)
+                on_epoch(run["norm"], run["seed"], done.result)
 
     save()
     plot_curves(results, out / CURVES)

@@ -31,7 +31,14 @@ class Config:
     limit_train: int | None = _setting(None, "use the first N training images only (quick runs)")
     # speed: each choice gives the same numbers run after run, but not the same as another choice
     device: str = _setting("auto", "auto (cuda when available), cpu or cuda")
-    threads: int = _setting(0, "CPU threads for torch (0: torch's default, one per core)")
+    jobs: int = _setting(
+        0,
+        "runs trained at once, each in its own process (0: on CUDA 1; on the CPU one per "
+        "torch thread, at most one per run)",
+    )
+    threads: int = _setting(
+        0, "torch threads per run (0: torch's threads shared evenly by the runs at once)"
+    )
     channels_last: bool | None = _setting(None, "NHWC images and weights (unset: as measured)")
     eval_batch_size: int = _setting(1000, "batch size for the test set (no gradients)")
     cuda_graph: bool = _setting(True, "on CUDA, replay the training step as a CUDA graph")

@@ -27,7 +27,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,24 @@ from bnlab.models import LeNet5
 from bnlab.models.fused import fuse_relu_maxpool
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Bar(Protocol):
+    """What the training loop needs of a progress bar (tqdm has it)."""
+
+    disable: bool
+
+    def update(self, n: int = 1) -> object: ...
+    def set_postfix(self, **values: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+MakeBar = Callable[[int, str], Bar]  # (batches in the epoch, description) -> a bar
+
+
+def terminal_bar(total: int, desc: str) -> Bar:
+    """A tqdm bar on stderr, shown only when stderr is a terminal."""
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=None, dynamic_ncols=True)
 
 
 @dataclass(frozen=True)
@@ -165,17 +183,23 @@ class CUDAGraphStep:
         return self.loss.clone()
 
 
-def train_epoch(step: Step, model: nn.Module, loader: DeviceLoader, desc: str) -> float:
+def train_epoch(
+    step: Step, model: nn.Module, loader: DeviceLoader, desc: str, make_bar: MakeBar = terminal_bar
+) -> float:
     """One pass over `loader`; the mean loss per image."""
     model.train()
     total = torch.zeros((), device=loader.device)  # summed on the device: no sync per batch
     seen = 0
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=None, dynamic_ncols=True)
-    for i, (x, y) in enumerate(bar, 1):
-        total += step(x, y) * len(y)
-        seen += len(y)
-        if i % 100 == 0 and not bar.disable:  # a sync, but only every 100 batches, for the bar
-            bar.set_postfix(loss=f"{total.item() / seen:.3f}")
+    bar = make_bar(len(loader), desc)
+    try:
+        for i, (x, y) in enumerate(loader, 1):
+            total += step(x, y) * len(y)
+            seen += len(y)
+            bar.update(1)
+            if i % 100 == 0 and not bar.disable:  # a sync, but only every 100 batches
+                bar.set_postfix(loss=f"{total.item() / seen:.3f}")
+    finally:
+        bar.close()
     return total.item() / seen
 
 
@@ -203,12 +227,13 @@ def train_run(
     data: CIFAR10,
     *,
     checkpoint: dict[str, Any] | None = None,
+    make_bar: MakeBar = terminal_bar,
 ) -> Iterator[tuple[EpochResult, dict[str, Any]]]:
     """Train LeNet-5 with `norm` for `cfg.epochs` epochs; yield (result, checkpoint state) per epoch.
 
     With `checkpoint` (a state this generator yielded before), continue after its
     epoch. The yielded state references live tensors: save it before resuming
-    the generator.
+    the generator. `make_bar` makes each epoch's progress bar.
     """
     device = resolve_device(cfg.device)
     fmt = memory_format(cfg, norm, device)
@@ -243,7 +268,7 @@ def train_run(
         t0 = time.perf_counter()
         train_loader.set_epoch(epoch)
         desc = f"{norm} seed {seed} epoch {epoch + 1}/{cfg.epochs}"
-        train_loss = train_epoch(step, model, train_loader, desc)
+        train_loss = train_epoch(step, model, train_loader, desc, make_bar)
         _sync(device)
         t1 = time.perf_counter()
         test_acc = evaluate(model, test_loader)
