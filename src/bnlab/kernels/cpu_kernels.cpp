@@ -1039,18 +1039,20 @@ void backward(const T* dy, const T* x, T* dx, const T* w, const double* mean, co
 // ---- fused ReLU + 2x2 max pooling (stride 2, floor) -----------------------------------
 //
 // y = max of relu over each 2x2 window = relu(max of the window): the numbers
-// of ReLU followed by MaxPool2d(2), in one pass instead of three (ReLU, the
-// pool, and the zero fill of the pool's backward). `which` keeps, per output,
-// the window position (0..3, row-major) of the first maximum, as torch's pool
-// picks it (a later value wins only if greater, or NaN), or kNoGrad where the
-// maximum is <= 0 and ReLU passes no gradient. Backward writes every dx value
-// once: dy at that position, 0 elsewhere, also in rows or columns past the
-// last whole window.
+// of ReLU followed by MaxPool2d(2), in one pass instead of two (ReLU, then the
+// pool). The forward stores no indices: the backward finds each window's
+// winner again from x and y, as torch's pool picks it (a later value wins
+// only if greater, or NaN): where y > 0, the first position holding y; where
+// y is NaN, the last NaN; where y is 0 (the maximum is <= 0), none, since ReLU
+// passes no gradient. Storing a uint8 index per output made the forward's
+// loops mix float and byte lanes, which compilers vectorize only for rows far
+// longer than LeNet-5's; the float-only forward runs 3-4x faster, and the
+// backward pays one extra read of x. Backward writes every dx value once: dy
+// at the winner, 0 elsewhere, also in rows or columns past the last window.
 //
 // Layouts: NCHW walks planes of one channel; channels_last (memory N, H, W, C)
-// walks rows of windows with the channels innermost, which vectorizes.
-
-constexpr uint8_t kNoGrad = 255;
+// walks rows of windows with the channels innermost. Both take the vertical
+// maximum of a row pair first (one long contiguous loop), then the horizontal.
 
 // Branch-free by construction: the winner is data-dependent, so jumps would
 // mispredict about half the time (measured 2-5x slower on random data), and
@@ -1079,28 +1081,16 @@ inline T pick(bool take, T yes, T no) {
     return out;
 }
 
-// Written as (no & (take - 1)) | (yes & -take): GCC keeps this form branch-free,
-// while it turned the equivalent mask-and-complement form back into a jump.
-inline unsigned pick_index(bool take, unsigned yes, unsigned no) {
-    return (no & (unsigned(take) - 1u)) | (yes & (0u - unsigned(take)));
+// The pool's running maximum: v replaces m if greater, or NaN.
+template <typename T>
+inline T pool_max(T m, T v) {
+    return pick((v > m) | (v != v), v, m);
 }
 
+// ReLU of a window maximum: 0 where it is <= 0; NaN passes.
 template <typename T>
-inline void pool_window(T a, T b, T c, T d, T* y, uint8_t* which) {
-    T m = a;
-    unsigned k = 0;
-    bool take = (b > m) | (b != b);
-    m = pick(take, b, m);
-    k = pick_index(take, 1, k);
-    take = (c > m) | (c != c);
-    m = pick(take, c, m);
-    k = pick_index(take, 2, k);
-    take = (d > m) | (d != d);
-    m = pick(take, d, m);
-    k = pick_index(take, 3, k);
-    const bool dead = m <= T(0);  // false for NaN: it passes, like ReLU's backward
-    *y = pick(dead, T(0), m);
-    *which = uint8_t(k | (0u - unsigned(dead)));  // kNoGrad (all ones) where dead
+inline T relu_of(T m) {
+    return pick(m <= T(0), T(0), m);
 }
 
 struct PoolShape {
@@ -1109,111 +1099,146 @@ struct PoolShape {
     int64_t Wo() const { return W / 2; }
 };
 
-// One NCHW plane: windows of rows 2i, 2i+1. Sizes are int and pointers
-// restrict so the loop over j vectorizes (a uint8_t store may otherwise alias
-// anything, and forces reloads and scalar code).
+constexpr int64_t kPoolChunk = 1024;  // values of a row pair's vertical maximum kept on the stack
+
+// One row of windows: top and bottom input rows hold Wo windows of `lane`
+// adjacent values each side by side (lane = 1 for NCHW, C for channels_last),
+// and y gets Wo * lane outputs. Order within a window: top-left, top-right,
+// bottom-left, bottom-right; the vertical maximum first is the same value
+// (max is order-free, and any NaN makes the result NaN either way).
 template <typename T>
-void pool_plane(const T* __restrict x, T* __restrict y, uint8_t* __restrict which, int64_t Ho,
-                int64_t Wo, int64_t W) {
-    const int ho = int(Ho), wo = int(Wo), w = int(W);
-    for (int i = 0; i < ho; ++i) {
-        const T* __restrict p = x + 2 * i * w;
-        const T* __restrict q = p + w;
-        for (int j = 0; j < wo; ++j)
-            pool_window(p[2 * j], p[2 * j + 1], q[2 * j], q[2 * j + 1], y + i * wo + j,
-                        which + i * wo + j);
+void pool_row(const T* __restrict top, const T* __restrict bottom, T* __restrict y, int64_t Wo,
+              int64_t lane) {
+    T v[kPoolChunk];
+    const int64_t per_chunk = kPoolChunk / (2 * lane) > 0 ? kPoolChunk / (2 * lane) : 1;
+    for (int64_t j0 = 0; j0 < Wo; j0 += per_chunk) {
+        const int64_t j1 = min64(j0 + per_chunk, Wo);
+        if (2 * lane > kPoolChunk) {  // very wide channels: window by window
+            for (int64_t j = j0; j < j1; ++j) {
+                const T* p = top + 2 * j * lane;
+                const T* q = bottom + 2 * j * lane;
+                for (int64_t c = 0; c < lane; ++c)
+                    y[j * lane + c] = relu_of(pool_max(pool_max(pool_max(p[c], p[lane + c]), q[c]),
+                                                       q[lane + c]));
+            }
+            continue;
+        }
+        const int n = int(2 * (j1 - j0) * lane), l = int(lane);
+        const T* __restrict p = top + 2 * j0 * lane;
+        const T* __restrict q = bottom + 2 * j0 * lane;
+        for (int e = 0; e < n; ++e) v[e] = pool_max(p[e], q[e]);
+        T* __restrict out = y + j0 * lane;
+        const int windows = int(j1 - j0);
+        if (l == 1) {
+            for (int j = 0; j < windows; ++j) out[j] = relu_of(pool_max(v[2 * j], v[2 * j + 1]));
+        } else {
+            for (int j = 0; j < windows; ++j)
+                for (int c = 0; c < l; ++c)
+                    out[j * l + c] = relu_of(pool_max(v[2 * j * l + c], v[(2 * j + 1) * l + c]));
+        }
     }
 }
 
-// One channels_last row of windows (memory H, W, C): channels innermost.
 template <typename T>
-void pool_row_cl(const T* __restrict top, T* __restrict y, uint8_t* __restrict which, int64_t Wo,
-                 int64_t W, int64_t C) {
-    const int wo = int(Wo), c_ = int(C), below = int(W * C);
-    for (int j = 0; j < wo; ++j) {
-        const T* __restrict p = top + 2 * j * c_;
-        const T* __restrict q = p + below;
-        for (int c = 0; c < c_; ++c)
-            pool_window(p[c], p[c_ + c], q[c], q[c_ + c], y + j * c_ + c, which + j * c_ + c);
-    }
-}
-
-template <typename T>
-void relu_maxpool_forward(const T* x, T* y, uint8_t* which, const PoolShape& s, bool channels_last,
-                          int threads) {
-    const int64_t rows = channels_last ? s.N * s.Ho() : s.N * s.C;  // units of work
-    parallel(team_size(s.N * s.C * s.H * s.W, threads), [&, s](int t, int T_) {
-        // Locals, not captures: stores through uint8_t* may alias anything, so
-        // captured sizes would be reloaded after every store.
-        const int64_t Ho = s.Ho(), Wo = s.Wo(), H = s.H, W = s.W, C = s.C;
-        const T* const x_ = x;
-        T* const y_ = y;
-        uint8_t* const which_ = which;
+void relu_maxpool_forward(const T* x, T* y, const PoolShape& s, bool channels_last, int threads) {
+    const int64_t Ho = s.Ho(), Wo = s.Wo(), H = s.H, W = s.W, C = s.C;
+    const int64_t rows = channels_last ? s.N * Ho : s.N * C * Ho;  // rows of windows
+    const int64_t lane = channels_last ? C : 1;
+    parallel(team_size(s.N * C * H * W, threads), [&](int t, int T_) {
         int64_t begin, end;
         split(rows, t, T_, 1, &begin, &end);
         for (int64_t r = begin; r < end; ++r) {
-            if (channels_last) {  // r = (n, i): one row of windows, all channels
-                const int64_t n = r / Ho, i = r % Ho;
-                pool_row_cl(x_ + ((n * H + 2 * i) * W) * C, y_ + r * Wo * C, which_ + r * Wo * C,
-                            Wo, W, C);
-            } else {  // r = (n, c): one plane
-                pool_plane(x_ + r * H * W, y_ + r * Ho * Wo, which_ + r * Ho * Wo, Ho, Wo, W);
-            }
+            // r = (n, i) for channels_last, (n, c, i) for NCHW: the same arithmetic,
+            // with a "plane" of H rows of W * lane values.
+            const int64_t plane = r / Ho, i = r % Ho;
+            const T* top = x + (plane * H + 2 * i) * W * lane;
+            pool_row(top, top + W * lane, y + r * Wo * lane, Wo, lane);
         }
     });
 }
 
+// dx of one window from its four inputs, its output m and the output gradient g.
+// The general case, NaN included.
 template <typename T>
-inline void unpool_window(T g, uint8_t k, T* a, T* b, T* c, T* d) {
-    *a = pick(k == 0, g, T(0));
-    *b = pick(k == 1, g, T(0));
-    *c = pick(k == 2, g, T(0));
-    *d = pick(k == 3, g, T(0));
+inline void unpool_window(T a, T b, T c, T d, T m, T g, T* da, T* db, T* dc, T* dd) {
+    const bool live = m > T(0);  // the window's maximum passed ReLU
+    const bool ea = a == m, eb = b == m, ec = c == m, ed = d == m;  // all false for NaN m
+    const bool na = a != a, nb = b != b, nc = c != c, nd = d != d;
+    const bool nan = m != m;
+    // first position holding m; last NaN
+    const bool wa = (live & ea) | (nan & na & !nb & !nc & !nd);
+    const bool wb = (live & eb & !ea) | (nan & nb & !nc & !nd);
+    const bool wc = (live & ec & !ea & !eb) | (nan & nc & !nd);
+    const bool wd = (live & ed & !ea & !eb & !ec) | (nan & nd);
+    *da = pick(wa, g, T(0));
+    *db = pick(wb, g, T(0));
+    *dc = pick(wc, g, T(0));
+    *dd = pick(wd, g, T(0));
+}
+
+// One row of windows without NaN outputs (so none in its inputs): the gradient
+// g (0 where ReLU stopped it) goes to the first position holding m: a chain of
+// branch-free selects.
+template <typename T>
+void unpool_row(const T* __restrict p, const T* __restrict q, const T* __restrict m,
+                const T* __restrict g, T* __restrict dp, T* __restrict dq, int64_t Wo,
+                int64_t lane) {
+    const int wo = int(Wo), l = int(lane);
+    for (int j = 0; j < wo; ++j)
+        for (int c = 0; c < l; ++c) {
+            const int o = j * l + c, left = 2 * j * l + c, right = left + l;
+            const T mo = m[o];
+            T rest = pick(mo > T(0), g[o], T(0));
+            const bool ea = p[left] == mo;
+            dp[left] = pick(ea, rest, T(0));
+            rest = pick(ea, T(0), rest);
+            const bool eb = p[right] == mo;
+            dp[right] = pick(eb, rest, T(0));
+            rest = pick(eb, T(0), rest);
+            const bool ec = q[left] == mo;
+            dq[left] = pick(ec, rest, T(0));
+            dq[right] = pick(ec, T(0), rest);
+        }
 }
 
 template <typename T>
-void relu_maxpool_backward(const T* dy, const uint8_t* which, T* dx, const PoolShape& s,
+void relu_maxpool_backward(const T* dy, const T* x, const T* y, T* dx, const PoolShape& s,
                            bool channels_last, int threads) {
-    const int64_t rows = channels_last ? s.N : s.N * s.C;
-    parallel(team_size(s.N * s.C * s.H * s.W, threads), [&, s](int t, int T_) {
-        const int64_t Ho = s.Ho(), Wo = s.Wo(), H = s.H, W = s.W, C = s.C;  // locals: see forward
-        const T* const dy_ = dy;
-        const uint8_t* const which_ = which;
-        T* const dx_ = dx;
+    const int64_t Ho = s.Ho(), Wo = s.Wo(), H = s.H, W = s.W, C = s.C;
+    const int64_t planes = channels_last ? s.N : s.N * C;
+    const int64_t lane = channels_last ? C : 1;
+    parallel(team_size(s.N * C * H * W, threads), [&](int t, int T_) {
         int64_t begin, end;
-        split(rows, t, T_, 1, &begin, &end);
-        for (int64_t r = begin; r < end; ++r) {
-            if (channels_last) {  // r = n: the whole image, (H, W, C)
-                T* img = dx_ + r * H * W * C;
-                for (int64_t i = 0; i < Ho; ++i) {
-                    T* p = img + 2 * i * W * C;
-                    T* q = p + W * C;
-                    const T* g = dy_ + (r * Ho + i) * Wo * C;
-                    const uint8_t* k = which_ + (r * Ho + i) * Wo * C;
+        split(planes, t, T_, 1, &begin, &end);
+        const int64_t row = W * lane, outs = Wo * lane;
+        for (int64_t r = begin; r < end; ++r) {  // one image (channels_last) or plane (NCHW)
+            const T* xs = x + r * H * row;
+            T* ds = dx + r * H * row;
+            for (int64_t i = 0; i < Ho; ++i) {
+                const T* p = xs + 2 * i * row;
+                const T* q = p + row;
+                T* dp = ds + 2 * i * row;
+                T* dq = dp + row;
+                const T* m = y + (r * Ho + i) * outs;
+                const T* g = dy + (r * Ho + i) * outs;
+                bool nan = false;
+                for (int64_t o = 0; o < outs; ++o) nan |= m[o] != m[o];
+                if (!nan) {
+                    unpool_row(p, q, m, g, dp, dq, Wo, lane);
+                } else {
                     for (int64_t j = 0; j < Wo; ++j)
-                        for (int64_t c = 0; c < C; ++c)
-                            unpool_window(g[j * C + c], k[j * C + c], p + 2 * j * C + c,
-                                          p + (2 * j + 1) * C + c, q + 2 * j * C + c,
-                                          q + (2 * j + 1) * C + c);
-                    if (W % 2) {  // the last column belongs to no window
-                        for (int64_t c = 0; c < C; ++c) p[(W - 1) * C + c] = q[(W - 1) * C + c] = T(0);
-                    }
+                        for (int64_t c = 0; c < lane; ++c) {
+                            const int64_t o = j * lane + c, left = 2 * j * lane + c;
+                            const int64_t right = left + lane;
+                            unpool_window(p[left], p[right], q[left], q[right], m[o], g[o],
+                                          dp + left, dp + right, dq + left, dq + right);
+                        }
                 }
-                for (int64_t e = 2 * Ho * W * C; e < H * W * C; ++e) img[e] = T(0);
-            } else {  // r = (n, c): one plane
-                T* plane = dx_ + r * H * W;
-                for (int64_t i = 0; i < Ho; ++i) {
-                    T* p = plane + 2 * i * W;
-                    T* q = p + W;
-                    const T* g = dy_ + (r * Ho + i) * Wo;
-                    const uint8_t* k = which_ + (r * Ho + i) * Wo;
-                    for (int64_t j = 0; j < Wo; ++j)
-                        unpool_window(g[j], k[j], p + 2 * j, p + 2 * j + 1, q + 2 * j,
-                                      q + 2 * j + 1);
-                    if (W % 2) p[W - 1] = q[W - 1] = T(0);
+                if (W % 2) {  // the last column belongs to no window
+                    for (int64_t c = 0; c < lane; ++c) dp[(W - 1) * lane + c] = dq[(W - 1) * lane + c] = T(0);
                 }
-                for (int64_t e = 2 * Ho * W; e < H * W; ++e) plane[e] = T(0);
             }
+            for (int64_t e = 2 * Ho * row; e < H * row; ++e) ds[e] = T(0);  // the last odd row
         }
     });
 }
@@ -1375,42 +1400,42 @@ PyObject* py_backward(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     Py_RETURN_NONE;
 }
 
-// relu_maxpool_forward(x, y, which, is_double, N, C, H, W, channels_last, threads)
+// relu_maxpool_forward(x, y, is_double, N, C, H, W, channels_last, threads)
 PyObject* py_relu_maxpool_forward(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
-    if (!check_nargs(nargs, 10, "relu_maxpool_forward")) return nullptr;
+    if (!check_nargs(nargs, 9, "relu_maxpool_forward")) return nullptr;
     void *x = ptr(a[0]), *y = ptr(a[1]);
-    uint8_t* which = static_cast<uint8_t*>(ptr(a[2]));
-    const bool is_double = i64(a[3]) != 0;
-    const PoolShape s{i64(a[4]), i64(a[5]), i64(a[6]), i64(a[7])};
-    const bool channels_last = i64(a[8]) != 0;
-    const int threads = int(i64(a[9]));
+    const bool is_double = i64(a[2]) != 0;
+    const PoolShape s{i64(a[3]), i64(a[4]), i64(a[5]), i64(a[6])};
+    const bool channels_last = i64(a[7]) != 0;
+    const int threads = int(i64(a[8]));
     if (PyErr_Occurred()) return nullptr;
     MaybeReleaseGil gil(s.N * s.C * s.H * s.W);
     if (is_double)
-        relu_maxpool_forward(static_cast<const double*>(x), static_cast<double*>(y), which, s,
+        relu_maxpool_forward(static_cast<const double*>(x), static_cast<double*>(y), s,
                              channels_last, threads);
     else
-        relu_maxpool_forward(static_cast<const float*>(x), static_cast<float*>(y), which, s,
+        relu_maxpool_forward(static_cast<const float*>(x), static_cast<float*>(y), s,
                              channels_last, threads);
     Py_RETURN_NONE;
 }
 
-// relu_maxpool_backward(dy, which, dx, is_double, N, C, H, W, channels_last, threads)
+// relu_maxpool_backward(dy, x, y, dx, is_double, N, C, H, W, channels_last, threads)
 PyObject* py_relu_maxpool_backward(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
-    if (!check_nargs(nargs, 10, "relu_maxpool_backward")) return nullptr;
-    void *dy = ptr(a[0]), *dx = ptr(a[2]);
-    const uint8_t* which = static_cast<const uint8_t*>(ptr(a[1]));
-    const bool is_double = i64(a[3]) != 0;
-    const PoolShape s{i64(a[4]), i64(a[5]), i64(a[6]), i64(a[7])};
-    const bool channels_last = i64(a[8]) != 0;
-    const int threads = int(i64(a[9]));
+    if (!check_nargs(nargs, 11, "relu_maxpool_backward")) return nullptr;
+    void *dy = ptr(a[0]), *x = ptr(a[1]), *y = ptr(a[2]), *dx = ptr(a[3]);
+    const bool is_double = i64(a[4]) != 0;
+    const PoolShape s{i64(a[5]), i64(a[6]), i64(a[7]), i64(a[8])};
+    const bool channels_last = i64(a[9]) != 0;
+    const int threads = int(i64(a[10]));
     if (PyErr_Occurred()) return nullptr;
     MaybeReleaseGil gil(s.N * s.C * s.H * s.W);
     if (is_double)
-        relu_maxpool_backward(static_cast<const double*>(dy), which, static_cast<double*>(dx), s,
+        relu_maxpool_backward(static_cast<const double*>(dy), static_cast<const double*>(x),
+                              static_cast<const double*>(y), static_cast<double*>(dx), s,
                               channels_last, threads);
     else
-        relu_maxpool_backward(static_cast<const float*>(dy), which, static_cast<float*>(dx), s,
+        relu_maxpool_backward(static_cast<const float*>(dy), static_cast<const float*>(x),
+                              static_cast<const float*>(y), static_cast<float*>(dx), s,
                               channels_last, threads);
     Py_RETURN_NONE;
 }
@@ -1428,7 +1453,7 @@ PyMethodDef methods[] = {
     {"normalize", fastcall<py_normalize>(), METH_FASTCALL, "Normalize with given statistics."},
     {"backward", fastcall<py_backward>(), METH_FASTCALL, "Gradients of x, weight and bias."},
     {"relu_maxpool_forward", fastcall<py_relu_maxpool_forward>(), METH_FASTCALL,
-     "ReLU then 2x2 max pooling, fused; records the window position of each maximum."},
+     "ReLU then 2x2 max pooling, fused."},
     {"relu_maxpool_backward", fastcall<py_relu_maxpool_backward>(), METH_FASTCALL,
      "Gradient of the fused ReLU + 2x2 max pooling."},
     {nullptr, nullptr, 0, nullptr}};

@@ -4,8 +4,9 @@
 gradient: ReLU is monotonic, so the maximum of the ReLU'd window is the ReLU
 of the window's maximum, at the same (first) position. The native kernels
 (``cpu_kernels.cpp``) compute it in one pass forward and one backward, where
-torch makes three each way (ReLU, the pool, and the pool gradient's zero fill
-plus ReLU's mask). Other inputs (CUDA, half precision, other strides, graph
+torch makes two forward (ReLU, the pool) and three backward (the pool
+gradient's zero fill and scatter, ReLU's mask). The forward keeps no indices:
+the backward finds each window's winner again from the saved input and output. Other inputs (CUDA, half precision, other strides, graph
 capture, no compiler) take the torch ops.
 """
 
@@ -48,28 +49,26 @@ class _ReLUMaxPool2x2(torch.autograd.Function):
     def forward(ctx, x: Tensor) -> Tensor:
         fmt = _layout(x)
         n, c, h, w = x.shape
-        out_shape = (n, c, h // 2, w // 2)
-        y = torch.empty(out_shape, dtype=x.dtype, memory_format=fmt)
-        which = torch.empty(out_shape, dtype=torch.uint8, memory_format=fmt)
+        y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=fmt)
         channels_last = fmt is torch.channels_last
         _build.native().relu_maxpool_forward(
-            x.data_ptr(), y.data_ptr(), which.data_ptr(), x.dtype == torch.float64,
+            x.data_ptr(), y.data_ptr(), x.dtype == torch.float64,
             n, c, h, w, channels_last, torch.get_num_threads(),
         )  # fmt: skip
-        ctx.save_for_backward(which)
-        ctx.geometry = (x.shape, x.dtype, fmt, channels_last)
+        ctx.save_for_backward(x, y)  # the backward finds each window's winner from them
+        ctx.geometry = (fmt, channels_last)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor) -> Tensor:
-        (which,) = ctx.saved_tensors
-        shape, dtype, fmt, channels_last = ctx.geometry
+        x, y = ctx.saved_tensors
+        fmt, channels_last = ctx.geometry
         dy = dy.contiguous(memory_format=fmt)
-        dx = torch.empty(shape, dtype=dtype, memory_format=fmt)
+        dx = torch.empty_like(x)
         _build.native().relu_maxpool_backward(
-            dy.data_ptr(), which.data_ptr(), dx.data_ptr(), dtype == torch.float64,
-            *shape, channels_last, torch.get_num_threads(),
+            dy.data_ptr(), x.data_ptr(), y.data_ptr(), dx.data_ptr(), x.dtype == torch.float64,
+            *x.shape, channels_last, torch.get_num_threads(),
         )  # fmt: skip
         return dx
 
