@@ -44,11 +44,17 @@ def test_bit_identical_to_relu_then_maxpool(shape, fmt, dtype):
 
 
 @needs_native
-def test_nan_propagates_like_torch():
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_nan_propagates_like_torch(fmt):
     x = torch.randn(2, 3, 4, 4)
-    x[0, 1, 1, 0] = float("nan")
-    (y, _), (y_ref, _) = _both(x, torch.ones(2, 3, 2, 2))
+    x[0, 1, 1, 0] = float("nan")  # one NaN in a window
+    x[1, 2, 2:4, 2:4] = torch.tensor([[float("nan"), 5.0], [float("nan"), -1.0]])  # two: the last
+    x[1, 0, 0:2, 0:2] = torch.tensor([[float("nan"), -3.0], [-2.0, -1.0]])  # NaN among negatives
+    x = x.contiguous(memory_format=fmt)
+    dy = torch.arange(1.0, 25.0).view(2, 3, 2, 2)  # distinct: a gradient sent astray shows
+    (y, dx), (y_ref, dx_ref) = _both(x, dy)
     torch.testing.assert_close(y, y_ref, equal_nan=True)
+    assert torch.equal(dx, dx_ref)
 
 
 @pytest.mark.parametrize(
