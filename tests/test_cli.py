@@ -69,6 +69,7 @@ def error_of(argv: list[str], capsys) -> str:
         (["compare", "--norms", "bn", "bn"], "--norms: bn given more than once"),
         (["train", "--resume"], "--resume needs --out DIR"),
         (["train", "--threads", "-1"], "argument --threads: must be at least 0"),
+        (["compare", "--jobs", "-1"], "argument --jobs: must be at least 0, got -1"),
         ([], "required: COMMAND"),
     ],
 )
