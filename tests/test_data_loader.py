@@ -105,11 +105,12 @@ def test_memory_format(shuffle):
     loader = DeviceLoader(
         images, labels, batch_size=8, shuffle=shuffle, memory_format=torch.channels_last
     )
-    for x, _ in loader:
+    plain = DeviceLoader(images, labels, batch_size=8, shuffle=shuffle)
+    for (x, y), (x_plain, y_plain) in zip(loader, plain, strict=True):
         assert x.is_contiguous(memory_format=torch.channels_last)
         assert not x.is_contiguous()
-    for x, _ in DeviceLoader(images, labels, batch_size=8, shuffle=shuffle):
-        assert x.is_contiguous()
+        assert x_plain.is_contiguous()
+        assert torch.equal(x, x_plain) and torch.equal(y, y_plain)  # same images, same order
 
 
 def test_rejects_bad_inputs():

@@ -85,6 +85,14 @@ class DeviceLoader:
             memory_format=memory_format
         )
         self.labels = labels.to(self.device, torch.int64)
+        # The split as (N, values per image) in memory order (a view: each image is
+        # one contiguous run in either format). A batch is then a row gather, half
+        # the time of indexing the 4-d tensor (CPU, batch 64).
+        n = len(self.images)
+        if memory_format is torch.channels_last:
+            self._rows = self.images.permute(0, 2, 3, 1).reshape(n, -1)
+        else:
+            self._rows = self.images.reshape(n, -1)
         n = len(images_uint8)
         self.dropped = int(drop_single and n % batch_size == 1)
         if self.dropped:
@@ -116,8 +124,12 @@ class DeviceLoader:
                 yield self.images[start:stop], self.labels[start:stop]
                 continue
             index = order[start:stop]
-            # Advanced indexing keeps channels_last where index_select would not.
-            x = self.images[index]
-            if not x.is_contiguous(memory_format=self.memory_format):
-                x = x.contiguous(memory_format=self.memory_format)
-            yield x, self.labels[index]
+            yield self._gather(index), self.labels[index]
+
+    def _gather(self, index: torch.Tensor) -> torch.Tensor:
+        """The images at ``index``, in ``memory_format``: a row gather of ``_rows``."""
+        _, c, h, w = self.images.shape
+        batch = self._rows.index_select(0, index)
+        if self.memory_format is torch.channels_last:
+            return batch.view(-1, h, w, c).permute(0, 3, 1, 2)
+        return batch.view(-1, c, h, w)
