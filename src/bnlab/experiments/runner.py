@@ -1,11 +1,11 @@
 """The runs of a comparison: one after another in this process, or several at once in workers.
 
 LeNet-5 at batch 64 is too small to keep several CPU cores busy: on 2 cores a
-training step took 5.4 ms with 2 threads and 9.0 ms with 1, so two runs side
-by side, one thread each, train about 20% more images per second than the
-same runs one after another with both threads. `plan` makes that the default
-on the CPU: as many runs at once as torch has threads (at most one per run),
-the threads shared evenly among them.
+training step with BN took 4.9 ms with 2 threads and 8.5 ms with 1 (not
+half), so two runs side by side, one thread each, finish a comparison about
+15% sooner than the same runs one after another with both threads. `plan`
+makes that the default on the CPU: as many runs at once as torch has threads
+(at most one per run), the threads shared evenly among them.
 
 A run's numbers depend on its thread count (float rounding), not on the
 process it runs in, so the thread count per run is fixed by the settings and
