@@ -23,6 +23,7 @@ caller stops (an error, a kill, Ctrl-C).
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import sys
@@ -146,11 +147,21 @@ class _QueueBar:
             self.pending = 0
 
 
+def _stop(signum: int, frame: Any) -> None:
+    """SIGTERM (the parent stops its workers): unwind, so temporary files are removed.
+
+    The stop is expected, so the unwinding prints nothing: torch's C++ layers
+    may report the SystemExit passing through them as an error.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stderr.fileno())
+    sys.exit(143)
+
+
 def _worker(
     slot: int, cfg: Config, fields: dict[str, Any], threads: int, tasks: Any, events: Any
 ) -> None:
-    # A terminated worker unwinds (temporary files are removed) instead of vanishing.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     torch.set_num_threads(threads)
     if cfg.device != "cuda":
