@@ -101,3 +101,13 @@ def test_plan_counts_every_run_not_the_runs_left(tmp_path, monkeypatch):
     again = run_compare(dataclasses.replace(cfg, resume=True), data=tiny_cifar(), log=quiet)
     assert (again["environment"]["jobs"], again["environment"]["threads"]) == (2, 1)
     assert numbers(again) == numbers(first)
+
+
+def test_runs_in_this_process_leave_the_callers_threads_as_they_were(tmp_path):
+    torch.set_num_threads(2)  # the one_thread fixture restores its own value afterwards
+    run_compare(
+        config(tmp_path, norms=("none",), seeds=(0,), epochs=1, jobs=1, threads=1),
+        data=tiny_cifar(),
+        log=quiet,
+    )
+    assert torch.get_num_threads() == 2

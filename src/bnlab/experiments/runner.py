@@ -85,9 +85,13 @@ def run_tasks(
     if not tasks:
         return
     if how.jobs == 1 or len(tasks) == 1:
+        before = torch.get_num_threads()
         torch.set_num_threads(how.threads)
-        for task in tasks:
-            yield from _run(cfg, task, data, terminal_bar)
+        try:
+            for task in tasks:
+                yield from _run(cfg, task, data, terminal_bar)
+        finally:
+            torch.set_num_threads(before)
         return
     yield from _run_in_workers(cfg, tasks, data, how, device)
 
@@ -159,13 +163,19 @@ def _stop(signum: int, frame: Any) -> None:
 
 
 def _worker(
-    slot: int, cfg: Config, fields: dict[str, Any], threads: int, tasks: Any, events: Any
+    slot: int,
+    cfg: Config,
+    fields: dict[str, Any],
+    threads: int,
+    on_cpu: bool,
+    tasks: Any,
+    events: Any,
 ) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     torch.set_num_threads(threads)
-    if cfg.device != "cuda":
-        keep_freed_memory()
+    if on_cpu:
+        keep_freed_memory()  # as the parent does (see memory.py)
     data = _restore(fields)
 
     def make_bar(total: int, desc: str) -> Bar:
@@ -198,7 +208,7 @@ def _run_in_workers(
     workers = [
         ctx.Process(
             target=_worker,
-            args=(slot, cfg, fields, how.threads, task_queue, events),
+            args=(slot, cfg, fields, how.threads, device.type == "cpu", task_queue, events),
             name=f"bnlab-run-{slot}",
             daemon=True,
         )
