@@ -27,7 +27,17 @@ def _both(x, dy):
 
 
 @needs_native
-@pytest.mark.parametrize("shape", [(4, 3, 6, 6), (2, 5, 7, 9), (3, 6, 28, 28), (2, 16, 10, 10)])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (4, 3, 6, 6),
+        (2, 5, 7, 9),
+        (3, 6, 28, 28),  # LeNet-5's two pools
+        (2, 16, 10, 10),
+        (1, 2, 4, 1030),  # rows longer than the kernel's stack chunk: pooled in pieces
+        (1, 600, 4, 6),  # channels_last windows wider than that chunk: one by one
+    ],
+)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_bit_identical_to_relu_then_maxpool(shape, fmt, dtype):
