@@ -9,7 +9,8 @@ Speed, with the method unchanged (Adam, cross-entropy, batch 64, same data order
 - the epoch's loss is summed as a tensor: no `.item()` sync per batch;
 - evaluation runs under `torch.inference_mode` with a large batch;
 - Adam uses the fused kernel (one op for all parameters) where torch has it;
-- on the CPU, ReLU + max-pooling run as one fused native pass (exact);
+- on the CPU, ReLU + max-pooling run as one fused native pass (exact), and
+  the narrow first convolution on bnlab's direct kernels;
 - on CUDA the training step is captured once and replayed as a CUDA graph.
 
 Determinism: the seed fixes the initial weights (torch is seeded right before the
@@ -38,6 +39,7 @@ from bnlab.data import CIFAR10, DeviceLoader
 from bnlab.experiments.config import Config
 from bnlab.models import LeNet5
 from bnlab.models.fused import fuse_relu_maxpool
+from bnlab.models.native_conv import use_native_conv
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -77,19 +79,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def memory_format(cfg: Config, norm: str, device: torch.device) -> torch.memory_format:
-    """`cfg.channels_last`, or where unset the faster layout as measured for LeNet-5.
+def memory_formats(
+    cfg: Config, norm: str, device: torch.device
+) -> tuple[torch.memory_format, torch.memory_format]:
+    """(the model's weights, the images): `cfg.channels_last` for both, or where unset,
+    the layouts measured fastest for LeNet-5.
 
-    On the CPU (2 cores, batch 64), NHWC trains "none" a few percent faster and
-    evaluates about twice as fast; bnlab's BN trains as fast either way; torch's
-    own CPU batch norm trains about 40% slower on NHWC input, so "torch-bn" keeps NCHW.
-    On CUDA (H200, graph replay) NHWC was no faster for any norm and 20% slower
+    CPU (1 thread, batch 64, interleaved): NCHW images and channels_last weights.
+    conv1 runs on bnlab's direct kernels, which read NCHW rows and, by torch's
+    rule, write channels_last when the weight is; everything after it then runs
+    channels_last, where bnlab's pooling is fastest. Against the step before
+    conv1 was native (all channels_last, torch's convolutions), the step went
+    from 8.3 to 7.3 ms with BN and from 7.6 to 6.5 ms without; all-NCHW and
+    all-channels_last were each about 2% slower than this mix. torch's own CPU
+    batch norm trains about 40% slower on channels_last, so "torch-bn" keeps NCHW.
+    CUDA (H200, graph replay): NHWC was no faster for any norm and 20% slower
     for "none", so CUDA keeps NCHW.
     """
-    channels_last = cfg.channels_last
-    if channels_last is None:
-        channels_last = device.type == "cpu" and norm != "torch-bn"
-    return torch.channels_last if channels_last else torch.contiguous_format
+    if cfg.channels_last is not None:
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        return fmt, fmt
+    if device.type == "cpu" and norm != "torch-bn":
+        return torch.channels_last, torch.contiguous_format
+    return torch.contiguous_format, torch.contiguous_format
 
 
 def build_model(norm: str, seed: int, device: torch.device, fmt: torch.memory_format) -> nn.Module:
@@ -97,11 +109,14 @@ def build_model(norm: str, seed: int, device: torch.device, fmt: torch.memory_fo
 
     On the CPU each ReLU + MaxPool2d(2) pair runs as one fused native pass
     (`fuse_relu_maxpool`): the same numbers, bit for bit, and about a fifth
-    less time per training step, where torch's pooling is a large share.
+    less time per training step, where torch's pooling is a large share. And
+    conv1 (6 output channels) runs on bnlab's direct convolution kernels
+    (`use_native_conv`), about twice as fast as torch's there; the numbers
+    differ from torch's only by the order of float additions.
     """
     torch.manual_seed(seed)
     model = LeNet5(norm).to(device=device, memory_format=fmt)
-    return fuse_relu_maxpool(model) if device.type == "cpu" else model
+    return use_native_conv(fuse_relu_maxpool(model)) if device.type == "cpu" else model
 
 
 def build_optimizer(model: nn.Module, lr: float, *, capturable: bool = False) -> torch.optim.Adam:
@@ -236,11 +251,11 @@ def train_run(
     the generator. `make_bar` makes each epoch's progress bar.
     """
     device = resolve_device(cfg.device)
-    fmt = memory_format(cfg, norm, device)
+    model_fmt, data_fmt = memory_formats(cfg, norm, device)
     n_train = len(data.train_images) if cfg.limit_train is None else cfg.limit_train
     train = data.train_images[:n_train], data.train_labels[:n_train]
     train_loader = DeviceLoader(
-        *train, batch_size=cfg.batch_size, seed=seed, device=device, memory_format=fmt
+        *train, batch_size=cfg.batch_size, seed=seed, device=device, memory_format=data_fmt
     )
     test_loader = DeviceLoader(
         data.test_images,
@@ -248,10 +263,10 @@ def train_run(
         batch_size=cfg.eval_batch_size,
         shuffle=False,
         device=device,
-        memory_format=fmt,
+        memory_format=data_fmt,
         drop_single=False,  # eval uses running statistics: a batch of one is fine
     )
-    model = build_model(norm, seed, device, fmt)
+    model = build_model(norm, seed, device, model_fmt)
     use_graph = cfg.cuda_graph and device.type == "cuda"
     optimizer = build_optimizer(model, cfg.lr, capturable=use_graph)
     history: list[dict[str, float]] = []

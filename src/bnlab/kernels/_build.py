@@ -1,6 +1,6 @@
-"""Compile and load the native CPU kernels (``cpu_kernels.cpp``), once per machine.
+"""Compile and load the native CPU kernels (``SOURCES``, one module), once per machine.
 
-The source needs only a C++ compiler and the Python headers (no torch
+The sources need only a C++ compiler and the Python headers (no torch
 headers), so a cold build takes a few seconds. The shared object is cached
 under ``$BNLAB_CACHE_DIR`` (default ``$XDG_CACHE_HOME/bnlab`` or
 ``~/.cache/bnlab``), named by a hash of everything that shapes the binary:
@@ -29,8 +29,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-MODULE_NAME = "_bnlab_cpu"  # must match PyInit__bnlab_cpu in the source
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "conv_kernels.cpp")]
+MODULE_NAME = "_bnlab_cpu"  # must match PyInit__bnlab_cpu in cpu_kernels.cpp
 
 # Tried in order; the first set that compiles wins. OpenMP may be missing
 # (e.g. Apple clang): the kernels then run on one thread.
@@ -93,7 +93,7 @@ def _cpu_signature() -> str:
 def _key(compiler: str, flags: list[str]) -> str:
     h = hashlib.sha256()
     for part in (
-        SOURCE.read_bytes(),
+        *(source.read_bytes() for source in SOURCES),
         compiler.encode(),
         " ".join(flags).encode(),
         sysconfig.get_config_var("EXT_SUFFIX").encode(),
@@ -129,7 +129,7 @@ def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
         os.close(fd)
     except OSError as e:
         return f"cannot write the cache directory {target.parent} ({e}); set BNLAB_CACHE_DIR"
-    cmd = [compiler, *_COMMON, *flags, f"-I{include}", str(SOURCE), "-o", tmp, *_link_flags()]
+    cmd = [compiler, *_COMMON, *flags, f"-I{include}", *map(str, SOURCES), "-o", tmp, *_link_flags()]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:

@@ -1458,9 +1458,15 @@ PyMethodDef methods[] = {
      "Gradient of the fused ReLU + 2x2 max pooling."},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_bnlab_cpu", "bnlab CPU batch norm kernels", -1,
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_bnlab_cpu", "bnlab CPU kernels: batch norm, ReLU + pooling, convolution", -1,
                           methods, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__bnlab_cpu(void) { return PyModule_Create(&module_def); }
+extern PyMethodDef bnlab_conv_methods[];  // conv_kernels.cpp, linked into the same module
+
+PyMODINIT_FUNC PyInit__bnlab_cpu(void) {
+    PyObject* module = PyModule_Create(&module_def);
+    if (module && PyModule_AddFunctions(module, bnlab_conv_methods) != 0) Py_CLEAR(module);
+    return module;
+}

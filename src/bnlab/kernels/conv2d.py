@@ -1,0 +1,137 @@
+"""2-D convolution with bnlab's direct CPU kernels where they beat torch's.
+
+``conv2d(x, weight, bias, padding)`` equals ``F.conv2d(x, weight, bias,
+padding=padding)`` (stride 1, no dilation, one group) up to the order of
+float additions. On the CPU, each of its three parts (forward, input
+gradient, weight and bias gradients) runs on the native direct kernels
+(``conv_kernels.cpp``) when the tensor that part produces has few channels,
+and on torch's own kernels otherwise:
+
+- forward: the output has at most ``NATIVE_MAX_CHANNELS`` channels;
+- input gradient: the input has at most that many (it is the output of a
+  convolution of dy with the flipped weights);
+- weight gradient: the output has at most that many (the kernels' register
+  blocks cover a few output channels at once; many output channels are
+  what torch's kernels vectorize best).
+
+Measured on LeNet-5's layers (1 thread, batch 64, see benchmarks/RESULTS.md):
+conv1 (3 -> 6, 5x5, 32x32) forward and weight gradient, and conv2's (6 -> 16,
+5x5, 14x14) input gradient run 2-3x faster natively; conv2's forward and
+weight gradient (16 output channels) are faster in torch.
+
+Everything else (CUDA, other dtypes, strides or groups, torch.compile, no
+compiler) is ``F.conv2d``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import _build
+
+NATIVE_MAX_CHANNELS = 8
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _channels_last(t: Tensor) -> bool:
+    """Whether the kernels read ``t`` as channels_last (else it must be contiguous)."""
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` as NCHW or channels_last memory, whichever it is closer to."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    fmt = torch.channels_last if t.dim() == 4 and t.stride(1) == 1 else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
+
+
+def _native(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, int]):
+    """out = conv2d(x, weight, bias, padding=pad) on the native kernels; returns out."""
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    _build.native().conv2d_forward(
+        x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+        out.data_ptr(), x.dtype == torch.float64, n, c, h, w, o, kh, kw, *pad,
+        _channels_last(x), _channels_last(out), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def _empty_like_layout(shape: tuple[int, ...], *like: Tensor) -> Tensor:
+    """An output channels_last if any of ``like`` is (torch's rule for convolutions), else NCHW."""
+    cl = any(_channels_last(t) for t in like)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    return torch.empty(shape, dtype=like[0].dtype, memory_format=fmt)
+
+
+class _Conv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, int]) -> Tensor:
+        n, _, h, w = x.shape
+        o, _, kh, kw = weight.shape
+        shape = (n, o, h + 2 * pad[0] - kh + 1, w + 2 * pad[1] - kw + 1)
+        y = _empty_like_layout(shape, x, weight)
+        weight = weight.contiguous()
+        ctx.save_for_backward(x, weight)
+        ctx.pad, ctx.has_bias = pad, bias is not None
+        ctx.fmt = torch.channels_last if _channels_last(y) else torch.contiguous_format
+        return _native(y, x, weight, bias, pad)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, weight = ctx.saved_tensors
+        pad = ctx.pad
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        dy = _dense(dy)
+        o, c, kh, kw = weight.shape
+        dx = dw = db = None
+        if need_x:
+            # dx is dy, padded by K-1-P, convolved with the flipped kernel, in and out swapped.
+            flipped = weight.flip(2, 3).transpose(0, 1).contiguous()
+            dx = torch.empty(x.shape, dtype=x.dtype, memory_format=ctx.fmt)  # as torch: y's layout
+            _native(dx, dy, flipped, None, (kh - 1 - pad[0], kw - 1 - pad[1]))
+        if need_w or need_b:
+            dw = torch.empty_like(weight)
+            db = torch.empty(o, dtype=dy.dtype) if ctx.has_bias else None
+            n, _, h, w = x.shape
+            _build.native().conv2d_grad_weight(
+                x.data_ptr(), dy.data_ptr(), dw.data_ptr(), None if db is None else db.data_ptr(),
+                x.dtype == torch.float64, n, c, h, w, o, kh, kw, *pad,
+                _channels_last(x), _channels_last(dy), torch.get_num_threads(),
+            )  # fmt: skip
+        return dx, dw if need_w else None, db if need_b else None, None
+
+
+def _native_ok(x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, int]) -> bool:
+    kh, kw = weight.shape[2:]
+    return (
+        x.dim() == 4
+        and weight.shape[0] <= NATIVE_MAX_CHANNELS
+        and x.is_cpu
+        and x.dtype in _DTYPES
+        and weight.dtype == x.dtype
+        and weight.dim() == 4
+        and weight.shape[1] == x.shape[1]
+        and (bias is None or (bias.dtype == x.dtype and bias.shape == (weight.shape[0],)))
+        and 0 <= pad[0] < kh
+        and 0 <= pad[1] < kw
+        and x.shape[2] + 2 * pad[0] >= kh
+        and x.shape[3] + 2 * pad[1] >= kw
+        and x.numel() > 0
+        and not torch.compiler.is_compiling()
+        and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+        and _build.native() is not None
+    )
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: tuple[int, int] = (0, 0)) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding)``, stride 1, on the native kernels where faster."""
+    pad = (int(padding[0]), int(padding[1]))
+    if _native_ok(x, weight, bias, pad):
+        return _Conv2d.apply(x, weight, bias, pad)
+    return F.conv2d(x, weight, bias, padding=pad)

@@ -1,0 +1,238 @@
+"""bnlab's direct CPU convolution: F.conv2d's values and gradients, and the model rewrite."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnlab.kernels import _build
+from bnlab.kernels.conv2d import NATIVE_MAX_CHANNELS, _native_ok, conv2d
+from bnlab.models import LeNet5
+from bnlab.models.native_conv import NativeConv2d, use_native_conv
+
+needs_native = pytest.mark.skipif(_build.native() is None, reason="native CPU kernels unavailable")
+
+CL = torch.channels_last
+NCHW = torch.contiguous_format
+
+
+def _grads(fn, x, w, b, pad, dy):
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    b = None if b is None else b.detach().requires_grad_()
+    y = fn(x, w, b, pad)
+    inputs = (x, w) if b is None else (x, w, b)
+    return (y, *torch.autograd.grad(y, inputs, dy))
+
+
+def _ours(x, w, b, pad):
+    assert _native_ok(x, w, b, pad)  # the comparison is of the native kernels
+    return conv2d(x, w, b, pad)
+
+
+def _torch(x, w, b, pad):
+    return F.conv2d(x, w, b, padding=pad)
+
+
+def _compare(n, c, o, h, w_, k, pad, dtype, x_fmt=NCHW, w_fmt=NCHW, bias=True, *, rel):
+    """Both sides' values and gradients agree to `rel` of each tensor's largest magnitude."""
+    kh, kw = k
+    x = torch.randn(n, c, h, w_, dtype=dtype).contiguous(memory_format=x_fmt)
+    w = torch.randn(o, c, kh, kw, dtype=dtype).contiguous(memory_format=w_fmt)
+    b = torch.randn(o, dtype=dtype) if bias else None
+    dy = torch.randn_like(_torch(x, w, b, pad))
+    ours = _grads(_ours, x, w, b, pad, dy)
+    ref = _grads(_torch, x, w, b, pad, dy)
+    for got, want, name in zip(ours, ref, ("y", "dx", "dw", "db")):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(
+            got, want, rtol=rel, atol=rel * scale, msg=lambda m, name=name: f"{name}: {m}"
+        )
+    return ours, ref
+
+
+SHAPES = [
+    # (n, c, o, h, w, (kh, kw), (ph, pw))
+    (4, 3, 6, 32, 32, (5, 5), (0, 0)),  # LeNet-5's conv1
+    (3, 6, 8, 14, 14, (5, 5), (0, 0)),  # the widest block on every machine
+    (2, 5, 7, 9, 13, (3, 3), (1, 1)),  # odd widths: masked last vectors
+    (2, 2, 3, 20, 70, (3, 3), (2, 2)),  # rows wider than one register block
+    (1, 1, 1, 5, 5, (5, 5), (4, 4)),  # padding K-1: every output sees padding
+    (2, 3, 5, 11, 17, (2, 7), (1, 3)),  # non-square kernel; 7 taps in two blocks
+    (3, 4, 2, 8, 3, (1, 1), (0, 0)),  # 1x1, a row narrower than a vector
+]
+
+
+@needs_native
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("x_fmt", [NCHW, CL], ids=["x-nchw", "x-cl"])
+def test_float64_matches_torch(shape, x_fmt):
+    n, c, o, h, w, k, pad = shape
+    # Only the order of additions differs: a few float64 ulps of the largest value.
+    _compare(n, c, o, h, w, k, pad, torch.float64, x_fmt, rel=1e-13)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("w_fmt", [NCHW, CL], ids=["w-nchw", "w-cl"])
+def test_float32_matches_torch(shape, w_fmt):
+    n, c, o, h, w, k, pad = shape
+    # The weight gradient sums n*h*w (up to 3136) products of unit normals; each
+    # side's float32 rounding is about sqrt(terms) * 6e-8 = 3.4e-6 of the sum's
+    # scale. 2e-5 leaves a margin of three.
+    _compare(n, c, o, h, w, k, pad, torch.float32, w_fmt=w_fmt, rel=2e-5)
+
+
+@needs_native
+def test_without_bias():
+    (y, dx, dw), _ = _compare(2, 3, 4, 9, 9, (3, 3), (0, 0), torch.float64, bias=False, rel=1e-13)
+    assert y.shape == (2, 4, 7, 7)
+
+
+@needs_native
+@pytest.mark.parametrize(("x_fmt", "w_fmt"), [(NCHW, NCHW), (CL, NCHW), (NCHW, CL), (CL, CL)])
+def test_layouts_follow_torch(x_fmt, w_fmt):
+    """The output is channels_last when the input or the weight is (torch's rule);
+    the input gradient keeps the input's layout."""
+    (y, dx, *_), (y_ref, dx_ref, *_) = _compare(
+        2, 3, 6, 12, 12, (5, 5), (0, 0), torch.float64, x_fmt, w_fmt, rel=1e-13
+    )
+    for got, want in ((y, y_ref), (dx, dx_ref)):
+        assert got.is_contiguous(memory_format=CL) == want.is_contiguous(memory_format=CL)
+        assert got.is_contiguous() == want.is_contiguous()
+
+
+@needs_native
+def test_large_mean_input():
+    """Images with a large offset (raw pixel values): float32 stays close to float64."""
+    x = torch.rand(8, 3, 32, 32, dtype=torch.float64) * 255
+    w = torch.randn(6, 3, 5, 5, dtype=torch.float64) * 0.1
+    b = torch.randn(6, dtype=torch.float64)
+    dy = torch.randn(8, 6, 28, 28, dtype=torch.float64)
+    ref = _grads(_torch, x, w, b, (0, 0), dy)
+    got = _grads(_ours, x.float(), w.float(), b.float(), (0, 0), dy.float())
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
+
+
+@needs_native
+def test_infinite_input_spreads_like_torch():
+    """An inf in the last input column reaches only the weights that see that column:
+    the lanes past a row's end are masked, not multiplied by zero."""
+    x = torch.randn(2, 2, 9, 13, dtype=torch.float64)
+    x[0, 1, 4, -1] = float("inf")
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64)
+    dy = torch.randn(2, 3, 7, 11, dtype=torch.float64)
+    ours = _grads(_ours, x, w, b, (0, 0), dy)
+    ref = _grads(_torch, x, w, b, (0, 0), dy)
+    assert ref[2].isfinite().any() and not ref[2].isfinite().all()
+    for g, r in zip(ours, ref):
+        torch.testing.assert_close(g, r, equal_nan=True, rtol=1e-12, atol=1e-12)
+
+
+@needs_native
+def test_threads_agree(one_thread):
+    """Images are split across threads: the forward and input gradient are the same
+    bits on 1 and 2 threads; the weight gradient sums per-thread float64 partials,
+    so it may differ in the last float32 bit."""
+    x = torch.randn(16, 3, 32, 32)
+    w = torch.randn(6, 3, 5, 5)
+    b = torch.randn(6)
+    dy = torch.randn(16, 6, 28, 28)
+    one = _grads(_ours, x, w, b, (0, 0), dy)
+    torch.set_num_threads(2)
+    two = _grads(_ours, x, w, b, (0, 0), dy)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    torch.testing.assert_close(one[2], two[2], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(one[3], two[3], rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+def test_gradcheck():
+    x = torch.randn(2, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: conv2d(*t, (1, 0)), (x, w, b))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["many-channels", "float16", "non-contiguous", "padding-too-large", "wrong-channels"],
+)
+def test_other_inputs_take_torch(case):
+    """Inputs the kernels do not take give exactly F.conv2d's result (or error)."""
+    x = torch.randn(2, 3, 10, 10)
+    w = torch.randn(4, 3, 3, 3)
+    pad = (0, 0)
+    if case == "many-channels":
+        w = torch.randn(NATIVE_MAX_CHANNELS + 1, 3, 3, 3)
+    elif case == "float16":
+        x, w = x.half(), w.half()
+    elif case == "non-contiguous":
+        x = torch.randn(2, 3, 10, 20)[..., ::2]
+    elif case == "padding-too-large":
+        pad = (3, 3)
+    elif case == "wrong-channels":
+        w = torch.randn(4, 2, 3, 3)
+    assert not _native_ok(x, w, None, pad)
+    if case == "wrong-channels":
+        with pytest.raises(RuntimeError, match="channels"):
+            conv2d(x, w, None, pad)
+        return
+    if case == "float16" and not _half_conv_on_cpu():
+        pytest.skip("this torch has no float16 convolution on the CPU")
+    assert torch.equal(conv2d(x, w, None, pad), F.conv2d(x, w, None, padding=pad))
+
+
+def _half_conv_on_cpu() -> bool:
+    try:
+        F.conv2d(torch.ones(1, 1, 3, 3).half(), torch.ones(1, 1, 3, 3).half())
+        return True
+    except RuntimeError:
+        return False
+
+
+def test_use_native_conv_keeps_parameters_and_names():
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 5),
+        nn.Conv2d(6, 4, 3, stride=2),  # strided: not supported, stays
+        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False)),
+        nn.Conv2d(4, 4, 3, padding="same"),  # string padding: stays
+    )
+    before = copy.deepcopy(model)
+    params = list(model.parameters())
+    use_native_conv(model)
+    assert [type(m) for m in (model[0], model[1], model[2][0], model[3])] == [
+        NativeConv2d,
+        nn.Conv2d,
+        NativeConv2d,
+        nn.Conv2d,
+    ]
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert model.state_dict().keys() == before.state_dict().keys()
+    x = torch.randn(2, 3, 20, 20)
+    torch.testing.assert_close(model(x), before(x), rtol=1e-5, atol=1e-5)
+
+
+def test_lenet_trains_like_torch_convs(one_thread):
+    """A LeNet-5 with native convolutions follows torch's through a few Adam steps."""
+    torch.manual_seed(0)
+    ours = use_native_conv(LeNet5("bn").double())
+    ref = copy.deepcopy(ours)
+    for m in ref.modules():
+        if type(m) is NativeConv2d:
+            m.__class__ = nn.Conv2d
+    opts = [torch.optim.Adam(m.parameters(), lr=0.01) for m in (ours, ref)]
+    x = torch.randn(16, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, 10, (16,))
+    for _ in range(3):
+        for model, opt in zip((ours, ref), opts):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
