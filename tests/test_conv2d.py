@@ -63,6 +63,8 @@ SHAPES = [
     (1, 1, 1, 5, 5, (5, 5), (4, 4)),  # padding K-1: every output sees padding
     (2, 3, 5, 11, 17, (2, 7), (1, 3)),  # non-square kernel; 7 taps in two blocks
     (3, 4, 2, 8, 3, (1, 1), (0, 0)),  # 1x1, a row narrower than a vector
+    (3, 6, 16, 14, 14, (5, 5), (0, 0)),  # LeNet-5's conv2: only dx is native
+    (2, 12, 3, 9, 9, (3, 3), (1, 1)),  # wide input: dx is torch's, the rest native
 ]
 
 
@@ -169,7 +171,8 @@ def test_other_inputs_take_torch(case):
     w = torch.randn(4, 3, 3, 3)
     pad = (0, 0)
     if case == "many-channels":
-        w = torch.randn(NATIVE_MAX_CHANNELS + 1, 3, 3, 3)
+        x = torch.randn(2, NATIVE_MAX_CHANNELS + 1, 10, 10)
+        w = torch.randn(NATIVE_MAX_CHANNELS + 1, NATIVE_MAX_CHANNELS + 1, 3, 3)
     elif case == "float16":
         x, w = x.half(), w.half()
     elif case == "non-contiguous":
@@ -186,6 +189,36 @@ def test_other_inputs_take_torch(case):
     if case == "float16" and not _half_conv_on_cpu():
         pytest.skip("this torch has no float16 convolution on the CPU")
     assert torch.equal(conv2d(x, w, None, pad), F.conv2d(x, w, None, padding=pad))
+
+
+class _Spy:
+    """The native module, recording which of its functions are called."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.module, name)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("c", "o", "expected"),
+    [
+        (3, 6, ["conv2d_forward", "conv2d_forward", "conv2d_grad_weight"]),  # all three
+        (6, 16, ["conv2d_forward"]),  # only dx: the forward and dw are torch's
+        (12, 4, ["conv2d_forward", "conv2d_grad_weight"]),  # y and dw; dx is torch's
+    ],
+)
+def test_each_part_runs_where_it_is_faster(monkeypatch, c, o, expected):
+    spy = _Spy(_build.native())
+    monkeypatch.setattr(_build, "native", lambda: spy)
+    x = torch.randn(2, c, 12, 12, requires_grad=True)
+    w = torch.randn(o, c, 5, 5, requires_grad=True)
+    b = torch.randn(o, requires_grad=True)
+    conv2d(x, w, b).sum().backward()
+    assert spy.calls == expected
 
 
 def _half_conv_on_cpu() -> bool:

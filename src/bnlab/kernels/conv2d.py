@@ -69,17 +69,21 @@ def _empty_like_layout(shape: tuple[int, ...], *like: Tensor) -> Tensor:
 
 
 class _Conv2d(torch.autograd.Function):
+    """Each part on the native kernels when the tensor it produces is narrow, else torch's."""
+
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, int]) -> Tensor:
-        n, _, h, w = x.shape
-        o, _, kh, kw = weight.shape
-        shape = (n, o, h + 2 * pad[0] - kh + 1, w + 2 * pad[1] - kw + 1)
-        y = _empty_like_layout(shape, x, weight)
-        weight = weight.contiguous()
         ctx.save_for_backward(x, weight)
         ctx.pad, ctx.has_bias = pad, bias is not None
+        n, _, h, w = x.shape
+        o, _, kh, kw = weight.shape
+        if o > NATIVE_MAX_CHANNELS:
+            y = F.conv2d(x, weight, bias, padding=pad)
+        else:
+            shape = (n, o, h + 2 * pad[0] - kh + 1, w + 2 * pad[1] - kw + 1)
+            y = _native(_empty_like_layout(shape, x, weight), x, weight.contiguous(), bias, pad)
         ctx.fmt = torch.channels_last if _channels_last(y) else torch.contiguous_format
-        return _native(y, x, weight, bias, pad)
+        return y
 
     @staticmethod
     @once_differentiable
@@ -89,14 +93,16 @@ class _Conv2d(torch.autograd.Function):
         need_x, need_w, need_b, _ = ctx.needs_input_grad
         dy = _dense(dy)
         o, c, kh, kw = weight.shape
-        dx = dw = db = None
-        if need_x:
+        native_x, native_w = c <= NATIVE_MAX_CHANNELS, o <= NATIVE_MAX_CHANNELS
+        torch_parts = (need_x and not native_x, need_w and not native_w, need_b and not native_w)
+        dx, dw, db = _torch_grads(dy, x, weight, pad, torch_parts) if any(torch_parts) else (None,) * 3
+        if need_x and native_x:
             # dx is dy, padded by K-1-P, convolved with the flipped kernel, in and out swapped.
             flipped = weight.flip(2, 3).transpose(0, 1).contiguous()
             dx = torch.empty(x.shape, dtype=x.dtype, memory_format=ctx.fmt)  # as torch: y's layout
             _native(dx, dy, flipped, None, (kh - 1 - pad[0], kw - 1 - pad[1]))
-        if need_w or need_b:
-            dw = torch.empty_like(weight)
+        if (need_w or need_b) and native_w:
+            dw = torch.empty(weight.shape, dtype=weight.dtype)
             db = torch.empty(o, dtype=dy.dtype) if ctx.has_bias else None
             n, _, h, w = x.shape
             _build.native().conv2d_grad_weight(
@@ -107,11 +113,19 @@ class _Conv2d(torch.autograd.Function):
         return dx, dw if need_w else None, db if need_b else None, None
 
 
+def _torch_grads(dy: Tensor, x: Tensor, weight: Tensor, pad: tuple[int, int], parts):
+    """torch's (dx, dweight, dbias) for the parts asked for (None for the others)."""
+    bias_sizes = [weight.shape[0]] if parts[2] else None
+    return torch.ops.aten.convolution_backward(
+        dy, x, weight, bias_sizes, [1, 1], list(pad), [1, 1], False, [0, 0], 1, list(parts)
+    )
+
+
 def _native_ok(x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, int]) -> bool:
     kh, kw = weight.shape[2:]
     return (
         x.dim() == 4
-        and weight.shape[0] <= NATIVE_MAX_CHANNELS
+        and min(weight.shape[0], x.shape[1]) <= NATIVE_MAX_CHANNELS
         and x.is_cpu
         and x.dtype in _DTYPES
         and weight.dtype == x.dtype
