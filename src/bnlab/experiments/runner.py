@@ -42,6 +42,7 @@ from bnlab.experiments.config import Config
 from bnlab.experiments.memory import keep_freed_memory
 from bnlab.experiments.results import load_checkpoint, save_checkpoint
 from bnlab.experiments.train import Bar, EpochResult, MakeBar, terminal_bar, train_run
+from bnlab.kernels import _build
 
 
 class RunFailed(RuntimeError):
@@ -197,6 +198,8 @@ def _worker(
 def _run_in_workers(
     cfg: Config, tasks: list[Task], data: CIFAR10, how: Plan, device: torch.device
 ) -> Iterator[EpochDone]:
+    if device.type == "cpu":
+        _build.native()  # build the kernels once, here; the workers then load them from the cache
     ctx = torch.multiprocessing.get_context("spawn")
     task_queue, events = ctx.Queue(), ctx.Queue()
     for task in tasks:

@@ -129,7 +129,16 @@ def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
         os.close(fd)
     except OSError as e:
         return f"cannot write the cache directory {target.parent} ({e}); set BNLAB_CACHE_DIR"
-    cmd = [compiler, *_COMMON, *flags, f"-I{include}", *map(str, SOURCES), "-o", tmp, *_link_flags()]
+    cmd = [
+        compiler,
+        *_COMMON,
+        *flags,
+        f"-I{include}",
+        *map(str, SOURCES),
+        "-o",
+        tmp,
+        *_link_flags(),
+    ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:

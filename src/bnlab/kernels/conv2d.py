@@ -2,25 +2,26 @@
 
 ``conv2d(x, weight, bias, padding)`` equals ``F.conv2d(x, weight, bias,
 padding=padding)`` (stride 1, no dilation, one group) up to the order of
-float additions. On the CPU, each of its three parts (forward, input
-gradient, weight and bias gradients) runs on the native direct kernels
-(``conv_kernels.cpp``) when the tensor that part produces has few channels,
-and on torch's own kernels otherwise:
+float additions. On the CPU, each of its three parts runs on the native
+direct kernels (``conv_kernels.cpp``) when the tensor that part produces has
+at most ``NATIVE_MAX_CHANNELS`` channels, and on torch's own kernels otherwise:
 
-- forward: the output has at most ``NATIVE_MAX_CHANNELS`` channels;
-- input gradient: the input has at most that many (it is the output of a
-  convolution of dy with the flipped weights);
-- weight gradient: the output has at most that many (the kernels' register
-  blocks cover a few output channels at once; many output channels are
-  what torch's kernels vectorize best).
+- forward and weight/bias gradients: the layer's output channels;
+- input gradient: the layer's input channels (it is a convolution of dy
+  with the flipped weights, producing them).
 
-Measured on LeNet-5's layers (1 thread, batch 64, see benchmarks/RESULTS.md):
-conv1 (3 -> 6, 5x5, 32x32) forward and weight gradient, and conv2's (6 -> 16,
-5x5, 14x14) input gradient run 2-3x faster natively; conv2's forward and
-weight gradient (16 output channels) are faster in torch.
+The native kernels vectorize along image rows and block a few channels in
+registers; torch's CPU kernels vectorize along channels, which narrow layers
+leave mostly empty. Measured on LeNet-5 (1 thread, batch 64,
+benchmarks/bench_conv.py): conv1 (3 -> 6) forward 2.3x, input gradient
+2.8x, weight gradient 1.8x faster natively; conv2 (6 -> 16) input gradient
+1.9x faster, while its forward and weight gradient (16 output channels) are
+1.5x and 2.7x faster in torch.
 
-Everything else (CUDA, other dtypes, strides or groups, torch.compile, no
-compiler) is ``F.conv2d``.
+Everything else (CUDA, other dtypes, strides, dilation or groups, layouts
+other than NCHW and channels_last, torch.compile, no compiler) is
+``F.conv2d``. The output is channels_last when the input or the weight is
+(torch's rule); the input gradient takes the output's layout, as in torch.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ class _Conv2d(torch.autograd.Function):
     """Each part on the native kernels when the tensor it produces is narrow, else torch's."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, int]) -> Tensor:
+    def forward(
+        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, int]
+    ) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.pad, ctx.has_bias = pad, bias is not None
         n, _, h, w = x.shape
@@ -95,7 +98,9 @@ class _Conv2d(torch.autograd.Function):
         o, c, kh, kw = weight.shape
         native_x, native_w = c <= NATIVE_MAX_CHANNELS, o <= NATIVE_MAX_CHANNELS
         torch_parts = (need_x and not native_x, need_w and not native_w, need_b and not native_w)
-        dx, dw, db = _torch_grads(dy, x, weight, pad, torch_parts) if any(torch_parts) else (None,) * 3
+        dx, dw, db = (
+            _torch_grads(dy, x, weight, pad, torch_parts) if any(torch_parts) else (None,) * 3
+        )
         if need_x and native_x:
             # dx is dy, padded by K-1-P, convolved with the flipped kernel, in and out swapped.
             flipped = weight.flip(2, 3).transpose(0, 1).contiguous()
@@ -143,7 +148,9 @@ def _native_ok(x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, i
     )
 
 
-def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: tuple[int, int] = (0, 0)) -> Tensor:
+def conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: tuple[int, int] = (0, 0)
+) -> Tensor:
     """``F.conv2d(x, weight, bias, padding=padding)``, stride 1, on the native kernels where faster."""
     pad = (int(padding[0]), int(padding[1]))
     if _native_ok(x, weight, bias, pad):

@@ -298,7 +298,6 @@ void grad_weight_block(const T* xbuf, int64_t Hb, int64_t Wb, const T* dbuf, int
             }
         }
     }
-    (void)Wb;
     for (int o = 0; o < OB; ++o)
         for (int k = 0; k < KB; ++k) {
             double* lane = dw + (o * dw_stride + k) * L;  // lanes are summed once, at the end

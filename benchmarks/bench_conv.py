@@ -1,0 +1,167 @@
+"""bnlab's direct CPU convolution vs torch's, part by part, side by side in one process.
+
+    python benchmarks/bench_conv.py             # print the table
+    python benchmarks/bench_conv.py --record    # ... and append it to benchmarks/RESULTS.md
+    python benchmarks/bench_conv.py --quick     # fewer rounds, for a smoke test
+
+float32, batch 64, LeNet-5's two convolutions in the layouts the experiment
+trains them in (NCHW images into a channels_last model), plus conv1 all-NCHW.
+Each part of a layer is timed on its own, both sides called the way
+autograd calls them:
+
+* forward  — ``F.conv2d`` vs bnlab's forward kernel
+* dx       — ``aten.convolution_backward`` (input gradient only) vs bnlab's
+* dw, db   — ``aten.convolution_backward`` (weight and bias) vs bnlab's
+
+``bnlab.kernels.conv2d`` runs a part natively only where it is faster (see
+the "used" column); the others stay torch's. Times are medians of
+interleaved rounds; GFLOP/s counts 2 * N * O * Ho * Wo * C * KH * KW per part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bnlab.kernels import _build
+from bnlab.kernels.conv2d import NATIVE_MAX_CHANNELS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import append_section, interleaved
+
+RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+CL, NCHW = torch.channels_last, torch.contiguous_format
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    c: int
+    o: int
+    hw: int  # input height = width
+    x_fmt: torch.memory_format
+    w_fmt: torch.memory_format
+    k: int = 5
+    n: int = 64
+
+    @property
+    def out_fmt(self) -> torch.memory_format:  # torch's rule: channels_last if x or w is
+        return CL if CL in (self.x_fmt, self.w_fmt) else NCHW
+
+    @property
+    def gflop(self) -> float:
+        ho = self.hw - self.k + 1
+        return 2 * self.n * self.o * ho * ho * self.c * self.k * self.k / 1e9
+
+
+LAYERS = [
+    Layer("conv1 (x NCHW, model CL)", 3, 6, 32, NCHW, CL),
+    Layer("conv1 (all NCHW)", 3, 6, 32, NCHW, NCHW),
+    Layer("conv2 (all CL)", 6, 16, 14, CL, CL),
+]
+
+
+def _is_cl(t: torch.Tensor) -> bool:
+    return not t.is_contiguous()
+
+
+def measure(layer: Layer, rounds: int) -> dict[str, tuple[float, float]]:
+    """part -> (torch seconds, bnlab seconds)."""
+    native = _build.native()
+    threads = torch.get_num_threads()
+    k, n, c, o, hw = layer.k, layer.n, layer.c, layer.o, layer.hw
+    x = torch.randn(n, c, hw, hw).contiguous(memory_format=layer.x_fmt)
+    w = torch.randn(o, c, k, k).contiguous(memory_format=layer.w_fmt)
+    wc = w.contiguous()
+    b = torch.randn(o)
+    y = F.conv2d(x, w, b)
+    dy = torch.randn_like(y)
+    dx = torch.empty(x.shape, memory_format=layer.out_fmt)
+    dw, db = torch.empty(o, c, k, k), torch.empty(o)
+    flipped = w.flip(2, 3).transpose(0, 1).contiguous()
+    ho = hw - k + 1
+
+    def torch_grads(mask):
+        sizes = [o] if mask[2] else None
+        args = ([1, 1], [0, 0], [1, 1], False, [0, 0], 1, mask)
+        return lambda: torch.ops.aten.convolution_backward(dy, x, w, sizes, *args)
+
+    def ours_forward():
+        native.conv2d_forward(
+            x.data_ptr(), wc.data_ptr(), b.data_ptr(), y.data_ptr(), False,
+            n, c, hw, hw, o, k, k, 0, 0, _is_cl(x), _is_cl(y), threads,
+        )  # fmt: skip
+
+    def ours_dx():
+        native.conv2d_forward(
+            dy.data_ptr(), flipped.data_ptr(), None, dx.data_ptr(), False,
+            n, o, ho, ho, c, k, k, k - 1, k - 1, _is_cl(dy), _is_cl(dx), threads,
+        )  # fmt: skip
+
+    def ours_dw():
+        native.conv2d_grad_weight(
+            x.data_ptr(), dy.data_ptr(), dw.data_ptr(), db.data_ptr(), False,
+            n, c, hw, hw, o, k, k, 0, 0, _is_cl(x), _is_cl(dy), threads,
+        )  # fmt: skip
+
+    parts = {
+        "forward": (lambda: F.conv2d(x, w, b), ours_forward),
+        "dx": (torch_grads([True, False, False]), ours_dx),
+        "dw, db": (torch_grads([False, True, True]), ours_dw),
+    }
+    result = {}
+    for part, (theirs, ours) in parts.items():
+        t = interleaved({"torch": theirs, "bnlab": ours}, rounds=rounds)
+        result[part] = (t["torch"], t["bnlab"])
+    return result
+
+
+def used(layer: Layer, part: str) -> str:
+    narrow = layer.c if part == "dx" else layer.o
+    return "bnlab" if narrow <= NATIVE_MAX_CHANNELS else "torch"
+
+
+def table(rows: list[tuple[Layer, dict]]) -> str:
+    lines = [
+        "| layer | part | torch µs | bnlab µs | speedup | torch GFLOP/s | bnlab GFLOP/s | used |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for layer, parts in rows:
+        for part, (theirs, ours) in parts.items():
+            lines.append(
+                f"| {layer.name} | {part} | {theirs * 1e6:.0f} | {ours * 1e6:.0f} | "
+                f"{theirs / ours:.2f}× | {layer.gflop / theirs:.1f} | {layer.gflop / ours:.1f} | "
+                f"{used(layer, part)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke test)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if _build.native() is None:
+        parser.error("the native CPU kernels are unavailable (see the warning above)")
+    rounds = 5 if args.quick else 15
+    rows = []
+    for layer in LAYERS:
+        rows.append((layer, measure(layer, rounds)))
+        print(f"  measured {layer.name}", file=sys.stderr)
+    text = f"{torch.get_num_threads()} thread(s), float32, batch 64.\n\n" + table(rows)
+    print(text)
+    if args.record:
+        append_section(RESULTS_MD, "CPU convolution: bnlab vs torch (bench_conv.py)", text)
+        print(f"appended to {RESULTS_MD}")
+
+
+if __name__ == "__main__":
+    main()
