@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +114,29 @@ def test_runs_in_this_process_leave_the_callers_threads_as_they_were(tmp_path):
         log=quiet,
     )
     assert torch.get_num_threads() == 2
+
+
+UNGUARDED_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from bnlab.experiments import Config, run_compare
+from tests.test_experiment_train import tiny_cifar
+
+# No `if __name__ == "__main__":` guard: each spawned worker runs this again.
+cfg = Config(seeds=(0,), epochs=1, jobs=2, threads=1, device="cpu", out={out!r})
+run_compare(cfg, data=tiny_cifar())
+"""
+
+
+def test_unguarded_script_fails_fast_with_the_fix(tmp_path):
+    """A worker that dies before it receives its data (here: re-running a script with no
+    main guard) stops the comparison with an error that says what to do, not a hang."""
+    root = str(Path(__file__).resolve().parents[1])
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT.format(root=root, out=str(tmp_path / "out")))
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "RunFailed" in done.stderr and "died while starting" in done.stderr
+    assert 'if __name__ == "__main__":' in done.stderr

@@ -27,6 +27,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -166,7 +167,7 @@ def _stop(signum: int, frame: Any) -> None:
 def _worker(
     slot: int,
     cfg: Config,
-    fields: dict[str, Any],
+    data_pipe: Any,
     threads: int,
     on_cpu: bool,
     tasks: Any,
@@ -177,7 +178,9 @@ def _worker(
     torch.set_num_threads(threads)
     if on_cpu:
         keep_freed_memory()  # as the parent does (see memory.py)
-    data = _restore(fields)
+    data = _restore(data_pipe.recv())
+    data_pipe.close()
+    events.put((slot, "ready"))
 
     def make_bar(total: int, desc: str) -> Bar:
         return _QueueBar(events, slot, total, desc)
@@ -207,30 +210,39 @@ def _run_in_workers(
     jobs = min(how.jobs, len(tasks))
     for _ in range(jobs):
         task_queue.put(None)  # one stop sign per worker
-    fields = _portable(data)
+    # The data go through a pipe, fed by a thread, after the worker has started: in the
+    # spawn arguments they would block start() until the child read them, and a
+    # child that dies first (say, re-running an unguarded script) would hang us.
+    pipes = [ctx.Pipe(duplex=False) for _ in range(jobs)]
     workers = [
         ctx.Process(
             target=_worker,
-            args=(slot, cfg, fields, how.threads, device.type == "cpu", task_queue, events),
+            args=(slot, cfg, pipes[slot][0], how.threads, device.type == "cpu", task_queue, events),
             name=f"bnlab-run-{slot}",
             daemon=True,
         )
         for slot in range(jobs)
     ]
+    fields = _portable(data)
     bars: dict[int, tqdm] = {}
+    ready: set[int] = set()
     finished = False
     try:
-        for worker in workers:
+        for worker, (receive_end, send_end) in zip(workers, pipes, strict=True):
             worker.start()
+            receive_end.close()  # the child has its own copy
+            threading.Thread(target=_send, args=(send_end, fields), daemon=True).start()
         idle = 0
         while idle < jobs:
             try:
                 message = events.get(timeout=1.0)
             except queue.Empty:
-                _check_alive(workers)
+                _check_alive(workers, ready)
                 continue
             slot, kind, *payload = message
-            if kind == "epoch":
+            if kind == "ready":
+                ready.add(slot)
+            elif kind == "epoch":
                 yield payload[0]
             elif kind == "bar":
                 if slot in bars:
@@ -257,24 +269,42 @@ def _run_in_workers(
     finally:
         for bar in bars.values():
             bar.close()
-        for worker in workers:
+        started = [w for w in workers if w.pid is not None]
+        for worker in started:
             if not finished and worker.is_alive():
                 worker.terminate()
-        for worker in workers:
+        for worker in started:
             worker.join(timeout=10)
             if worker.is_alive():  # stuck flushing its queue to a parent that stopped reading
                 worker.kill()
                 worker.join()
 
 
-def _check_alive(workers: list[Any]) -> None:
-    for worker in workers:
-        if worker.exitcode not in (None, 0):
+def _send(pipe: Any, fields: dict[str, Any]) -> None:
+    """Send a worker its data; a worker that died first has nothing to receive them."""
+    try:
+        pipe.send(fields)
+    except OSError:  # its death is reported by the parent's loop
+        pass
+    finally:
+        pipe.close()
+
+
+def _check_alive(workers: list[Any], ready: set[int]) -> None:
+    for slot, worker in enumerate(workers):
+        if worker.exitcode in (None, 0):
+            continue
+        how = f"exit code {worker.exitcode} ({_signal_name(worker.exitcode)})"
+        if slot not in ready:
             raise RunFailed(
-                f"training worker {worker.name} (pid {worker.pid}) died with exit code "
-                f"{worker.exitcode} ({_signal_name(worker.exitcode)}); every finished epoch "
-                "is saved: continue with --resume"
+                f"training worker {worker.name} (pid {worker.pid}) died while starting, with "
+                f"{how}. Workers are spawned processes that import the main module again: a "
+                'script that runs a comparison must guard it with `if __name__ == "__main__":`.'
             )
+        raise RunFailed(
+            f"training worker {worker.name} (pid {worker.pid}) died with {how}; every "
+            "finished epoch is saved: continue with --resume"
+        )
 
 
 def _signal_name(exitcode: int) -> str:
