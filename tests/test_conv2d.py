@@ -154,6 +154,15 @@ def test_threads_agree(one_thread):
 
 
 @needs_native
+def test_strided_bias_and_int_padding():
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    b = torch.randn(8, dtype=torch.float64)[::2]  # a view: every other element
+    assert _native_ok(x, w, b, (1, 1))
+    torch.testing.assert_close(conv2d(x, w, b, 1), F.conv2d(x, w, b, padding=1))
+
+
+@needs_native
 def test_gradcheck():
     x = torch.randn(2, 2, 6, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 2, 3, 2, dtype=torch.float64, requires_grad=True)
@@ -163,7 +172,16 @@ def test_gradcheck():
 
 @pytest.mark.parametrize(
     "case",
-    ["many-channels", "float16", "non-contiguous", "padding-too-large", "wrong-channels"],
+    [
+        "many-channels",
+        "float16",
+        "non-contiguous",
+        "padding-too-large",
+        "wrong-channels",
+        "weight-on-meta",
+        "3d-weight",
+        "empty-batch",
+    ],
 )
 def test_other_inputs_take_torch(case):
     """Inputs the kernels do not take give exactly F.conv2d's result (or error)."""
@@ -181,10 +199,22 @@ def test_other_inputs_take_torch(case):
         pad = (3, 3)
     elif case == "wrong-channels":
         w = torch.randn(4, 2, 3, 3)
+    elif case == "weight-on-meta":  # another device: never read through a data pointer
+        w = torch.randn(4, 3, 3, 3, device="meta")
+    elif case == "3d-weight":
+        w = torch.randn(4, 3, 3)
+    elif case == "empty-batch":
+        x = torch.randn(0, 3, 10, 10)
     assert not _native_ok(x, w, None, pad)
-    if case == "wrong-channels":
-        with pytest.raises(RuntimeError, match="channels"):
+    if case == "weight-on-meta":  # torch decides what a mix of devices gives
+        got, want = conv2d(x, w, None, pad), F.conv2d(x, w, None, padding=pad)
+        assert (got.device, got.shape) == (want.device, want.shape)
+        return
+    if case in ("wrong-channels", "3d-weight"):
+        with pytest.raises((RuntimeError, NotImplementedError)) as raised:
             conv2d(x, w, None, pad)
+        with pytest.raises(type(raised.value)):
+            F.conv2d(x, w, None, padding=pad)
         return
     if case == "float16" and not _half_conv_on_cpu():
         pytest.skip("this torch has no float16 convolution on the CPU")

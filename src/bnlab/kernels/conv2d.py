@@ -84,7 +84,9 @@ class _Conv2d(torch.autograd.Function):
             y = F.conv2d(x, weight, bias, padding=pad)
         else:
             shape = (n, o, h + 2 * pad[0] - kh + 1, w + 2 * pad[1] - kw + 1)
-            y = _native(_empty_like_layout(shape, x, weight), x, weight.contiguous(), bias, pad)
+            y = _empty_like_layout(shape, x, weight)
+            b = None if bias is None else bias.contiguous()
+            _native(y, x, weight.contiguous(), b, pad)
         ctx.fmt = torch.channels_last if _channels_last(y) else torch.contiguous_format
         return y
 
@@ -127,21 +129,21 @@ def _torch_grads(dy: Tensor, x: Tensor, weight: Tensor, pad: tuple[int, int], pa
 
 
 def _native_ok(x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, int]) -> bool:
-    kh, kw = weight.shape[2:]
+    if not (x.dim() == 4 and weight.dim() == 4 and x.numel() > 0 and weight.numel() > 0):
+        return False
+    o, c, kh, kw = weight.shape
     return (
-        x.dim() == 4
-        and min(weight.shape[0], x.shape[1]) <= NATIVE_MAX_CHANNELS
+        min(o, c) <= NATIVE_MAX_CHANNELS
+        and c == x.shape[1]
         and x.is_cpu
+        and weight.is_cpu
         and x.dtype in _DTYPES
         and weight.dtype == x.dtype
-        and weight.dim() == 4
-        and weight.shape[1] == x.shape[1]
-        and (bias is None or (bias.dtype == x.dtype and bias.shape == (weight.shape[0],)))
+        and (bias is None or (bias.is_cpu and bias.dtype == x.dtype and bias.shape == (o,)))
         and 0 <= pad[0] < kh
         and 0 <= pad[1] < kw
         and x.shape[2] + 2 * pad[0] >= kh
         and x.shape[3] + 2 * pad[1] >= kw
-        and x.numel() > 0
         and not torch.compiler.is_compiling()
         and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
         and _build.native() is not None
@@ -149,10 +151,16 @@ def _native_ok(x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, i
 
 
 def conv2d(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: tuple[int, int] = (0, 0)
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    padding: int | tuple[int, int] = 0,
 ) -> Tensor:
-    """``F.conv2d(x, weight, bias, padding=padding)``, stride 1, on the native kernels where faster."""
-    pad = (int(padding[0]), int(padding[1]))
+    """``F.conv2d(x, weight, bias, padding=padding)``, stride 1, on the native kernels where faster.
+
+    First derivatives only on the native path (a double backward raises).
+    """
+    pad = (padding, padding) if isinstance(padding, int) else (int(padding[0]), int(padding[1]))
     if _native_ok(x, weight, bias, pad):
         return _Conv2d.apply(x, weight, bias, pad)
     return F.conv2d(x, weight, bias, padding=pad)
