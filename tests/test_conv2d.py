@@ -299,3 +299,15 @@ def test_lenet_trains_like_torch_convs(one_thread):
             opt.step()
     for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_compiles_fullgraph_as_torch_convolution():
+    """Under torch.compile the layer is F.conv2d, so a whole graph captures it."""
+    conv = use_native_conv(nn.Sequential(nn.Conv2d(3, 6, 5)))
+    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
+    y, y_ref = compiled(x), conv(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (g_ref,) = torch.autograd.grad(y_ref.sum(), x)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
