@@ -36,7 +36,11 @@ def _both(x, dy):
         (2, 16, 10, 10),
         (1, 2, 4, 1030),  # rows longer than the kernel's stack chunk: pooled in pieces
         (1, 600, 4, 6),  # channels_last windows wider than that chunk: one by one
+        *(
+            (2, c, 6, 9) for c in range(1, 10)
+        ),  # channels_last lanes fixed at compile time (2-8) or not
     ],
+    ids=str,
 )
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
