@@ -95,3 +95,11 @@ def append_section(path: Path, title: str, body: str) -> None:
         f.write(old.rstrip("\n") + "\n" + section)
     os.chmod(tmp, 0o644)  # mkstemp creates files readable by their owner only
     os.replace(tmp, path)
+
+
+def publish(text: str, path: Path, title: str, record: bool) -> None:
+    """Print a result; with ``record``, also append it to ``path`` as a dated section."""
+    print(text)
+    if record:
+        append_section(path, title, text)
+        print(f"appended to {path}")

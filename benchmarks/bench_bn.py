@@ -43,7 +43,7 @@ from bnlab import kernels
 from bnlab.experiments.memory import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import append_section, copy_bandwidth, interleaved
+from _timing import copy_bandwidth, interleaved, publish
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -194,10 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             f"\nNative kernels: first build {cold:.1f} s (once per machine, cached), "
             f"load from the cache {cached * 1e3:.1f} ms."
         )
-    print(text)
-    if args.record:
-        append_section(RESULTS_MD, "CPU batch norm: bnlab vs torch.nn (bench_bn.py)", text)
-        print(f"appended to {RESULTS_MD}")
+    publish(text, RESULTS_MD, "CPU batch norm: bnlab vs torch.nn (bench_bn.py)", args.record)
 
 
 if __name__ == "__main__":

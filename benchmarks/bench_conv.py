@@ -32,7 +32,7 @@ from bnlab.kernels import _build
 from bnlab.kernels.conv2d import NATIVE_MAX_CHANNELS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import append_section, interleaved
+from _timing import interleaved, publish
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 CL, NCHW = torch.channels_last, torch.contiguous_format
@@ -157,10 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((layer, measure(layer, rounds)))
         print(f"  measured {layer.name}", file=sys.stderr)
     text = f"{torch.get_num_threads()} thread(s), float32, batch 64.\n\n" + table(rows)
-    print(text)
-    if args.record:
-        append_section(RESULTS_MD, "CPU convolution: bnlab vs torch (bench_conv.py)", text)
-        print(f"appended to {RESULTS_MD}")
+    publish(text, RESULTS_MD, "CPU convolution: bnlab vs torch (bench_conv.py)", args.record)
 
 
 if __name__ == "__main__":
