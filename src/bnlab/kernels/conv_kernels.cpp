@@ -8,11 +8,13 @@
 //
 //   forward        for one output row, a block of OB output channels and NV
 //                  vectors of columns live in OB*NV registers; every (c, kh, kw)
-//                  adds weight * (the input row, shifted by kw) to them.
+//                  adds weight * (the input row, shifted by kw) to them. Kernel
+//                  rows that would read only padding are skipped.
 //   weight grad    dw[o,c,kh,kw] = sum over images, rows, columns of
 //                  dy[o] * x[c] shifted by (kh, kw): for one (c, kh), OB x KB
 //                  (kw) vector accumulators run down the rows and columns of an
-//                  image, and are summed across their lanes at the end.
+//                  image; their lanes are added to float64 lanes per image and
+//                  summed across only at the end.
 //   input grad     a forward pass of dy, padded by K-1-P, with the weights
 //                  flipped and in and out channels swapped (the caller
 //                  prepares them).
@@ -85,7 +87,7 @@ inline void storeu(T* p, typename Vec<T>::v v) {
 // multiply-add that reads it, and the weight-grad loop becomes load-bound.
 template <typename V>
 inline void in_register(V& v) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__AVX__) && (defined(__GNUC__) || defined(__clang__))  // a 32-byte register exists
     asm("" : "+v"(v));
 #else
     (void)v;
