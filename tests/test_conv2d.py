@@ -137,14 +137,15 @@ def test_infinite_input_spreads_like_torch():
 
 
 @needs_native
-def test_threads_agree(one_thread):
+@pytest.mark.parametrize("n", [1, 3, 16])  # fewer images than threads, an uneven split, many
+def test_threads_agree(one_thread, n):
     """Images are split across threads: the forward and input gradient are the same
     bits on 1 and 2 threads; the weight gradient sums per-thread float64 partials,
     so it may differ in the last float32 bit."""
-    x = torch.randn(16, 3, 32, 32)
+    x = torch.randn(n, 3, 32, 32)
     w = torch.randn(6, 3, 5, 5)
     b = torch.randn(6)
-    dy = torch.randn(16, 6, 28, 28)
+    dy = torch.randn(n, 6, 28, 28)
     one = _grads(_ours, x, w, b, (0, 0), dy)
     torch.set_num_threads(2)
     two = _grads(_ours, x, w, b, (0, 0), dy)
@@ -168,6 +169,15 @@ def test_gradcheck():
     w = torch.randn(3, 2, 3, 2, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: conv2d(*t, (1, 0)), (x, w, b))
+
+
+@needs_native
+def test_double_backward_raises_clearly():
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(conv2d(x, w).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
 
 
 @pytest.mark.parametrize(
