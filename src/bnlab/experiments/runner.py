@@ -1,9 +1,9 @@
 """The runs of a comparison: one after another in this process, or several at once in workers.
 
 LeNet-5 at batch 64 is too small to keep several CPU cores busy: on 2 cores a
-training step with BN took 4.9 ms with 2 threads and 8.5 ms with 1 (not
+training step with BN took 4.8 ms with 2 threads and 6.1 ms with 1 (not
 half), so two runs side by side, one thread each, finish a comparison about
-15% sooner than the same runs one after another with both threads. `plan`
+a third sooner than the same runs one after another with both threads. `plan`
 makes that the default on the CPU: as many runs at once as torch has threads
 (at most one per run), the threads shared evenly among them.
 
@@ -16,9 +16,11 @@ Each run saves its own checkpoint after every epoch and only then reports the
 epoch, so the caller, which writes results.json, never records an epoch a
 resume could not continue from. Workers are spawned processes (fork is unsafe
 once torch has started threads); they get the data as numpy arrays (pickled
-through a pipe, so no shared-memory segment the size of the data set is
-needed), report progress and epochs through a queue, and are stopped when the
-caller stops (an error, a kill, Ctrl-C).
+through a pipe once they have started, so no shared-memory segment the size of
+the data set is needed and a worker that dies while starting is reported, not
+waited on), report progress and epochs through a queue, and are stopped when
+the caller stops (an error, a kill, Ctrl-C). The native kernels are built in
+the caller first, so the workers load them from the cache.
 """
 
 from __future__ import annotations

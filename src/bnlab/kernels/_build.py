@@ -1,7 +1,7 @@
 """Compile and load the native CPU kernels (``SOURCES``, one module), once per machine.
 
 The sources need only a C++ compiler and the Python headers (no torch
-headers), so a cold build takes a few seconds. The shared object is cached
+headers), so a cold build takes about 5-15 s. The shared object is cached
 under ``$BNLAB_CACHE_DIR`` (default ``$XDG_CACHE_HOME/bnlab`` or
 ``~/.cache/bnlab``), named by a hash of everything that shapes the binary:
 source, compiler, flags, Python ABI and CPU. Later processes load the cached
