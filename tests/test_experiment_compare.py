@@ -10,6 +10,7 @@ import pytest
 
 import bnlab.experiments.compare as compare
 from bnlab.experiments import Config, ExperimentError, run_compare
+from bnlab.experiments.plots import curves_figure
 from bnlab.experiments.results import CSV_COLUMNS, load_checkpoint
 
 from .test_experiment_train import tiny_cifar
@@ -215,3 +216,27 @@ def test_resume_with_other_data_is_refused(tmp_path):
     run_compare(cfg, data=tiny_cifar(seed=0), log=quiet)
     with pytest.raises(ExperimentError, match="data differ"):
         run_compare(dataclasses.replace(cfg, resume=True), data=tiny_cifar(seed=1), log=quiet)
+
+
+def test_curves_figure_has_a_band_per_norm_and_whole_epoch_ticks():
+    def run(norm, seed, accs):
+        epochs = [
+            {"epoch": i + 1, "test_acc": a, "train_loss": 2.0 - a / 100} for i, a in enumerate(accs)
+        ]
+        return {"norm": norm, "seed": seed, "epochs": epochs}
+
+    results = {
+        "runs": [
+            run("bn", 0, [40.0, 45.0]),
+            run("bn", 1, [42.0, 46.0]),
+            run("none", 0, [30.0, 35.0]),
+        ]
+    }
+    fig = curves_figure(results)
+    for ax in fig.axes:
+        assert [line.get_label() for line in ax.get_lines()] == ["bn (n=2)", "none (n=1)"]
+        assert len(ax.collections) == 1  # the ± std band: only bn has two seeds
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 2]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+    accuracy = fig.axes[0].get_lines()[0].get_ydata()
+    assert list(accuracy) == [41.0, 45.5]  # the mean over seeds

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from bnlab.experiments.results import atomic_open
 
@@ -27,6 +28,14 @@ def _curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
 
 
 def plot_curves(results: dict[str, Any], path: Path) -> None:
+    """Write `curves_figure(results)` to `path` as a PNG (atomically)."""
+    fig = curves_figure(results)
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=120)
+
+
+def curves_figure(results: dict[str, Any]) -> Figure:
+    """Test accuracy and training loss per epoch, one line per norm, a band of ± std over seeds."""
     fig = Figure(figsize=(10, 4), layout="constrained")
     axes = fig.subplots(1, 2)
     norms = dict.fromkeys(r["norm"] for r in results["runs"] if r["epochs"])
@@ -40,9 +49,9 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
                 hi = [m + s for m, s in zip(mean, std, strict=True)]
                 ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("LeNet-5 on CIFAR-10: mean ± std over seeds")
-    with atomic_open(path) as f:
-        fig.savefig(f, format="png", dpi=120)
+    return fig
