@@ -4,6 +4,7 @@
     python benchmarks/bench_bn.py --record        # ... and append it to benchmarks/RESULTS.md
     python benchmarks/bench_bn.py --quick         # fewer rounds, for a smoke test
     python benchmarks/bench_bn.py --keep-memory   # glibc keeps freed memory (no page faults)
+    python benchmarks/bench_bn.py --floor         # ... and what an autograd.Function costs at least
 
 Module level, float32: ``bnlab.nn.BatchNorm{1,2,3}d`` against
 ``torch.nn.BatchNorm{1,2,3}d``, what a model sees, autograd included.
@@ -118,6 +119,78 @@ def measure(case: Case, rounds: int) -> dict[str, dict[str, float]]:
     return results
 
 
+class _EmptyFunction(torch.autograd.Function):
+    """What any autograd.Function costs: fresh outputs of the right sizes, no work."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def floor(case: Case, rounds: int) -> dict[str, float]:
+    """fwd+bwd seconds of torch, bnlab, an empty autograd.Function, and bnlab's kernels alone.
+
+    A Python-level layer pays at least the empty Function's cost plus its
+    kernels': when that sum exceeds torch / target, the target is out of reach
+    for any autograd.Function on this machine.
+    """
+    theirs, ours = _modules(case)
+    x = _input(case).requires_grad_()
+    dy = _input(case)
+    weight, bias = ours.weight, ours.bias
+    geometry = (case.shape[0], case.shape[1], x[0, 0].numel())
+    args = (geometry, weight.detach(), bias.detach(), ours.eps, ours.running_mean)
+    kernel_args = (*args, ours.running_var, ours.momentum, True, True)
+    _, stats = kernels.cpu.eager_forward(x.detach(), *kernel_args)
+
+    def fwd_bwd(f):
+        def step():
+            x.grad = None
+            torch.autograd.backward(f(x), dy)
+
+        return step
+
+    def kernels_alone():
+        kernels.cpu.eager_forward(x.detach(), *kernel_args)
+        kernels.cpu.eager_backward(dy, x.detach(), geometry, stats, weight.detach(), True)
+
+    return interleaved(
+        {
+            "torch": fwd_bwd(theirs),
+            "bnlab": fwd_bwd(ours),
+            "empty": fwd_bwd(lambda t: _EmptyFunction.apply(t, weight, bias)),
+            "kernels": kernels_alone,
+        },
+        rounds=rounds,
+    )
+
+
+def floor_table(rows: list[tuple[Case, dict[str, float]]]) -> str:
+    lines = [
+        "Training fwd+bwd against what a Python autograd.Function cannot avoid: an empty",
+        "Function (fresh outputs, no work) plus bnlab's kernels alone (statistics, normalize,",
+        "both backward passes, their outputs allocated).",
+        "",
+        "| shape | torch µs | bnlab µs | empty Function µs | kernels µs | floor µs "
+        "| torch / target µs |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case, t in rows:
+        us = {k: v * 1e6 for k, v in t.items()}
+        lines.append(
+            f"| {case.label} | {us['torch']:.0f} | {us['bnlab']:.0f} | {us['empty']:.0f} | "
+            f"{us['kernels']:.0f} | {us['empty'] + us['kernels']:.0f} | "
+            f"{us['torch'] / case.target:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def compile_costs() -> tuple[float, float]:
     """Seconds to build the native kernels into an empty cache, then to load them from it."""
     code = (
@@ -170,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-compile-cost", action="store_true", help="skip the build timing")
     parser.add_argument(
+        "--floor", action="store_true", help="also time the autograd floor of the 3x shapes"
+    )
+    parser.add_argument(
         "--keep-memory", action="store_true", help="glibc keeps freed memory (no page faults)"
     )
     args = parser.parse_args(argv)
@@ -188,6 +264,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((case, measure(case, rounds)))
         print(f"  measured {case.label}", file=sys.stderr)
     text = f"Allocator: {allocator}.\n\n" + table(rows, copy_gbs)
+    if args.floor:
+        small = [case for case in CASES if case.target > 2]
+        text += "\n\n" + floor_table([(case, floor(case, rounds)) for case in small])
     if not args.no_compile_cost:
         cold, cached = compile_costs()
         text += (
