@@ -1101,14 +1101,15 @@ struct PoolShape {
 
 constexpr int64_t kPoolChunk = 1024;  // values of a row pair's vertical maximum kept on the stack
 
-// f(std::integral_constant<int, lane>) for the small channel counts of
-// channels_last rows, f(std::integral_constant<int, 0>) (lane known at run time)
-// otherwise. With the lane fixed, a pixel's channels compile to vector
+// f(std::integral_constant<int, lane>) for NCHW rows (lane 1) and the small
+// channel counts of channels_last rows, f(std::integral_constant<int, 0>) (lane
+// known at run time) otherwise. With the lane fixed, a pixel's channels compile to vector
 // operations; with it unknown they stay scalar: LeNet-5's 6-channel pool
 // backward ran 4x slower.
 template <typename F>
 inline void with_lane(int64_t lane, F f) {
     switch (lane) {
+        case 1: f(std::integral_constant<int, 1>{}); break;
         case 2: f(std::integral_constant<int, 2>{}); break;
         case 3: f(std::integral_constant<int, 3>{}); break;
         case 4: f(std::integral_constant<int, 4>{}); break;
@@ -1167,16 +1168,17 @@ void relu_maxpool_forward(const T* x, T* y, const PoolShape& s, bool channels_la
     parallel(team_size(s.N * C * H * W, threads), [&](int t, int T_) {
         int64_t begin, end;
         split(rows, t, T_, 1, &begin, &end);
-        for (int64_t r = begin; r < end; ++r) {
+        with_lane(lane, [&](auto fixed) {
             // r = (n, i) for channels_last, (n, c, i) for NCHW: the same arithmetic,
             // with a "plane" of H rows of W * lane values.
-            const int64_t plane = r / Ho, i = r % Ho;
-            const T* top = x + (plane * H + 2 * i) * W * lane;
-            with_lane(lane, [&](auto fixed) {
+            int64_t plane = begin / Ho, i = begin % Ho;
+            for (int64_t r = begin; r < end; ++r) {
+                const T* top = x + (plane * H + 2 * i) * W * lane;
                 pool_row<T, decltype(fixed)::value>(top, top + W * lane, y + r * Wo * lane, Wo,
                                                     lane);
-            });
-        }
+                if (++i == Ho) i = 0, ++plane;
+            }
+        });
     });
 }
 
