@@ -5,7 +5,8 @@
     python benchmarks/bench_conv.py --quick     # fewer rounds, for a smoke test
 
 float32, batch 64, LeNet-5's two convolutions in the layouts the experiment
-trains them in (NCHW images into a channels_last model), plus conv1 all-NCHW.
+trains them in (NCHW images into a channels_last model), plus conv1 all-NCHW,
+and two padded 3x3 layers on larger images (batch 8).
 Each part of a layer is timed on its own, both sides called the way
 autograd calls them:
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from bnlab.kernels import _build
-from bnlab.kernels.conv2d import NATIVE_MAX_CHANNELS
+from bnlab.kernels.conv2d import native_parts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleaved, publish
@@ -48,14 +49,19 @@ class Layer:
     w_fmt: torch.memory_format
     k: int = 5
     n: int = 64
+    pad: int = 0
 
     @property
     def out_fmt(self) -> torch.memory_format:  # torch's rule: channels_last if x or w is
         return CL if CL in (self.x_fmt, self.w_fmt) else NCHW
 
     @property
+    def out_hw(self) -> int:
+        return self.hw + 2 * self.pad - self.k + 1
+
+    @property
     def gflop(self) -> float:
-        ho = self.hw - self.k + 1
+        ho = self.out_hw
         return 2 * self.n * self.o * ho * ho * self.c * self.k * self.k / 1e9
 
 
@@ -63,6 +69,8 @@ LAYERS = [
     Layer("conv1 (x NCHW, model CL)", 3, 6, 32, NCHW, CL),
     Layer("conv1 (all NCHW)", 3, 6, 32, NCHW, NCHW),
     Layer("conv2 (all CL)", 6, 16, 14, CL, CL),
+    Layer("3->8 k3 pad 1, 224x224, batch 8", 3, 8, 224, NCHW, NCHW, k=3, n=8, pad=1),
+    Layer("8->8 k3 pad 1, 112x112 CL, batch 8", 8, 8, 112, CL, CL, k=3, n=8, pad=1),
 ]
 
 
@@ -74,43 +82,43 @@ def measure(layer: Layer, rounds: int) -> dict[str, tuple[float, float]]:
     """part -> (torch seconds, bnlab seconds)."""
     native = _build.native()
     threads = torch.get_num_threads()
-    k, n, c, o, hw = layer.k, layer.n, layer.c, layer.o, layer.hw
+    k, n, c, o, hw, pad = layer.k, layer.n, layer.c, layer.o, layer.hw, layer.pad
     x = torch.randn(n, c, hw, hw).contiguous(memory_format=layer.x_fmt)
     w = torch.randn(o, c, k, k).contiguous(memory_format=layer.w_fmt)
     wc = w.contiguous()
     b = torch.randn(o)
-    y = F.conv2d(x, w, b)
+    y = F.conv2d(x, w, b, padding=pad)
     dy = torch.randn_like(y)
     dx = torch.empty(x.shape, memory_format=layer.out_fmt)
     dw, db = torch.empty(o, c, k, k), torch.empty(o)
     flipped = w.flip(2, 3).transpose(0, 1).contiguous()
-    ho = hw - k + 1
+    ho = layer.out_hw
 
     def torch_grads(mask):
         sizes = [o] if mask[2] else None
-        args = ([1, 1], [0, 0], [1, 1], False, [0, 0], 1, mask)
+        args = ([1, 1], [pad, pad], [1, 1], False, [0, 0], 1, mask)
         return lambda: torch.ops.aten.convolution_backward(dy, x, w, sizes, *args)
 
     def ours_forward():
         native.conv2d_forward(
             x.data_ptr(), wc.data_ptr(), b.data_ptr(), y.data_ptr(), False,
-            n, c, hw, hw, o, k, k, 0, 0, _is_cl(x), _is_cl(y), threads,
+            n, c, hw, hw, o, k, k, pad, pad, _is_cl(x), _is_cl(y), threads,
         )  # fmt: skip
 
     def ours_dx():
         native.conv2d_forward(
             dy.data_ptr(), flipped.data_ptr(), None, dx.data_ptr(), False,
-            n, o, ho, ho, c, k, k, k - 1, k - 1, _is_cl(dy), _is_cl(dx), threads,
+            n, o, ho, ho, c, k, k, k - 1 - pad, k - 1 - pad, _is_cl(dy), _is_cl(dx), threads,
         )  # fmt: skip
 
     def ours_dw():
         native.conv2d_grad_weight(
             x.data_ptr(), dy.data_ptr(), dw.data_ptr(), db.data_ptr(), False,
-            n, c, hw, hw, o, k, k, 0, 0, _is_cl(x), _is_cl(dy), threads,
+            n, c, hw, hw, o, k, k, pad, pad, _is_cl(x), _is_cl(dy), threads,
         )  # fmt: skip
 
     parts = {
-        "forward": (lambda: F.conv2d(x, w, b), ours_forward),
+        "forward": (lambda: F.conv2d(x, w, b, padding=pad), ours_forward),
         "dx": (torch_grads([True, False, False]), ours_dx),
         "dw, db": (torch_grads([False, True, True]), ours_dw),
     }
@@ -122,8 +130,10 @@ def measure(layer: Layer, rounds: int) -> dict[str, tuple[float, float]]:
 
 
 def used(layer: Layer, part: str) -> str:
-    narrow = layer.c if part == "dx" else layer.o
-    return "bnlab" if narrow <= NATIVE_MAX_CHANNELS else "torch"
+    x = torch.empty(1, layer.c, 2, 2).contiguous(memory_format=layer.x_fmt)
+    w = torch.empty(layer.o, layer.c, 2, 2).contiguous(memory_format=layer.w_fmt)
+    native = dict(zip(("forward", "dx", "dw, db"), native_parts(x, w), strict=True))
+    return "bnlab" if native[part] else "torch"
 
 
 def table(rows: list[tuple[Layer, dict]]) -> str:
@@ -156,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     for layer in LAYERS:
         rows.append((layer, measure(layer, rounds)))
         print(f"  measured {layer.name}", file=sys.stderr)
-    text = f"{torch.get_num_threads()} thread(s), float32, batch 64.\n\n" + table(rows)
+    text = f"{torch.get_num_threads()} thread(s), float32.\n\n" + table(rows)
     publish(text, RESULTS_MD, "CPU convolution: bnlab vs torch (bench_conv.py)", args.record)
 
 

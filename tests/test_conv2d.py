@@ -244,17 +244,21 @@ class _Spy:
 
 @needs_native
 @pytest.mark.parametrize(
-    ("c", "o", "expected"),
+    ("c", "o", "fmt", "expected"),
     [
-        (3, 6, ["conv2d_forward", "conv2d_forward", "conv2d_grad_weight"]),  # all three
-        (6, 16, ["conv2d_forward"]),  # only dx: the forward and dw are torch's
-        (12, 4, ["conv2d_forward", "conv2d_grad_weight"]),  # y and dw; dx is torch's
+        (3, 6, NCHW, ["conv2d_forward", "conv2d_forward", "conv2d_grad_weight"]),  # all three
+        (6, 16, NCHW, ["conv2d_forward"]),  # only dx: the forward and dw are torch's
+        (12, 4, NCHW, ["conv2d_forward", "conv2d_grad_weight"]),  # y and dw; dx is torch's
+        (8, 8, NCHW, ["conv2d_forward", "conv2d_forward", "conv2d_grad_weight"]),
+        # channels_last: torch's kernels fill a vector at 8 channels, so y and dx are torch's
+        (8, 8, CL, ["conv2d_grad_weight"]),
+        (4, 8, CL, ["conv2d_forward", "conv2d_grad_weight"]),  # dx (4 channels) and dw
     ],
 )
-def test_each_part_runs_where_it_is_faster(monkeypatch, c, o, expected):
+def test_each_part_runs_where_it_is_faster(monkeypatch, c, o, fmt, expected):
     spy = _Spy(_build.native())
     monkeypatch.setattr(_build, "native", lambda: spy)
-    x = torch.randn(2, c, 12, 12, requires_grad=True)
+    x = torch.randn(2, c, 12, 12).contiguous(memory_format=fmt).requires_grad_()
     w = torch.randn(o, c, 5, 5, requires_grad=True)
     b = torch.randn(o, requires_grad=True)
     conv2d(x, w, b).sum().backward()

@@ -3,20 +3,21 @@
 ``conv2d(x, weight, bias, padding)`` equals ``F.conv2d(x, weight, bias,
 padding=padding)`` (stride 1, no dilation, one group) up to the order of
 float additions. On the CPU, each of its three parts runs on the native
-direct kernels (``conv_kernels.cpp``) when the tensor that part produces has
-at most ``NATIVE_MAX_CHANNELS`` channels, and on torch's own kernels otherwise:
+direct kernels (``conv_kernels.cpp``) when the tensor that part produces is
+narrow, and on torch's own kernels otherwise (`native_parts`):
 
-- forward and weight/bias gradients: the layer's output channels;
-- input gradient: the layer's input channels (it is a convolution of dy
-  with the flipped weights, producing them).
+- forward: the output has at most 8 channels (NCHW) or 6 (channels_last);
+- input gradient: the input has at most 8 (NCHW) or 6 (channels_last);
+- weight and bias gradients: the output has at most 8 channels.
 
 The native kernels vectorize along image rows and block a few channels in
 registers; torch's CPU kernels vectorize along channels, which narrow layers
-leave mostly empty. Measured on LeNet-5 (1 thread, batch 64,
-benchmarks/bench_conv.py): conv1 (3 -> 6) forward 2.3x, input gradient
-2.8x, weight gradient 1.8x faster natively; conv2 (6 -> 16) input gradient
-1.9x faster, while its forward and weight gradient (16 output channels) are
-1.5x and 2.7x faster in torch.
+leave mostly empty, and fill exactly at 8 float32 channels in channels_last,
+where they then win by ~10%. Measured (1 thread, benchmarks/bench_conv.py
+and the 56x56 3x3 layers of 3-16 channels it was tuned on): LeNet-5's conv1
+(3 -> 6) forward 2.3x, input gradient 2.8x, weight gradient 1.8x faster
+natively; conv2 (6 -> 16) input gradient 1.9x faster, while its forward and
+weight gradient (16 output channels) are 1.5x and 2.7x faster in torch.
 
 Everything else (CUDA, other dtypes, strides, dilation or groups, layouts
 other than NCHW and channels_last, torch.compile, no compiler) is
@@ -33,7 +34,8 @@ from torch.autograd.function import once_differentiable
 
 from . import _build
 
-NATIVE_MAX_CHANNELS = 8
+NATIVE_MAX_CHANNELS = 8  # NCHW, and the weight gradient in any layout
+NATIVE_MAX_CHANNELS_CL = 6  # channels_last outputs: torch's kernels fill a vector at 8
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -69,6 +71,17 @@ def _empty_like_layout(shape: tuple[int, ...], *like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=like[0].dtype, memory_format=fmt)
 
 
+def native_parts(x: Tensor, weight: Tensor) -> tuple[bool, bool, bool]:
+    """Which of (forward, input gradient, weight and bias gradients) run natively."""
+    o, c = weight.shape[:2]
+    narrow = (
+        NATIVE_MAX_CHANNELS_CL
+        if _channels_last(x) or _channels_last(weight)
+        else NATIVE_MAX_CHANNELS
+    )
+    return o <= narrow, c <= narrow, o <= NATIVE_MAX_CHANNELS
+
+
 class _Conv2d(torch.autograd.Function):
     """Each part on the native kernels when the tensor it produces is narrow, else torch's."""
 
@@ -78,9 +91,10 @@ class _Conv2d(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.pad, ctx.has_bias = pad, bias is not None
+        native_y, ctx.native_x, ctx.native_w = native_parts(x, weight)
         n, _, h, w = x.shape
         o, _, kh, kw = weight.shape
-        if o > NATIVE_MAX_CHANNELS:
+        if not native_y:
             y = F.conv2d(x, weight, bias, padding=pad)
         else:
             shape = (n, o, h + 2 * pad[0] - kh + 1, w + 2 * pad[1] - kw + 1)
@@ -98,7 +112,7 @@ class _Conv2d(torch.autograd.Function):
         need_x, need_w, need_b, _ = ctx.needs_input_grad
         dy = _dense(dy)
         o, c, kh, kw = weight.shape
-        native_x, native_w = c <= NATIVE_MAX_CHANNELS, o <= NATIVE_MAX_CHANNELS
+        native_x, native_w = ctx.native_x, ctx.native_w
         torch_parts = (need_x and not native_x, need_w and not native_w, need_b and not native_w)
         dx, dw, db = (
             _torch_grads(dy, x, weight, pad, torch_parts) if any(torch_parts) else (None,) * 3
@@ -133,8 +147,7 @@ def _native_ok(x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, i
         return False
     o, c, kh, kw = weight.shape
     return (
-        min(o, c) <= NATIVE_MAX_CHANNELS
-        and c == x.shape[1]
+        c == x.shape[1]
         and x.is_cpu
         and weight.is_cpu
         and x.dtype in _DTYPES
@@ -146,6 +159,7 @@ def _native_ok(x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, i
         and x.shape[3] + 2 * pad[1] >= kw
         and not torch.compiler.is_compiling()
         and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+        and any(native_parts(x, weight))
         and _build.native() is not None
     )
 
