@@ -35,6 +35,9 @@ def _both(x, dy):
         (3, 6, 28, 28),  # LeNet-5's two pools
         (2, 16, 10, 10),
         (1, 2, 4, 1030),  # rows longer than the kernel's stack chunk: pooled in pieces
+        (2, 3, 7, 10),  # NCHW even width, odd height: the last row is in no window
+        (1, 2, 50, 100),  # NCHW rows grouped 10 at a time, a shorter last group
+        (1, 1, 2, 1024),  # NCHW rows as wide as the stack chunk: one per group
         (1, 600, 4, 6),  # channels_last windows wider than that chunk: one by one
         *(
             (2, c, 6, 9) for c in range(1, 10)
