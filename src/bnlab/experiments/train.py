@@ -88,11 +88,12 @@ def memory_formats(
     CPU (1 thread, batch 64, interleaved): NCHW images and channels_last weights.
     conv1 runs on bnlab's direct kernels, which read NCHW rows and, by torch's
     rule, write channels_last when the weight is; everything after it then runs
-    channels_last, where bnlab's pooling is fastest. A step took 5.7 ms with BN
-    and 5.0 ms without this way, against 5.75 and 5.2 ms all channels_last and
-    6.3 and 5.5 ms all NCHW (and 7.7 and 6.7 ms all channels_last on torch's
-    convolutions). torch's own CPU batch norm trains about 40% slower on
-    channels_last, so "torch-bn" keeps NCHW.
+    channels_last, where bnlab's pooling is fastest. In one interleaved run a
+    step took 6.6 ms with BN and 5.1 ms without this way, against 6.8 and 5.2
+    ms all channels_last and 6.8 and 5.0 ms all NCHW (with the convolutions on
+    torch's kernels, all channels_last, it had taken 7.7 and 6.7 ms in an
+    earlier, faster hour of the same machine). torch's own CPU batch norm
+    trains about 40% slower on channels_last, so "torch-bn" keeps NCHW.
     CUDA (H200, graph replay): NHWC was no faster for any norm and 20% slower
     for "none", so CUDA keeps NCHW.
     """
