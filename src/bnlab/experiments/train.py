@@ -90,9 +90,9 @@ def memory_formats(
     rule, write channels_last when the weight is; everything after it then runs
     channels_last, where bnlab's pooling is fastest. In one interleaved run a
     step took 6.6 ms with BN and 5.1 ms without this way, against 6.8 and 5.2
-    ms all channels_last and 6.8 and 5.0 ms all NCHW (with the convolutions on
-    torch's kernels, all channels_last, it had taken 7.7 and 6.7 ms in an
-    earlier, faster hour of the same machine). torch's own CPU batch norm
+    ms all channels_last and 6.8 and 5.0 ms all NCHW; in another interleaved
+    run, torch's convolutions (all channels_last) took 7.7 and 6.7 ms against
+    5.8 and 5.0 ms this way. torch's own CPU batch norm
     trains about 40% slower on channels_last, so "torch-bn" keeps NCHW.
     CUDA (H200, graph replay): NHWC was no faster for any norm and 20% slower
     for "none", so CUDA keeps NCHW.
