@@ -151,7 +151,7 @@ void over_images(int64_t N, int threads, Body body) {
     }
 }
 
-// Output channels in blocks of at most `most`, as even as possible: O = 16, most 6 -> 6, 5, 5.
+// Output channels in blocks of at most `most`, as even as possible: O = 16, most 6 -> 5, 5, 6.
 inline std::vector<int64_t> channel_blocks(int64_t O, int64_t most) {
     const int64_t count = ceil_div(O, most);
     std::vector<int64_t> starts;
