@@ -57,7 +57,7 @@ def _compare(n, c, o, h, w_, k, pad, dtype, x_fmt=NCHW, w_fmt=NCHW, bias=True, *
 SHAPES = [
     # (n, c, o, h, w, (kh, kw), (ph, pw))
     (4, 3, 6, 32, 32, (5, 5), (0, 0)),  # LeNet-5's conv1
-    (3, 6, 8, 14, 14, (5, 5), (0, 0)),  # the widest block on every machine
+    (3, 6, 8, 14, 14, (5, 5), (0, 0)),  # 8 output channels: more than one register block
     (2, 5, 7, 9, 13, (3, 3), (1, 1)),  # odd widths: masked last vectors
     (2, 2, 3, 20, 70, (3, 3), (2, 2)),  # rows wider than one register block
     (1, 1, 1, 5, 5, (5, 5), (4, 4)),  # padding K-1: every output sees padding
