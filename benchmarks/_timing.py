@@ -7,6 +7,7 @@ a disturbance hits both sides instead of one.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -103,3 +104,19 @@ def publish(text: str, path: Path, title: str, record: bool) -> None:
     if record:
         append_section(path, title, text)
         print(f"appended to {path}")
+
+
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every CPU benchmark takes: --record, --quick, --threads."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke test)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    return parser
+
+
+def rounds_for(args: argparse.Namespace) -> int:
+    """Apply --threads; the interleaved rounds --quick asks for."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return 5 if args.quick else 15

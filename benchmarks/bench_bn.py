@@ -29,7 +29,6 @@ process (both contenders), which shows the batch norm without that cost.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from bnlab import kernels
 from bnlab.experiments.memory import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import copy_bandwidth, interleaved, publish
+from _timing import arguments, copy_bandwidth, interleaved, publish, rounds_for
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -237,10 +236,7 @@ def table(rows: list[tuple[Case, dict]], copy_gbs: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke test)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser = arguments(__doc__)
     parser.add_argument("--no-compile-cost", action="store_true", help="skip the build timing")
     parser.add_argument(
         "--floor", action="store_true", help="also time the autograd floor of the 3x shapes"
@@ -249,12 +245,10 @@ def main(argv: list[str] | None = None) -> None:
         "--keep-memory", action="store_true", help="glibc keeps freed memory (no page faults)"
     )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.keep_memory:
         keep_freed_memory()
     backend = kernels.select(torch.randn(2, 2)).__name__.rsplit(".", 1)[-1]
-    rounds = 5 if args.quick else 15
+    rounds = rounds_for(args)
     allocator = "glibc keeps freed memory" if args.keep_memory else "default allocator"
     print(f"backend for float32 CPU tensors: {backend}; {allocator}")
 

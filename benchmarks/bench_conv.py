@@ -21,7 +21,6 @@ interleaved rounds; GFLOP/s counts 2 * N * O * Ho * Wo * C * KH * KW per part.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from bnlab.kernels import _build
 from bnlab.kernels.conv2d import native_parts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved, publish
+from _timing import arguments, interleaved, publish, rounds_for
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 CL, NCHW = torch.channels_last, torch.contiguous_format
@@ -152,16 +151,11 @@ def table(rows: list[tuple[Layer, dict]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke test)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser = arguments(__doc__)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if _build.native() is None:
         parser.error("the native CPU kernels are unavailable (see the warning above)")
-    rounds = 5 if args.quick else 15
+    rounds = rounds_for(args)
     rows = []
     for layer in LAYERS:
         rows.append((layer, measure(layer, rounds)))

@@ -12,7 +12,6 @@ interleaved rounds.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from bnlab.kernels.relu_maxpool import relu_maxpool2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved, publish
+from _timing import arguments, interleaved, publish, rounds_for
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 SHAPES = [(64, 6, 28, 28), (64, 16, 10, 10), (64, 32, 8, 8)]
@@ -71,14 +70,9 @@ def table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke test)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser = arguments(__doc__)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rounds = 5 if args.quick else 15
+    rounds = rounds_for(args)
     rows = []
     for shape in SHAPES:
         for layout, fmt in LAYOUTS.items():
