@@ -265,6 +265,18 @@ def test_each_part_runs_where_it_is_faster(monkeypatch, c, o, fmt, expected):
     assert spy.calls == expected
 
 
+def test_cpu_autocast_takes_torch_and_its_dtype():
+    """Under CPU autocast the layer gives what nn.Conv2d gives there: bfloat16."""
+    plain = nn.Conv2d(3, 6, 5)
+    native = use_native_conv(nn.Sequential(copy.deepcopy(plain)))
+    x = torch.randn(2, 3, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _native_ok(x, plain.weight, plain.bias, (0, 0))
+        got, want = native(x), plain(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
 def _half_conv_on_cpu() -> bool:
     try:
         F.conv2d(torch.ones(1, 1, 3, 3).half(), torch.ones(1, 1, 3, 3).half())

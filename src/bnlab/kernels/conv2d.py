@@ -20,8 +20,8 @@ natively; conv2 (6 -> 16) input gradient 1.9x faster, while its forward and
 weight gradient (16 output channels) are 1.5x and 2.7x faster in torch.
 
 Everything else (CUDA, other dtypes, strides, dilation or groups, layouts
-other than NCHW and channels_last, torch.compile, no compiler) is
-``F.conv2d``. The output is channels_last when the input or the weight is
+other than NCHW and channels_last, torch.compile, CPU autocast, no compiler)
+is ``F.conv2d``. The output is channels_last when the input or the weight is
 (torch's rule); the input gradient takes the output's layout, as in torch.
 """
 
@@ -142,6 +142,14 @@ def _torch_grads(dy: Tensor, x: Tensor, weight: Tensor, pad: tuple[int, int], pa
     )
 
 
+def _autocast_on_cpu() -> bool:
+    """Whether CPU autocast is on: F.conv2d would then run in its lower precision."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # a torch whose is_autocast_enabled takes no device type
+        return torch.is_autocast_cpu_enabled()
+
+
 def _native_ok(x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, int]) -> bool:
     if not (x.dim() == 4 and weight.dim() == 4 and x.numel() > 0 and weight.numel() > 0):
         return False
@@ -158,6 +166,7 @@ def _native_ok(x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, i
         and x.shape[2] + 2 * pad[0] >= kh
         and x.shape[3] + 2 * pad[1] >= kw
         and not torch.compiler.is_compiling()
+        and not _autocast_on_cpu()
         and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
         and any(native_parts(x, weight))
         and _build.native() is not None
