@@ -191,6 +191,7 @@ def test_double_backward_raises_clearly():
         "weight-on-meta",
         "3d-weight",
         "empty-batch",
+        "unbatched",
     ],
 )
 def test_other_inputs_take_torch(case):
@@ -215,6 +216,8 @@ def test_other_inputs_take_torch(case):
         w = torch.randn(4, 3, 3)
     elif case == "empty-batch":
         x = torch.randn(0, 3, 10, 10)
+    elif case == "unbatched":  # (C, H, W), as nn.Conv2d takes it
+        x = torch.randn(3, 10, 10)
     assert not _native_ok(x, w, None, pad)
     if case == "weight-on-meta":  # torch decides what a mix of devices gives
         got, want = conv2d(x, w, None, pad), F.conv2d(x, w, None, padding=pad)
