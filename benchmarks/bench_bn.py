@@ -4,7 +4,7 @@
     python benchmarks/bench_bn.py --record        # ... and append it to benchmarks/RESULTS.md
     python benchmarks/bench_bn.py --quick         # fewer rounds, for a smoke test
     python benchmarks/bench_bn.py --keep-memory   # glibc keeps freed memory (no page faults)
-    python benchmarks/bench_bn.py --floor         # ... and what an autograd.Function costs at least
+    python benchmarks/bench_bn.py --floor         # ... and the least a Python or C++ layer costs
 
 Module level, float32: ``bnlab.nn.BatchNorm{1,2,3}d`` against
 ``torch.nn.BatchNorm{1,2,3}d``, what a model sees, autograd included.
@@ -33,6 +33,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from bnlab import kernels
 from bnlab.experiments.memory import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _empty_op import empty_cpp_op
 from _timing import arguments, copy_bandwidth, interleaved, publish, rounds_for
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
@@ -119,25 +121,30 @@ def measure(case: Case, rounds: int) -> dict[str, dict[str, float]]:
 
 
 class _EmptyFunction(torch.autograd.Function):
-    """What any autograd.Function costs: fresh outputs of the right sizes, no work."""
+    """What any autograd.Function costs: fresh outputs of the right sizes, no work.
+
+    The Python twin of ``empty_autograd_op.cpp``: the same allocations and saved tensors.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        stats = x.new_empty(3 * x.size(1), dtype=torch.float64)
+        ctx.save_for_backward(x, weight, stats)
         return torch.empty_like(x)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
+        x, weight, _ = ctx.saved_tensors
         return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
 
 
-def floor(case: Case, rounds: int) -> dict[str, float]:
-    """fwd+bwd seconds of torch, bnlab, an empty autograd.Function, and bnlab's kernels alone.
+def floor(case: Case, rounds: int, empty_cpp: Callable | None) -> dict[str, float]:
+    """fwd+bwd seconds of torch, bnlab, empty autograd ops, and bnlab's kernels alone.
 
-    A Python-level layer pays at least the empty Function's cost plus its
-    kernels': when that sum exceeds torch / target, the target is out of reach
-    for any autograd.Function on this machine.
+    A layer pays at least an empty op's cost plus its kernels': an
+    autograd.Function the Python one's ("empty"), a layer in C++ the C++ one's
+    ("empty_cpp", when ``empty_cpp`` is given). When that sum exceeds
+    torch / target, the target is out of reach for such a layer on this machine.
     """
     theirs, ours = _modules(case)
     x = _input(case).requires_grad_()
@@ -159,34 +166,41 @@ def floor(case: Case, rounds: int) -> dict[str, float]:
         kernels.cpu.eager_forward(x.detach(), *kernel_args)
         kernels.cpu.eager_backward(dy, x.detach(), geometry, stats, weight.detach(), True)
 
-    return interleaved(
-        {
-            "torch": fwd_bwd(theirs),
-            "bnlab": fwd_bwd(ours),
-            "empty": fwd_bwd(lambda t: _EmptyFunction.apply(t, weight, bias)),
-            "kernels": kernels_alone,
-        },
-        rounds=rounds,
-    )
+    contenders = {
+        "torch": fwd_bwd(theirs),
+        "bnlab": fwd_bwd(ours),
+        "empty": fwd_bwd(lambda t: _EmptyFunction.apply(t, weight, bias)),
+        "kernels": kernels_alone,
+    }
+    if empty_cpp is not None:
+        contenders["empty_cpp"] = fwd_bwd(lambda t: empty_cpp(t, weight, bias))
+    return interleaved(contenders, rounds=rounds)
 
 
-def floor_table(rows: list[tuple[Case, dict[str, float]]]) -> str:
+def floor_table(rows: list[tuple[Case, dict[str, float]]], cpp_missing: str) -> str:
     lines = [
-        "Training fwd+bwd against what a Python autograd.Function cannot avoid: an empty",
-        "Function (fresh outputs, no work) plus bnlab's kernels alone (statistics, normalize,",
-        "both backward passes, their outputs allocated).",
+        "Training fwd+bwd against what a layer cannot avoid: an empty autograd op (fresh",
+        "outputs and saved tensors as bnlab's, no work) plus bnlab's kernels alone (statistics,",
+        "normalize, both backward passes, their outputs allocated). The floor of a Python",
+        "autograd.Function is the empty Function's plus the kernels'; that of a layer whose",
+        "dispatch, autograd node and backward are all C++, the empty C++ op's plus the kernels'.",
         "",
-        "| shape | torch µs | bnlab µs | empty Function µs | kernels µs | floor µs "
-        "| torch / target µs |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| shape | torch µs | bnlab µs | kernels µs | empty Function µs | floor µs "
+        "| empty C++ op µs | C++ floor µs | torch / target µs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case, t in rows:
         us = {k: v * 1e6 for k, v in t.items()}
+        cpp = ["–", "–"]
+        if "empty_cpp" in us:
+            cpp = [f"{us['empty_cpp']:.0f}", f"{us['empty_cpp'] + us['kernels']:.0f}"]
         lines.append(
-            f"| {case.label} | {us['torch']:.0f} | {us['bnlab']:.0f} | {us['empty']:.0f} | "
-            f"{us['kernels']:.0f} | {us['empty'] + us['kernels']:.0f} | "
+            f"| {case.label} | {us['torch']:.0f} | {us['bnlab']:.0f} | {us['kernels']:.0f} | "
+            f"{us['empty']:.0f} | {us['empty'] + us['kernels']:.0f} | {cpp[0]} | {cpp[1]} | "
             f"{us['torch'] / case.target:.0f} |"
         )
+    if cpp_missing:
+        lines += ["", f"No C++ column: {cpp_missing}."]
     return "\n".join(lines) + "\n"
 
 
@@ -259,8 +273,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  measured {case.label}", file=sys.stderr)
     text = f"Allocator: {allocator}.\n\n" + table(rows, copy_gbs)
     if args.floor:
+        empty_cpp, cpp_missing = empty_cpp_op()
         small = [case for case in CASES if case.target > 2]
-        text += "\n\n" + floor_table([(case, floor(case, rounds)) for case in small])
+        rows = [(case, floor(case, rounds, empty_cpp)) for case in small]
+        text += "\n\n" + floor_table(rows, cpp_missing)
     if not args.no_compile_cost:
         cold, cached = compile_costs()
         text += (
