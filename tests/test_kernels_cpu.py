@@ -206,6 +206,26 @@ def test_large_mean_float32(layout):
     torch.testing.assert_close(ours.running_var.double(), theirs.running_var, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "inner_shape, fmt, dtype",
+    [
+        ((5, 229, 231), None, F32),  # planes of odd length: aligned and unaligned stores
+        ((5, 229, 231), "cl", F32),
+        ((517,), None, F32),
+        ((5, 229, 231), None, F64),
+    ],
+    ids=["NCHW", "NCHW-cl", "NC", "NCHW-float64"],
+)
+def test_outputs_written_around_the_caches(inner_shape, fmt, dtype):
+    """Outputs above the kernels' STREAM_BYTES take non-temporal stores: same numbers."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_row = itemsize * torch.Size(inner_shape).numel()
+    rows = _build.native().STREAM_BYTES // per_row + 1
+    shape = (rows, *inner_shape)
+    assert per_row * rows > _build.native().STREAM_BYTES
+    _compare_with_torch(shape, fmt, True, dtype, atol=F32_ATOL if dtype == F32 else 1e-10)
+
+
 # ---- layouts -----------------------------------------------------------------------------
 
 
