@@ -218,8 +218,7 @@ def test_large_mean_float32(layout):
 )
 def test_outputs_written_around_the_caches(inner_shape, fmt, dtype):
     """Outputs above the kernels' STREAM_BYTES take non-temporal stores: same numbers."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    per_row = itemsize * torch.Size(inner_shape).numel()
+    per_row = dtype.itemsize * torch.Size(inner_shape).numel()
     rows = _build.native().STREAM_BYTES // per_row + 1
     shape = (rows, *inner_shape)
     assert per_row * rows > _build.native().STREAM_BYTES
