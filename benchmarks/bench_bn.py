@@ -49,6 +49,7 @@ import torch
 import bnlab.nn
 from bnlab import kernels
 from bnlab.experiments.memory import keep_freed_memory
+from bnlab.kernels import cpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _empty_op import empty_cpp_op
@@ -163,10 +164,9 @@ def floor(case: Case, rounds: int, empty_cpp: Callable | None) -> dict[str, floa
     x = _input(case).requires_grad_()
     dy = _input(case)
     weight, bias = ours.weight, ours.bias
-    geometry = (case.shape[0], case.shape[1], x[0, 0].numel())
-    args = (geometry, weight.detach(), bias.detach(), ours.eps, ours.running_mean)
-    kernel_args = (*args, ours.running_var, ours.momentum, True, True)
-    _, stats = kernels.cpu.eager_forward(x.detach(), *kernel_args)
+    w, b = weight.detach(), bias.detach()
+    buffers = (ours.running_mean, ours.running_var, ours.momentum)
+    _, mean, _, invstd = cpu.eager_forward_train(x.detach(), w, b, ours.eps, *buffers)
 
     def fwd_bwd(f):
         def step():
@@ -176,8 +176,8 @@ def floor(case: Case, rounds: int, empty_cpp: Callable | None) -> dict[str, floa
         return step
 
     def kernels_alone():
-        kernels.cpu.eager_forward(x.detach(), *kernel_args)
-        kernels.cpu.eager_backward(dy, x.detach(), geometry, stats, weight.detach(), True)
+        cpu.eager_forward_train(x.detach(), w, b, ours.eps, *buffers)
+        cpu.eager_backward(dy, x.detach(), w, mean, invstd, True)
 
     contenders = {
         "torch": fwd_bwd(theirs),
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         keep_freed_memory()
     else:
         _settle_mmap_threshold()
-    backend = kernels.select(torch.randn(2, 2)).__name__.rsplit(".", 1)[-1]
+    backend = kernels.select(torch.randn(2, 2)).name
     rounds = rounds_for(args)
     allocator = "glibc keeps freed memory" if args.keep_memory else "default allocator"
     print(f"backend for float32 CPU tensors: {backend}; {allocator}")

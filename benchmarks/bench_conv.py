@@ -14,7 +14,7 @@ autograd calls them:
 * dx       — ``aten.convolution_backward`` (input gradient only) vs bnlab's
 * dw, db   — ``aten.convolution_backward`` (weight and bias) vs bnlab's
 
-``bnlab.kernels.conv2d`` runs a part natively only where it is faster (see
+``bnlab.speedups.conv2d`` runs a part natively only where it is faster (see
 the "used" column); the others stay torch's. Times are medians of
 interleaved rounds; GFLOP/s counts 2 * N * O * Ho * Wo * C * KH * KW per part.
 """
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bnlab.kernels import _build
-from bnlab.kernels.conv2d import native_parts
+from bnlab.speedups import _ext
+from bnlab.speedups.conv2d import native_parts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import arguments, interleaved, publish, rounds_for
@@ -73,14 +73,8 @@ LAYERS = [
 ]
 
 
-def _is_cl(t: torch.Tensor) -> bool:
-    return not t.is_contiguous()
-
-
 def measure(layer: Layer, rounds: int) -> dict[str, tuple[float, float]]:
     """part -> (torch seconds, bnlab seconds)."""
-    native = _build.native()
-    threads = torch.get_num_threads()
     k, n, c, o, hw, pad = layer.k, layer.n, layer.c, layer.o, layer.hw, layer.pad
     x = torch.randn(n, c, hw, hw).contiguous(memory_format=layer.x_fmt)
     w = torch.randn(o, c, k, k).contiguous(memory_format=layer.w_fmt)
@@ -91,35 +85,25 @@ def measure(layer: Layer, rounds: int) -> dict[str, tuple[float, float]]:
     dx = torch.empty(x.shape, memory_format=layer.out_fmt)
     dw, db = torch.empty(o, c, k, k), torch.empty(o)
     flipped = w.flip(2, 3).transpose(0, 1).contiguous()
-    ho = layer.out_hw
 
     def torch_grads(mask):
         sizes = [o] if mask[2] else None
         args = ([1, 1], [pad, pad], [1, 1], False, [0, 0], 1, mask)
         return lambda: torch.ops.aten.convolution_backward(dy, x, w, sizes, *args)
 
-    def ours_forward():
-        native.conv2d_forward(
-            x.data_ptr(), wc.data_ptr(), b.data_ptr(), y.data_ptr(), False,
-            n, c, hw, hw, o, k, k, pad, pad, _is_cl(x), _is_cl(y), threads,
-        )  # fmt: skip
-
-    def ours_dx():
-        native.conv2d_forward(
-            dy.data_ptr(), flipped.data_ptr(), None, dx.data_ptr(), False,
-            n, o, ho, ho, c, k, k, k - 1 - pad, k - 1 - pad, _is_cl(dy), _is_cl(dx), threads,
-        )  # fmt: skip
-
-    def ours_dw():
-        native.conv2d_grad_weight(
-            x.data_ptr(), dy.data_ptr(), dw.data_ptr(), db.data_ptr(), False,
-            n, c, hw, hw, o, k, k, pad, pad, _is_cl(x), _is_cl(dy), threads,
-        )  # fmt: skip
-
     parts = {
-        "forward": (lambda: F.conv2d(x, w, b, padding=pad), ours_forward),
-        "dx": (torch_grads([True, False, False]), ours_dx),
-        "dw, db": (torch_grads([False, True, True]), ours_dw),
+        "forward": (
+            lambda: F.conv2d(x, w, b, padding=pad),
+            lambda: _ext.conv2d_forward(x, wc, b, y, (pad, pad)),
+        ),
+        "dx": (
+            torch_grads([True, False, False]),
+            lambda: _ext.conv2d_forward(dy, flipped, None, dx, (k - 1 - pad, k - 1 - pad)),
+        ),
+        "dw, db": (
+            torch_grads([False, True, True]),
+            lambda: _ext.conv2d_grad_weight(x, dy, dw, db, (pad, pad)),
+        ),
     }
     result = {}
     for part, (theirs, ours) in parts.items():
@@ -153,7 +137,7 @@ def table(rows: list[tuple[Layer, dict]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = arguments(__doc__)
     args = parser.parse_args(argv)
-    if _build.native() is None:
+    if not _ext.available():
         parser.error("the native CPU kernels are unavailable (see the warning above)")
     rounds = rounds_for(args)
     rows = []

@@ -5,7 +5,7 @@
 
 float32, LeNet-5's two pooled shapes and a small deeper one, NCHW and
 channels_last: ``F.max_pool2d(F.relu(x), 2)`` against
-``bnlab.kernels.relu_maxpool.relu_maxpool2d(x)`` (bit-identical results), the
+``bnlab.speedups.relu_maxpool.relu_maxpool2d(x)`` (bit-identical results), the
 forward alone and forward + backward through autograd. Medians of
 interleaved rounds.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bnlab.kernels.relu_maxpool import relu_maxpool2d
+from bnlab.speedups.relu_maxpool import relu_maxpool2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import arguments, interleaved, publish, rounds_for

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from bnlab.kernels import _build
-from bnlab.kernels.conv2d import NATIVE_MAX_CHANNELS, _native_ok, conv2d
 from bnlab.models import LeNet5
 from bnlab.models.native_conv import NativeConv2d, use_native_conv
+from bnlab.speedups import _ext
+from bnlab.speedups.conv2d import NATIVE_MAX_CHANNELS, _native_ok, conv2d
 
-needs_native = pytest.mark.skipif(_build.native() is None, reason="native CPU kernels unavailable")
+needs_native = pytest.mark.skipif(not _ext.available(), reason="native CPU kernels unavailable")
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
@@ -259,8 +260,8 @@ class _Spy:
     ],
 )
 def test_each_part_runs_where_it_is_faster(monkeypatch, c, o, fmt, expected):
-    spy = _Spy(_build.native())
-    monkeypatch.setattr(_build, "native", lambda: spy)
+    spy = _Spy(_ext.module())
+    monkeypatch.setattr(_ext, "module", lambda: spy)
     x = torch.randn(2, c, 12, 12).contiguous(memory_format=fmt).requires_grad_()
     w = torch.randn(o, c, 5, 5, requires_grad=True)
     b = torch.randn(o, requires_grad=True)
@@ -340,3 +341,123 @@ def test_compiles_fullgraph_as_torch_convolution():
     (g,) = torch.autograd.grad(y.sum(), x)
     (g_ref,) = torch.autograd.grad(y_ref.sum(), x)
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- the checked native boundary ---------------------------------------------------------------
+
+
+def _forward_call() -> dict:
+    """A valid ``_ext.conv2d_forward`` call: (2, 3, 8, 8) * (4, 3, 3, 3), padding 1."""
+    return {
+        "x": torch.randn(2, 3, 8, 8),
+        "weight": torch.randn(4, 3, 3, 3),
+        "bias": torch.randn(4),
+        "out": torch.full((2, 4, 8, 8), 7.0),
+        "padding": (1, 1),
+    }
+
+
+def _grad_weight_call() -> dict:
+    """A valid ``_ext.conv2d_grad_weight`` call for the same convolution."""
+    return {
+        "x": torch.randn(2, 3, 8, 8),
+        "dy": torch.randn(2, 4, 8, 8),
+        "dweight": torch.full((4, 3, 3, 3), 7.0),
+        "dbias": torch.full((4,), 7.0),
+        "padding": (1, 1),
+    }
+
+
+def _overlapping(**shapes: tuple[int, ...]) -> dict[str, Tensor]:
+    """Two tensors of these shapes in one buffer, the second starting halfway into the first."""
+    (a, shape_a), (b, shape_b) = shapes.items()
+    n_a, n_b = math.prod(shape_a), math.prod(shape_b)
+    buf = torch.randn(n_a + n_b)
+    return {a: buf[:n_a].view(shape_a), b: buf[n_a // 2 : n_a // 2 + n_b].view(shape_b)}
+
+
+def _rejects(call, args: dict, error: type[Exception]) -> None:
+    """``call(**args)`` raises ``error`` and leaves every CPU tensor of the call as it was."""
+    before = {
+        k: v.clone() for k, v in args.items() if isinstance(v, Tensor) and v.device.type == "cpu"
+    }
+    with pytest.raises(error):
+        call(**args)
+    for k, v in before.items():
+        assert torch.equal(args[k], v), f"{k} was written"
+
+
+@needs_native
+def test_boundary_accepts_a_valid_call():
+    args = _forward_call()
+    _ext.conv2d_forward(**args)
+    want = F.conv2d(args["x"], args["weight"], args["bias"], padding=1)
+    torch.testing.assert_close(args["out"], want, rtol=1e-5, atol=1e-5)
+
+
+FORWARD_MISTAKES = {
+    "x-float64": (lambda a: {"x": a["x"].double()}, TypeError),
+    "weight-float64": (lambda a: {"weight": a["weight"].double()}, TypeError),
+    "out-int32": (lambda a: {"out": torch.zeros(2, 4, 8, 8, dtype=torch.int32)}, TypeError),
+    "x-float16": (lambda a: {"x": a["x"].half()}, TypeError),
+    "x-not-a-tensor": (lambda a: {"x": a["x"].numpy()}, TypeError),
+    "out-too-small": (lambda a: {"out": torch.full((2, 4, 7, 8), 7.0)}, ValueError),
+    "out-too-few-channels": (lambda a: {"out": torch.full((2, 3, 8, 8), 7.0)}, ValueError),
+    "bias-too-long": (lambda a: {"bias": torch.randn(5)}, ValueError),
+    "weight-wrong-channels": (lambda a: {"weight": torch.randn(4, 2, 3, 3)}, ValueError),
+    "kernel-larger-than-image": (lambda a: {"weight": torch.randn(4, 3, 11, 11)}, ValueError),
+    "x-strided": (lambda a: {"x": torch.randn(2, 3, 8, 16)[..., ::2]}, ValueError),
+    "weight-channels-last": (
+        lambda a: {"weight": a["weight"].contiguous(memory_format=CL)},
+        ValueError,
+    ),
+    "bias-strided": (lambda a: {"bias": torch.randn(8)[::2]}, ValueError),
+    "out-transposed": (lambda a: {"out": a["out"].transpose(2, 3)}, ValueError),
+    "out-on-meta": (lambda a: {"out": torch.empty(2, 4, 8, 8, device="meta")}, ValueError),
+    "x-and-weight-swapped": (lambda a: {"x": a["weight"], "weight": a["x"]}, ValueError),
+    "x-and-out-swapped": (lambda a: {"x": a["out"], "out": a["x"]}, ValueError),
+    "out-is-x": (lambda a: {"x": a["out"], "weight": torch.randn(4, 4, 3, 3)}, ValueError),
+    "out-overlaps-x": (lambda a: _overlapping(x=(2, 3, 8, 8), out=(2, 4, 8, 8)), ValueError),
+    "padding-negative": (lambda a: {"padding": (-1, 1)}, ValueError),
+    "padding-a-list": (lambda a: {"padding": [1, 1]}, ValueError),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("case", FORWARD_MISTAKES)
+def test_boundary_rejects_a_wrong_forward_call(case):
+    """A mistake raises before any pointer reaches the kernel: nothing is written."""
+    change, error = FORWARD_MISTAKES[case]
+    args = _forward_call()
+    args.update(change(args))
+    _rejects(_ext.conv2d_forward, args, error)
+
+
+GRAD_WEIGHT_MISTAKES = {
+    "dweight-float64": (lambda a: {"dweight": a["dweight"].double()}, TypeError),
+    "dy-float64": (lambda a: {"dy": a["dy"].double()}, TypeError),
+    "dbias-too-short": (lambda a: {"dbias": torch.zeros(3)}, ValueError),
+    "dy-wrong-size": (lambda a: {"dy": torch.randn(2, 4, 6, 6)}, ValueError),
+    "dweight-wrong-channels": (lambda a: {"dweight": torch.zeros(4, 2, 3, 3)}, ValueError),
+    "dweight-transposed": (lambda a: {"dweight": a["dweight"].transpose(2, 3)}, ValueError),
+    "dy-strided": (lambda a: {"dy": torch.randn(2, 4, 8, 16)[..., ::2]}, ValueError),
+    "x-and-dy-swapped": (lambda a: {"x": a["dy"], "dy": a["x"]}, ValueError),
+    "dweight-and-dbias-swapped": (
+        lambda a: {"dweight": a["dbias"], "dbias": a["dweight"]},
+        ValueError,
+    ),
+    "dbias-inside-dweight": (lambda a: {"dbias": a["dweight"].view(-1)[:4]}, ValueError),
+    "dweight-overlaps-dy": (
+        lambda a: _overlapping(dy=(2, 4, 8, 8), dweight=(4, 3, 3, 3)),
+        ValueError,
+    ),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("case", GRAD_WEIGHT_MISTAKES)
+def test_boundary_rejects_a_wrong_grad_weight_call(case):
+    change, error = GRAD_WEIGHT_MISTAKES[case]
+    args = _grad_weight_call()
+    args.update(change(args))
+    _rejects(_ext.conv2d_grad_weight, args, error)

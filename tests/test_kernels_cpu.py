@@ -56,30 +56,43 @@ def _params(c, dtype):
 
 # ---- the backend contract against the reference backend ---------------------------
 
+CPU, REF = cpu.CPU, reference.REFERENCE
+
+
+def _buffers(c, dtype=F64):
+    return torch.rand(c, dtype=F64).to(dtype), torch.rand(c, dtype=F64).add(0.5).to(dtype)
+
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("affine", [True, False])
 def test_contract_matches_reference_float64(layout, affine):
     shape, fmt = LAYOUTS[layout]
+    c = shape[1]
     x = _make(shape, fmt, F64)
-    w, b = _params(shape[1], F64) if affine else (None, None)
+    w, b = _params(c, F64) if affine else (None, None)
     dy = torch.randn(shape, dtype=F64)
-    ours = cpu.forward_train(x, w, b, 1e-5)
-    ref = reference.forward_train(x, w, b, 1e-5)
-    for name, a, r in zip(("y", "mean", "var", "invstd"), ours, ref, strict=True):
+    ours_buffers, ref_buffers = _buffers(c), _buffers(c)
+    for mine, ref in zip(ours_buffers, ref_buffers, strict=True):
+        mine.copy_(ref)
+    ours = CPU.forward_train(x, w, b, 1e-5, *ours_buffers, 0.3)
+    ref = REF.forward_train(x, w, b, 1e-5, *ref_buffers, 0.3)
+    for name, a, r in zip(("y", "mean", "invstd"), ours, ref, strict=True):
         torch.testing.assert_close(a, r, atol=1e-10, rtol=0, msg=name)
-    mean, invstd = ref[1], ref[3]
+    for a, r in zip(ours_buffers, ref_buffers, strict=True):
+        torch.testing.assert_close(a, r, atol=1e-12, rtol=0, msg="running buffers")
+    for name, a, r in zip(
+        ("y", "mean", "invstd"),
+        CPU.forward_eval(x, w, b, *ref_buffers, 1e-5),
+        REF.forward_eval(x, w, b, *ref_buffers, 1e-5),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, r, atol=1e-10, rtol=0, msg=f"eval {name}")
+    mean, invstd = ref[1], ref[2]
     for batch_stats in (True, False):
-        ours = cpu.backward(dy, x, mean, invstd, w, batch_stats)
-        ref = reference.backward(dy, x, mean, invstd, w, batch_stats)
+        ours = CPU.backward(dy, x, w, mean, invstd, batch_stats)
+        ref = REF.backward(dy, x, w, mean, invstd, batch_stats)
         for name, a, r in zip(("dx", "dweight", "dbias"), ours, ref, strict=True):
             torch.testing.assert_close(a, r, atol=1e-10, rtol=0, msg=name)
-    torch.testing.assert_close(
-        cpu.normalize(x, mean, invstd, w, b),
-        reference.normalize(x, mean, invstd, w, b),
-        atol=1e-10,
-        rtol=0,
-    )
 
 
 def test_parameters_of_another_dtype_or_strided():
@@ -87,21 +100,27 @@ def test_parameters_of_another_dtype_or_strided():
     x = _make((6, 3, 8, 9), None, F32)
     w64, b64 = _params(3, F64)
     w = torch.empty(6, dtype=F64)[::2].copy_(w64)  # strided, float64
-    ours = cpu.forward_train(x, w, b64, 1e-5)
-    ref = reference.forward_train(x, w64.float(), b64.float(), 1e-5)
+    ours = CPU.forward_train(x, w, b64, 1e-5, None, None, 0.1)
+    ref = REF.forward_train(x, w64.float(), b64.float(), 1e-5, None, None, 0.1)
     torch.testing.assert_close(ours[0], ref[0], atol=F32_ATOL, rtol=0)
     dy = torch.randn_like(x)
-    ours = cpu.backward(dy, x, ours[1], ours[3], w, True)
-    ref = reference.backward(dy.double(), x.double(), ref[1].double(), ref[3].double(), w64, True)
+    ours = CPU.backward(dy, x, w, ours[1], ours[2], True)
+    ref = REF.backward(dy.double(), x.double(), w64, ref[1].double(), ref[2].double(), True)
     for a, r in zip(ours, ref, strict=True):
         torch.testing.assert_close(a.double(), r, atol=F32_ATOL * max(1.0, r.abs().max()), rtol=0)
 
 
+def test_backends_implement_the_protocol_whole():
+    for backend in (CPU, REF):
+        assert isinstance(backend, kernels.Backend), backend.name
+
+
 def test_backend_selection():
-    assert kernels.select(torch.randn(4, 3)) is cpu
-    assert kernels.select(torch.randn(4, 3, dtype=F64)) is cpu
-    assert kernels.select(torch.randn(4, 3).half()) is reference
-    assert kernels.select(torch.randn(0, 3)) is reference
+    assert kernels.select(torch.randn(4, 3)) is CPU
+    assert kernels.select(torch.randn(4, 3, dtype=F64)) is CPU
+    assert kernels.select(torch.randn(4, 3).half()) is REF
+    assert kernels.select(torch.randn(0, 3)) is REF
+    assert kernels.available() == ["cpu", "reference"]
 
 
 # ---- modules against torch.nn ----------------------------------------------------------
@@ -329,8 +348,8 @@ def test_one_and_two_threads_agree(shape, fmt, restore_threads):
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        y, mean, var, invstd = cpu.forward_train(x, w, b, 1e-5)
-        dx, dw, db = cpu.backward(dy, x, mean, invstd, w, True)
+        y, mean, var, invstd = cpu.eager_forward_train(x, w, b, 1e-5, None, None, 0.0)
+        dx, dw, db = CPU.backward(dy, x, w, mean, invstd, True)
         results.append((y, mean, var, dx, dw, db))
     for a, b_ in zip(*results, strict=True):
         scale = max(1.0, b_.abs().max().item())
@@ -345,17 +364,17 @@ def test_reference_fallback_when_kernels_unavailable(monkeypatch):
     monkeypatch.setattr(_build, "_module", _build._UNSET)
     monkeypatch.setattr(_build, "_compiler", lambda: None)
     with pytest.warns(RuntimeWarning, match="reference backend"):
-        assert not cpu.supports(torch.randn(4, 3))
+        assert not CPU.supports(torch.randn(4, 3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning
-        assert kernels.select(torch.randn(4, 3)) is reference
+        assert kernels.select(torch.randn(4, 3)) is REF
     _compare_with_torch((6, 3, 4, 5), None, True, F64, atol=1e-10)
 
 
 def test_reference_backend_by_environment(monkeypatch):
     monkeypatch.setattr(_build, "_module", _build._UNSET)
     monkeypatch.setattr(_build, "ENABLED", False)
-    assert kernels.select(torch.randn(4, 3)) is reference
+    assert kernels.select(torch.randn(4, 3)) is REF
 
 
 # ---- torch.compile ---------------------------------------------------------------------------
@@ -390,118 +409,59 @@ def test_compile_fullgraph_uses_the_kernels():
     assert any("bnlab.cpu_forward_train" in t for t in seen), sorted(seen)
 
 
-# ---- the eager fast path against the general path -----------------------------------------
+# ---- one path: with or without a graph, the same backend op -------------------------
 
 
-def _no_fast_path(monkeypatch):
-    """Make every eager call take the general path (functional, autograd, backend)."""
-    monkeypatch.setattr(bnlab.autograd, "batch_norm_eager", lambda *args: None)
-    monkeypatch.setattr(bnlab.functional, "batch_norm_eager", lambda *args: None)
-
-
-def _count_fast_calls(monkeypatch) -> list[int]:
+def _count_backend_calls(monkeypatch) -> list[int]:
     calls = [0]
-    forward = cpu.eager_forward
+    forward = cpu.eager_forward_train
 
     def counting(*args):
         calls[0] += 1
         return forward(*args)
 
-    monkeypatch.setattr(cpu, "eager_forward", counting)
+    monkeypatch.setattr(cpu, "eager_forward_train", counting)
     return calls
-
-
-def _run_module(module, steps):
-    """Outputs, gradients, buffers and counter after ``steps`` of (train, x, dy)."""
-    results = []
-    for train, x, dy in steps:
-        module.train(train)
-        x = x.detach().clone().requires_grad_(dy is not None)
-        if dy is None:
-            with torch.no_grad():
-                results.append(module(x))
-            continue
-        y = module(x)
-        y.backward(dy)
-        results += [y.detach(), x.grad]
-        for p in module.parameters():
-            results.append(p.grad.clone())
-            p.grad = None
-    results += [b.clone() for b in module.buffers()]
-    return results
 
 
 @pytest.mark.parametrize("layout", ["NC", "NCL-short", "NCHW", "NCHW-cl", "NCDHW-cl"])
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize(
-    "kwargs",
-    [
-        {},
-        {"affine": False},
-        {"momentum": None},
-        {"track_running_stats": False},
-        {"affine": False, "track_running_stats": False},
-    ],
+    "kwargs", [{}, {"affine": False}, {"momentum": None}, {"track_running_stats": False}]
 )
-def test_fast_path_matches_general_path(layout, dtype, kwargs, monkeypatch):
-    """Bit for bit: the same kernels, the same buffers and counter, the same gradients."""
+def test_graph_and_no_graph_calls_agree(layout, dtype, kwargs, monkeypatch):
+    """Bit for bit: a call that records no graph reaches the same kernel as one that does."""
     shape, fmt = LAYOUTS[layout]
     cls = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[len(shape)]
-    steps = [
-        (train, _make(shape, fmt, dtype), dy)
-        for train, dy in ((True, True), (True, None), (False, True), (False, None), (True, True))
-    ]
-    steps = [(t, x, torch.randn(shape, dtype=dtype) if dy else None) for t, x, dy in steps]
-    torch.manual_seed(0)
-    fast_module = getattr(bnlab.nn, cls)(shape[1], dtype=dtype, **kwargs)
-    general_module = getattr(bnlab.nn, cls)(shape[1], dtype=dtype, **kwargs)
-    if kwargs.get("affine", True):
+    graph = getattr(bnlab.nn, cls)(shape[1], dtype=dtype, **kwargs)
+    no_graph = getattr(bnlab.nn, cls)(shape[1], dtype=dtype, **kwargs)
+    calls = _count_backend_calls(monkeypatch)
+    for _ in range(2):
+        x = _make(shape, fmt, dtype)
+        y = graph(x.requires_grad_())
         with torch.no_grad():
-            for m in (fast_module, general_module):
-                m.weight.copy_(torch.linspace(0.5, 2.0, shape[1]))
-                m.bias.copy_(torch.linspace(-1.0, 1.0, shape[1]))
-    calls = _count_fast_calls(monkeypatch)
-    fast = _run_module(fast_module, steps)
-    assert calls[0] == len(steps)
-    _no_fast_path(monkeypatch)
-    general = _run_module(general_module, steps)
-    assert calls[0] == len(steps)
-    assert len(fast) == len(general)
-    for a, b in zip(fast, general, strict=True):
-        assert a.dtype == b.dtype and a.stride() == b.stride()
+            y_no_graph = no_graph(x)
+        assert y.requires_grad and not y_no_graph.requires_grad
+        assert y.stride() == y_no_graph.stride()
+        torch.testing.assert_close(y.detach(), y_no_graph, atol=0, rtol=0)
+    assert calls[0] == 4
+    for a, b in zip(graph.buffers(), no_graph.buffers(), strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_fast_path_functional_matches_general_path(train, monkeypatch):
-    x = _make((6, 4, 5), None, F32)
-    w, b = _params(4, F32)
-    buffers = [torch.rand(4), torch.rand(4) + 0.5]
-    calls = _count_fast_calls(monkeypatch)
-    fast_buffers = [t.clone() for t in buffers]
-    y = bnlab.functional.batch_norm(x, *fast_buffers, w, b, train, 0.2, 1e-3)
-    assert calls[0] == 1
-    _no_fast_path(monkeypatch)
-    y_ref = bnlab.functional.batch_norm(x, *buffers, w, b, train, 0.2, 1e-3)
-    assert calls[0] == 1
-    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
-    for a, r in zip(fast_buffers, buffers, strict=True):
-        torch.testing.assert_close(a, r, atol=0, rtol=0)
-
-
 def _uncommon_cases():
-    """(name, module, input): inputs the fast path leaves to the general path."""
+    """(name, module, input): inputs the kernels do not read as they are."""
     m = bnlab.nn.BatchNorm2d
     x = torch.randn(4, 3, 5, 5)
-    half_weight = m(3)
-    half_weight.weight.data = half_weight.weight.data.double()
+    double_weight = m(3)
+    double_weight.weight.data = double_weight.weight.data.double()
     strided_buffer = m(3)
     strided_buffer.running_mean = torch.zeros(6)[::2]
     tensor_momentum = m(3)
     tensor_momentum.momentum = torch.tensor(0.2)
     return [
         ("float16 input", m(3, dtype=torch.float16), x.half()),
-        ("weight of another dtype", half_weight, x),
+        ("weight of another dtype", double_weight, x),
         ("strided running buffer", strided_buffer, x),
         ("tensor momentum", tensor_momentum, x),
         ("transposed input", m(3), x.transpose(2, 3)),
@@ -511,62 +471,21 @@ def _uncommon_cases():
 
 @pytest.mark.parametrize("case", range(len(_uncommon_cases())))
 @pytest.mark.parametrize("train", [True, False])
-def test_uncommon_cases_take_the_general_path(case, train, monkeypatch):
-    name, fast_module, x = _uncommon_cases()[case]
-    _, general_module, _ = _uncommon_cases()[case]
-    calls = _count_fast_calls(monkeypatch)
-    y = fast_module.train(train)(x)
-    assert calls[0] == 0, name
-    _no_fast_path(monkeypatch)
-    y_ref = general_module.train(train)(x)
-    torch.testing.assert_close(y, y_ref, atol=0, rtol=0, msg=name)
-    for a, r in zip(fast_module.buffers(), general_module.buffers(), strict=True):
-        torch.testing.assert_close(a, r, atol=0, rtol=0, msg=name)
-
-
-@pytest.mark.parametrize(
-    "make, train, message",
-    [
-        (lambda: bnlab.nn.BatchNorm1d(3, eps=0.0), True, "eps must be positive"),
-        (lambda: bnlab.nn.BatchNorm1d(3, eps=-1.0), False, "must be non-negative"),
-        (lambda: bnlab.nn.BatchNorm1d(3), True, "more than 1 value per channel"),
-        (lambda: bnlab.nn.BatchNorm1d(3, track_running_stats=False), False, "more than 1 value"),
-    ],
-)
-def test_fast_path_raises_as_the_general_path(make, train, message, monkeypatch):
-    """Errors come from the general path, after the batch is counted exactly once."""
-    x = torch.randn(1 if "value" in message else 4, 3)
-    for fast in (True, False):
-        if not fast:
-            _no_fast_path(monkeypatch)
-        m = make().train(train)
-        with pytest.raises(ValueError, match=message):
-            m(x)
-        assert m.num_batches_tracked is None or m.num_batches_tracked.item() == int(train)
-
-
-def test_fast_path_yields_to_a_backend_registered_ahead(monkeypatch):
-    taken = []
-
-    def supports(x):
-        taken.append(x.shape)
-        return False
-
-    monkeypatch.setattr(kernels, "_BACKENDS", list(kernels._BACKENDS))
-    monkeypatch.setattr(kernels, "_AHEAD_OF_CPU", kernels._AHEAD_OF_CPU)
-    kernels.register("other", supports, reference)
-    assert list(kernels._AHEAD_OF_CPU) == [supports]
-    calls = _count_fast_calls(monkeypatch)
-    bnlab.nn.BatchNorm1d(3)(torch.randn(4, 3))
-    assert taken == [(4, 3)] and calls[0] == 1
-    kernels._AHEAD_OF_CPU = (lambda x: True,)
-    bnlab.nn.BatchNorm1d(3)(torch.randn(4, 3))
-    assert calls[0] == 1
+def test_uncommon_cases_match_the_reference_backend(case, train, monkeypatch):
+    name, module, x = _uncommon_cases()[case]
+    _, reference_module, _ = _uncommon_cases()[case]
+    y = module.train(train)(x)
+    monkeypatch.setattr(kernels, "_FAST", ())
+    y_ref = reference_module.train(train)(x)
+    atol = 1e-3 if x.dtype == torch.float16 else 1e-6
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=0, msg=name)
+    for a, r in zip(module.buffers(), reference_module.buffers(), strict=True):
+        torch.testing.assert_close(a, r, atol=1e-6, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_fast_path_double_backward(train, monkeypatch):
-    calls = _count_fast_calls(monkeypatch)
+def test_double_backward_through_the_kernels(train, monkeypatch):
+    calls = _count_backend_calls(monkeypatch)
     m = bnlab.nn.BatchNorm2d(3, dtype=F64).train(train)
     with torch.no_grad():
         m.running_var.fill_(1.5)
@@ -582,4 +501,4 @@ def test_fast_path_double_backward(train, monkeypatch):
 
     args = (x, m.weight.detach().clone().requires_grad_(), m.bias.detach().clone().requires_grad_())
     assert torch.autograd.gradgradcheck(fn, args)
-    assert calls[0] > 0
+    assert calls[0] > 0 or not train

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.kernels import _build
-from bnlab.kernels.relu_maxpool import _native_ok, relu_maxpool2d
 from bnlab.models import LeNet5, ReLUMaxPool2d, fuse_relu_maxpool
+from bnlab.speedups import _ext
+from bnlab.speedups.relu_maxpool import _native_ok, relu_maxpool2d
 
-needs_native = pytest.mark.skipif(_build.native() is None, reason="native CPU kernels unavailable")
+needs_native = pytest.mark.skipif(not _ext.available(), reason="native CPU kernels unavailable")
 
 
 def _both(x, dy):
@@ -118,3 +118,95 @@ def test_fused_model_trains_bit_identically():
             opt.step()
     for (k, a), (_, b) in zip(plain.state_dict().items(), fused.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+# ---- the checked native boundary ---------------------------------------------------------------
+
+
+def _backward_call() -> dict:
+    """A valid ``_ext.relu_maxpool_backward`` call on a (2, 3, 6, 8) NCHW input."""
+    return {
+        "dy": torch.randn(2, 3, 3, 4),
+        "x": torch.randn(2, 3, 6, 8),
+        "y": torch.randn(2, 3, 3, 4),
+        "dx": torch.full((2, 3, 6, 8), 7.0),
+    }
+
+
+def _rejects(call, args: dict, error: type[Exception]) -> None:
+    """``call(**args)`` raises ``error`` and leaves every CPU tensor of the call as it was."""
+    before = {
+        k: v.clone()
+        for k, v in args.items()
+        if isinstance(v, torch.Tensor) and v.device.type == "cpu"
+    }
+    with pytest.raises(error):
+        call(**args)
+    for k, v in before.items():
+        assert torch.equal(args[k], v), f"{k} was written"
+
+
+FORWARD_MISTAKES = {
+    "y-float64": ({"y": torch.zeros(2, 3, 3, 4, dtype=torch.float64)}, TypeError),
+    "x-float16": ({"x": torch.randn(2, 3, 6, 8).half()}, TypeError),
+    "x-int64": ({"x": torch.ones(2, 3, 6, 8, dtype=torch.int64)}, TypeError),
+    "y-not-a-tensor": ({"y": [0.0] * 72}, TypeError),
+    "y-ceil-size": ({"y": torch.zeros(2, 3, 4, 4)}, ValueError),
+    "y-too-few-channels": ({"y": torch.zeros(2, 2, 3, 4)}, ValueError),
+    "y-channels-last-x-not": (
+        {"y": torch.zeros(2, 3, 3, 4).contiguous(memory_format=torch.channels_last)},
+        ValueError,
+    ),
+    "x-strided": ({"x": torch.randn(2, 3, 6, 16)[..., ::2]}, ValueError),
+    "x-one-row": ({"x": torch.randn(2, 3, 1, 8), "y": torch.zeros(2, 3, 0, 4)}, ValueError),
+    "x-3d": ({"x": torch.randn(3, 6, 8), "y": torch.zeros(3, 3, 4)}, ValueError),
+    "x-on-meta": ({"x": torch.randn(2, 3, 6, 8, device="meta")}, ValueError),
+    "x-and-y-swapped": ({"x": torch.zeros(2, 3, 3, 4), "y": torch.randn(2, 3, 6, 8)}, ValueError),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("case", FORWARD_MISTAKES)
+def test_boundary_rejects_a_wrong_forward_call(case):
+    """A mistake raises before any pointer reaches the kernel: nothing is written."""
+    change, error = FORWARD_MISTAKES[case]
+    args = {"x": torch.randn(2, 3, 6, 8), "y": torch.full((2, 3, 3, 4), 7.0)}
+    args.update(change)
+    _rejects(_ext.relu_maxpool_forward, args, error)
+
+
+BACKWARD_MISTAKES = {
+    "dy-float64": (lambda a: {"dy": a["dy"].double()}, TypeError),
+    "dx-float64": (lambda a: {"dx": a["dx"].double()}, TypeError),
+    "y-wrong-size": (lambda a: {"y": torch.randn(2, 3, 3, 3)}, ValueError),
+    "dx-pooled-size": (lambda a: {"dx": torch.zeros(2, 3, 3, 4)}, ValueError),
+    "dy-transposed": (lambda a: {"dy": torch.randn(2, 3, 4, 3).transpose(2, 3)}, ValueError),
+    "dx-channels-last-x-not": (
+        lambda a: {"dx": a["dx"].contiguous(memory_format=torch.channels_last)},
+        ValueError,
+    ),
+    "dy-and-dx-swapped": (lambda a: {"dy": a["dx"], "dx": a["dy"]}, ValueError),
+    "x-and-y-swapped": (lambda a: {"x": a["y"], "y": a["x"]}, ValueError),
+    "dx-is-x": (lambda a: {"dx": a["x"]}, ValueError),
+    "y-inside-dx": (lambda a: {"y": a["dx"].view(-1)[:72].view(2, 3, 3, 4)}, ValueError),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("case", BACKWARD_MISTAKES)
+def test_boundary_rejects_a_wrong_backward_call(case):
+    change, error = BACKWARD_MISTAKES[case]
+    args = _backward_call()
+    args.update(change(args))
+    _rejects(_ext.relu_maxpool_backward, args, error)
+
+
+@needs_native
+def test_boundary_accepts_a_valid_call():
+    args = _backward_call()
+    x = args["x"].clone().requires_grad_()
+    y = F.max_pool2d(F.relu(x), 2)
+    args["y"] = y.detach()
+    _ext.relu_maxpool_backward(**args)
+    (want,) = torch.autograd.grad(y, x, args["dy"])
+    assert torch.equal(args["dx"], want)

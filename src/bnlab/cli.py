@@ -177,8 +177,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Imported here: the experiment pulls in the data package and tqdm, which
     # parsing (and `--help`) does not need.
-    from bnlab.data import DataError
-    from bnlab.experiments.compare import ExperimentError, check_out, default_out, run_compare
+    try:
+        from bnlab.data import DataError
+        from bnlab.experiments.compare import ExperimentError, check_out, default_out, run_compare
+        from bnlab.experiments.memory import keep_freed_memory
+    except ImportError as e:  # the layers need only torch; the experiment more
+        print(
+            f"bnlab: error: the experiment needs {e.name or 'a missing package'}: "
+            "install it with pip install 'bnlab[experiment]'",
+            file=sys.stderr,
+        )
+        return 1
+
+    # This process is bnlab's own: it opts in to glibc keeping freed memory
+    # (see memory.py). Library calls such as run_compare leave the allocator
+    # alone; the worker processes they start opt in for themselves.
+    keep_freed_memory()
 
     if cfg.out is None:
         cfg = dataclasses.replace(cfg, out=default_out(args.command))

@@ -1,55 +1,74 @@
 """Batch norm semantics as a pure function, with ``torch.nn.functional.batch_norm``'s signature.
 
-Which statistics normalize the input, and when the running buffers move:
+This is where every rule is decided, once:
 
-* ``training=True``: batch statistics normalize; if running buffers are given
-  they are updated in place, ``r ← (1 − m)·r + m·s`` with the *unbiased*
-  batch variance for ``running_var``.
+* ``training=True``: batch statistics normalize; running buffers, if given,
+  move in place, ``r ← (1 − m)·r + m·s`` with the *unbiased* batch variance
+  for ``running_var`` (an empty batch leaves them).
 * ``training=False``: the running buffers normalize and are never written.
+* every check and error: rank, values per channel, eps, buffer pairs, sizes.
 
-Everything else (which buffers a module passes, momentum=None) is the
-module's business; this function is pure apart from that in-place update.
+Which buffers a module passes and its momentum (``momentum=None``) are the
+module's business; this function is pure apart from the in-place update.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .autograd import Statistics, batch_norm_autograd, batch_norm_eager
+from . import autograd
 from .errors import ChannelMismatchError
 
 
-def _verify_batch_size(input: Tensor) -> None:
+def _check(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    eps: float,
+) -> None:
     size = input.shape
-    values_per_channel = size[0]
-    for s in size[2:]:
-        values_per_channel *= s
-    if values_per_channel == 1:
-        raise ValueError(  # torch's words, torch.Size included
-            f"Expected more than 1 value per channel when training, got input size {size}"
-        )
-
-
-def _check_eps(eps: float, training: bool) -> None:
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-
-
-def _check_sizes(input: Tensor, **per_channel: Tensor | None) -> None:
-    if input.dim() < 2:
+    if len(size) < 2:
         raise ValueError(
-            f"batch_norm expects input of shape (N, C, *), got {input.dim()}D input "
-            f"of size {list(input.shape)}"
+            f"batch_norm expects input of shape (N, C, *), got {len(size)}D input of size "
+            f"{list(size)}"
         )
-    channels = input.shape[1]
-    for name, t in per_channel.items():
+    if training:
+        values_per_channel = size[0]
+        for s in size[2:]:
+            values_per_channel *= s
+        if values_per_channel == 1:
+            raise ValueError(  # torch's words, torch.Size included
+                f"Expected more than 1 value per channel when training, got input size {size}"
+            )
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        if (running_mean is None) != (running_var is None):
+            raise ValueError(
+                "running_mean and running_var must either both be None or neither be None"
+            )
+    else:
+        if eps < 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+        for name, buffer in (("running_mean", running_mean), ("running_var", running_var)):
+            if buffer is None:
+                raise RuntimeError(
+                    f"{name} must be defined in evaluation mode: pass the running buffers "
+                    "or training=True"
+                )
+    channels = size[1]
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
         if t is not None and t.numel() != channels:
             raise ChannelMismatchError(
                 f"batch_norm: {name} has {t.numel()} elements but the input has "
-                f"{channels} channels (input size {list(input.shape)}); "
+                f"{channels} channels (input size {list(size)}); "
                 f"num_features must equal input.shape[1]"
             )
 
@@ -71,44 +90,10 @@ def batch_norm(
     tensor, so a cumulative average (``1 / num_batches_tracked``) needs no
     host sync and stays inside a compiled graph.
     """
-    if (
-        type(input) is Tensor
-        and type(momentum) is float
-        and not torch.compiler.is_compiling()
-        and input.dim() >= 2
-    ):
-        # The common eager case, checked and computed in one step; None: not that case.
-        y = batch_norm_eager(
-            input, weight, bias, running_mean, running_var, bool(training), momentum, eps
-        )
-        if y is not None:
-            return y
-    if training:
-        _verify_batch_size(input)
-    _check_eps(eps, training)
-    if not training:
-        for name, buffer in (("running_mean", running_mean), ("running_var", running_var)):
-            if buffer is None:
-                raise RuntimeError(
-                    f"{name} must be defined in evaluation mode: pass the running buffers "
-                    "or training=True"
-                )
-    elif (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
-    _check_sizes(
-        input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    training = bool(training)
+    _check(input, running_mean, running_var, weight, bias, training, eps)
+    if training and input.numel() == 0:
+        running_mean = running_var = None  # an empty batch moves nothing
+    return autograd.batch_norm(
+        input, weight, bias, running_mean, running_var, training, momentum, eps
     )
-
-    # The running buffers move with the batch statistics (an empty batch leaves
-    # them), inside the kernel's pass when the backend can: see
-    # kernels.update_running_stats for the rule.
-    update = training and running_mean is not None and input.numel() > 0
-    statistics = Statistics(
-        None if training else running_mean,
-        None if training else running_var,
-        eps,
-        running_mean if update else None,
-        running_var if update else None,
-        momentum,
-    )
-    return batch_norm_autograd(input, weight, bias, statistics)

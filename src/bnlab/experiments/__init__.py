@@ -1,17 +1,31 @@
-"""The BN experiment: LeNet-5 with and without batch norm on CIFAR-10, compared and reported."""
+"""The BN experiment: LeNet-5 with and without batch norm on CIFAR-10, compared and reported.
 
-from bnlab.experiments.compare import ExperimentError, check_out, default_out, run_compare
-from bnlab.experiments.config import Config
-from bnlab.experiments.train import EpochResult, evaluate, train_epoch, train_run
+The names below load on first use, so ``bnlab.experiments.config`` (what the
+command line is built from) imports without the ``experiment`` extra and the
+``bnlab`` command can say what is missing.
+"""
 
-__all__ = [
-    "Config",
-    "EpochResult",
-    "ExperimentError",
-    "check_out",
-    "default_out",
-    "evaluate",
-    "run_compare",
-    "train_epoch",
-    "train_run",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "Config": "config",
+    "EpochResult": "train",
+    "ExperimentError": "compare",
+    "check_out": "compare",
+    "default_out": "compare",
+    "evaluate": "train",
+    "run_compare": "compare",
+    "train_epoch": "train",
+    "train_run": "train",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

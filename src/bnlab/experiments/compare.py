@@ -21,7 +21,6 @@ from tqdm import tqdm
 from bnlab.data import CIFAR10, load_cifar10
 from bnlab.experiments import environment
 from bnlab.experiments.config import Config, changed_settings
-from bnlab.experiments.memory import keep_freed_memory
 from bnlab.experiments.plots import plot_curves
 from bnlab.experiments.report import CURVES, summary_table, write_report
 from bnlab.experiments.results import (
@@ -114,8 +113,6 @@ def run_compare(
     device = resolve_device(cfg.device)
     runs = [{"norm": n, "seed": s, "epochs": []} for n in cfg.norms for s in cfg.seeds]
     how = plan(cfg, len(runs), device)
-    if device.type == "cpu":
-        keep_freed_memory()  # no page faults on every step's buffers (see memory.py)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "config": cfg.to_dict(),

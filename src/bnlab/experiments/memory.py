@@ -3,10 +3,13 @@
 A CPU training step allocates and frees the same megabyte-sized buffers
 (activations, gradients) every batch. glibc serves blocks that large with
 fresh mmap()s and returns them on free(), so every step pays page faults on
-all of them: on a virtual machine about a quarter of a LeNet-5 step (measured:
-6.8 -> 5.2 ms per batch with BN, 6.1 -> 4.3 without). Raising glibc's mmap
-and trim thresholds makes it reuse that memory; the process then holds on to
-its peak heap size.
+all of them (``benchmarks/bench_bn.py --keep-memory`` shows what that costs
+a batch norm). Raising glibc's mmap and trim thresholds makes it reuse that
+memory; the process then holds on to its peak heap size.
+
+This changes the allocator of the whole process, so bnlab never calls it on
+a library user's behalf: the ``bnlab`` command opts in for its own process,
+and the experiment's worker processes for themselves.
 """
 
 from __future__ import annotations

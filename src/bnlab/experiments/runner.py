@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bnlab import speedups
 from bnlab.data import CIFAR10
 from bnlab.experiments.config import Config
 from bnlab.experiments.memory import keep_freed_memory
@@ -204,7 +205,9 @@ def _run_in_workers(
     cfg: Config, tasks: list[Task], data: CIFAR10, how: Plan, device: torch.device
 ) -> Iterator[EpochDone]:
     if device.type == "cpu":
-        _build.native()  # build the kernels once, here; the workers then load them from the cache
+        # Build the native modules once, here: the workers then load them from the cache.
+        _build.native()  # batch norm
+        speedups.available()  # the convolution and pooling of NativeConv2d and ReLUMaxPool2d
     ctx = torch.multiprocessing.get_context("spawn")
     task_queue, events = ctx.Queue(), ctx.Queue()
     for task in tasks:

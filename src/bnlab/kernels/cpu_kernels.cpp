@@ -36,16 +36,10 @@
 // which on some machines costs more than the pass itself.
 //
 // The Python functions take data pointers and sizes, never tensors, so this
-// file needs only the Python headers and compiles in a few seconds.
+// file needs only the Python headers (and bnlab_native.h, the helpers it
+// shares with the experiment's kernels) and compiles in a few seconds.
 
-#include <Python.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#else  // built without OpenMP: one thread
-inline int omp_get_thread_num() { return 0; }
-inline int omp_get_num_threads() { return 1; }
-#endif
+#include "bnlab_native.h"
 
 #include <cmath>
 #include <cstdint>
@@ -56,9 +50,6 @@ inline int omp_get_num_threads() { return 1; }
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
 
 namespace {
 
@@ -66,35 +57,10 @@ constexpr int kLanes = 16;           // elements per vector, float and double al
 constexpr int kBlock = 16;           // additions per lane before partial sums go to float64
 constexpr int64_t kPlaneMin = 64;    // inner >= this: plane traversal
 constexpr int64_t kMaxWidth = 4096;  // widest periodic row
-constexpr int64_t kGrain = 32768;    // elements per thread, at least
 constexpr int64_t kAlign = 16;       // thread ranges start at multiples of this
 
-typedef float vf __attribute__((vector_size(64)));
-typedef float vfu __attribute__((vector_size(64), aligned(4)));
-typedef double vd __attribute__((vector_size(128)));
-typedef double vdu __attribute__((vector_size(128), aligned(8)));
-
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-    typedef vf v;
-    typedef vfu u;
-};
-template <>
-struct Vec<double> {
-    typedef vd v;
-    typedef vdu u;
-};
-
-template <typename T>
-inline typename Vec<T>::v load(const T* p) {
-    return *reinterpret_cast<const typename Vec<T>::u*>(p);
-}
-template <typename T>
-inline void store(T* p, typename Vec<T>::v v) {
-    *reinterpret_cast<typename Vec<T>::u*>(p) = v;
-}
+typedef Vec<float, kLanes>::v vf;
+typedef Vec<double, kLanes>::v vd;
 
 // Outputs larger than this are written around the caches (non-temporal
 // stores). A pass writing that much reads at least as much, so little of the
@@ -107,7 +73,7 @@ inline void store(T* p, typename Vec<T>::v v) {
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 template <typename T>
-inline void store_out(T* p, typename Vec<T>::v v, bool stream) {
+inline void store_out(T* p, typename Vec<T, kLanes>::v v, bool stream) {
 #if defined(__AVX__)
     if (stream && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
         const __m256i* from = reinterpret_cast<const __m256i*>(&v);
@@ -117,18 +83,11 @@ inline void store_out(T* p, typename Vec<T>::v v, bool stream) {
         return;
     }
 #endif
-    store(p, v);
-}
-
-// Orders this thread's non-temporal stores before whatever follows.
-inline void store_fence() {
-#if defined(__AVX__)
-    _mm_sfence();
-#endif
+    store<kLanes>(p, v);
 }
 
 template <typename T>
-inline vd to_double(typename Vec<T>::v v);
+inline vd to_double(typename Vec<T, kLanes>::v v);
 template <>
 inline vd to_double<float>(vf v) {
     return __builtin_convertvector(v, vd);
@@ -143,8 +102,6 @@ inline double hsum(vd v) {
     for (int k = 0; k < kLanes; ++k) s += v[k];
     return s;
 }
-
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 int64_t gcd(int64_t a, int64_t b) {
     while (b) {
@@ -169,36 +126,6 @@ struct Geometry {
         return w <= kMaxWidth ? w : p;
     }
 };
-
-// body(t, T) on a team of `team` threads, or directly when team is 1 (an
-// OpenMP region costs microseconds, a small batch norm about as much).
-template <typename F>
-void parallel(int team, F body) {
-    if (team <= 1) {
-        body(0, 1);
-        store_fence();
-        return;
-    }
-#pragma omp parallel num_threads(team)
-    {
-        body(omp_get_thread_num(), omp_get_num_threads());
-        store_fence();
-    }
-}
-
-int team_size(int64_t numel, int requested) {
-    int64_t useful = numel / kGrain;
-    if (useful < 1) useful = 1;
-    return static_cast<int>(requested < useful ? requested : useful);
-}
-
-// [begin, end) of `total` items for thread t of T, begins at multiples of `align`.
-inline void split(int64_t total, int t, int T, int64_t align, int64_t* begin, int64_t* end) {
-    int64_t per = (total + T - 1) / T;
-    per = (per + align - 1) / align * align;
-    *begin = min64(per * t, total);
-    *end = min64(per * (t + 1), total);
-}
 
 // Whole channels per thread, when that balances: every thread the same number, or many.
 inline bool channel_split(const Geometry& g, int T) {
@@ -324,7 +251,7 @@ void finish_stats(int64_t c, double n, double K, double s1, double s2, double ep
 // b) keep two independent addition chains in flight.
 template <typename T>
 struct Sums {
-    typedef typename Vec<T>::v V;
+    typedef typename Vec<T, kLanes>::v V;
     V a1, a2, b1, b2;
     vd d1, d2;
     double r1, r2;  // runs shorter than one vector
@@ -349,10 +276,10 @@ struct Sums {
 // Lanes [16 - rem, 16) one, the others zero: the new part of a run's last,
 // overlapping vector.
 template <typename T>
-inline typename Vec<T>::v tail_ones(int64_t rem) {
+inline typename Vec<T, kLanes>::v tail_ones(int64_t rem) {
     alignas(64) static const T table[2 * kLanes] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                                                     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-    return load(table + rem);
+    return load<kLanes>(table + rem);
 }
 
 // ---- passes over contiguous runs (plane traversal) --------------------------------
@@ -360,10 +287,10 @@ inline typename Vec<T>::v tail_ones(int64_t rem) {
 // Shifted sums of one run: s1 += sum(x - K), s2 += sum((x - K)^2).
 template <typename T>
 void shifted_sums(const T* x, int64_t len, T K, Sums<T>& s) {
-    typedef typename Vec<T>::v V;
+    typedef typename Vec<T, kLanes>::v V;
     int64_t i = 0;
     for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
-        V d = load(x + i) - K, e = load(x + i + kLanes) - K;
+        V d = load<kLanes>(x + i) - K, e = load<kLanes>(x + i + kLanes) - K;
         s.a1 += d;
         s.a2 += d * d;
         s.b1 += e;
@@ -371,13 +298,13 @@ void shifted_sums(const T* x, int64_t len, T K, Sums<T>& s) {
         s.step();
     }
     if (i + kLanes <= len) {
-        V d = load(x + i) - K;
+        V d = load<kLanes>(x + i) - K;
         s.a1 += d;
         s.a2 += d * d;
         i += kLanes;
     }
     if (i < len && len >= kLanes) {
-        V d = (load(x + len - kLanes) - K) * tail_ones<T>(len - i);
+        V d = (load<kLanes>(x + len - kLanes) - K) * tail_ones<T>(len - i);
         s.b1 += d;
         s.b2 += d * d;
     } else {
@@ -393,27 +320,27 @@ void shifted_sums(const T* x, int64_t len, T K, Sums<T>& s) {
 // Gradient sums of one run: s1 += sum(dy), s2 += sum(dy*(x - mh)).
 template <typename T>
 void grad_sums(const T* dy, const T* x, int64_t len, T mh, Sums<T>& s) {
-    typedef typename Vec<T>::v V;
+    typedef typename Vec<T, kLanes>::v V;
     int64_t i = 0;
     for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
-        V g = load(dy + i), h = load(dy + i + kLanes);
+        V g = load<kLanes>(dy + i), h = load<kLanes>(dy + i + kLanes);
         s.a1 += g;
-        s.a2 += g * (load(x + i) - mh);
+        s.a2 += g * (load<kLanes>(x + i) - mh);
         s.b1 += h;
-        s.b2 += h * (load(x + i + kLanes) - mh);
+        s.b2 += h * (load<kLanes>(x + i + kLanes) - mh);
         s.step();
     }
     if (i + kLanes <= len) {
-        V g = load(dy + i);
+        V g = load<kLanes>(dy + i);
         s.a1 += g;
-        s.a2 += g * (load(x + i) - mh);
+        s.a2 += g * (load<kLanes>(x + i) - mh);
         i += kLanes;
     }
     if (i < len && len >= kLanes) {
         const int64_t last = len - kLanes;
-        V g = load(dy + last) * tail_ones<T>(len - i);
+        V g = load<kLanes>(dy + last) * tail_ones<T>(len - i);
         s.b1 += g;
-        s.b2 += g * (load(x + last) - mh);
+        s.b2 += g * (load<kLanes>(x + last) - mh);
     } else {
         for (; i < len; ++i) {
             s.r1 += static_cast<double>(dy[i]);
@@ -442,7 +369,7 @@ inline void elementwise_run(T* out, int64_t len, bool stream, Vector f, Scalar f
     }
     for (int64_t i = 0;; i += kLanes) {
         if (i > len - kLanes) i = len - kLanes;
-        store(out + i, f(i));
+        store<kLanes>(out + i, f(i));
         if (i == len - kLanes) break;
     }
 }
@@ -450,20 +377,20 @@ inline void elementwise_run(T* out, int64_t len, bool stream, Vector f, Scalar f
 // y = (x - mh)*s + b over one run.
 template <typename T>
 void normalize_run(const T* x, T* y, int64_t len, Affine<T> c, bool stream) {
-    typedef typename Vec<T>::v V;
+    typedef typename Vec<T, kLanes>::v V;
     elementwise_run(
-        y, len, stream, [&](int64_t i) { return V((load(x + i) - c.mh) * c.s + c.b); },
+        y, len, stream, [&](int64_t i) { return V((load<kLanes>(x + i) - c.mh) * c.s + c.b); },
         [&](int64_t i) { return (x[i] - c.mh) * c.s + c.b; });
 }
 
 // dx = a*dy - k*(x - mh) + c0 over one run.
 template <typename T>
 void grad_run(const T* dy, const T* x, T* dx, int64_t len, GradCoef<T> q, bool stream) {
-    typedef typename Vec<T>::v V;
+    typedef typename Vec<T, kLanes>::v V;
     elementwise_run(
         dx, len, stream,
         [&](int64_t i) {
-            return V(load(dy + i) * q.a + (q.c0 - (load(x + i) - q.mh) * q.k));
+            return V(load<kLanes>(dy + i) * q.a + (q.c0 - (load<kLanes>(x + i) - q.mh) * q.k));
         },
         [&](int64_t i) { return dy[i] * q.a + (q.c0 - (x[i] - q.mh) * q.k); });
 }
@@ -548,7 +475,7 @@ void for_column_blocks(int64_t r0, int64_t r1, int64_t W, const Sweep& sweep) {
 // acc1[j] += sum_r (x[r, j] - K[j]), acc2[j] += sum_r (x[r, j] - K[j])^2.
 template <typename T>
 struct ColumnSums {
-    typedef typename Vec<T>::v V;
+    typedef typename Vec<T, kLanes>::v V;
     const T* x;
     int64_t W;
     const T* K;
@@ -557,21 +484,21 @@ struct ColumnSums {
     inline void run(int64_t rb, int64_t re, int64_t j) const {
         V k[U], a1[U], a2[U];
         for (int u = 0; u < U; ++u) {
-            k[u] = load(K + j + u * kLanes);
+            k[u] = load<kLanes>(K + j + u * kLanes);
             a1[u] = V{};
             a2[u] = V{};
         }
         for (int64_t r = rb; r < re; ++r)
             for (int u = 0; u < U; ++u) {
-                V d = load(x + r * W + j + u * kLanes) - k[u];
+                V d = load<kLanes>(x + r * W + j + u * kLanes) - k[u];
                 a1[u] += d;
                 a2[u] += d * d;
             }
         for (int u = 0; u < U; ++u) {
             double* p1 = acc1 + j + u * kLanes;
             double* p2 = acc2 + j + u * kLanes;
-            store(p1, vd(load(p1) + to_double<T>(a1[u])));
-            store(p2, vd(load(p2) + to_double<T>(a2[u])));
+            store<kLanes>(p1, vd(load<kLanes>(p1) + to_double<T>(a1[u])));
+            store<kLanes>(p2, vd(load<kLanes>(p2) + to_double<T>(a2[u])));
         }
     }
     inline void scalar(int64_t rb, int64_t re, int64_t j) const {
@@ -614,20 +541,20 @@ void stream_rows(int64_t r0, int64_t r1, int64_t W, double* acc1, double* acc2, 
 
 template <typename T>
 void periodic_sums(const ColumnSums<T>& s, int64_t r0, int64_t r1) {
-    typedef typename Vec<T>::v V;
+    typedef typename Vec<T, kLanes>::v V;
     if (!wide_rows<T>(s.W)) return for_column_blocks<T>(r0, r1, s.W, s);
     stream_rows<T>(
         r0, r1, s.W, s.acc1, s.acc2,
         [&](auto rows, int64_t r, int64_t j, T* p1, T* p2) {
-            const V k = load(s.K + j);
+            const V k = load<kLanes>(s.K + j);
             V a1 = V{}, a2 = V{};
             for (int i = 0; i < decltype(rows)::value; ++i) {
-                V d = load(s.x + (r + i) * s.W + j) - k;
+                V d = load<kLanes>(s.x + (r + i) * s.W + j) - k;
                 a1 += d;
                 a2 += d * d;
             }
-            store(p1, V(load(p1) + a1));
-            store(p2, V(load(p2) + a2));
+            store<kLanes>(p1, V(load<kLanes>(p1) + a1));
+            store<kLanes>(p2, V(load<kLanes>(p2) + a2));
         },
         [&](int64_t r, int64_t j, double* a1, double* a2) {
             double d = static_cast<double>(s.x[r * s.W + j] - s.K[j]);
@@ -639,7 +566,7 @@ void periodic_sums(const ColumnSums<T>& s, int64_t r0, int64_t r1) {
 // acc1[j] += sum_r dy[r, j], acc2[j] += sum_r dy[r, j]*(x[r, j] - MH[j]).
 template <typename T>
 struct ColumnGradSums {
-    typedef typename Vec<T>::v V;
+    typedef typename Vec<T, kLanes>::v V;
     const T *dy, *x;
     int64_t W;
     const T* MH;
@@ -648,22 +575,22 @@ struct ColumnGradSums {
     inline void run(int64_t rb, int64_t re, int64_t j) const {
         V mh[U], a1[U], a2[U];
         for (int u = 0; u < U; ++u) {
-            mh[u] = load(MH + j + u * kLanes);
+            mh[u] = load<kLanes>(MH + j + u * kLanes);
             a1[u] = V{};
             a2[u] = V{};
         }
         for (int64_t r = rb; r < re; ++r)
             for (int u = 0; u < U; ++u) {
                 const int64_t e = r * W + j + u * kLanes;
-                V g = load(dy + e);
+                V g = load<kLanes>(dy + e);
                 a1[u] += g;
-                a2[u] += g * (load(x + e) - mh[u]);
+                a2[u] += g * (load<kLanes>(x + e) - mh[u]);
             }
         for (int u = 0; u < U; ++u) {
             double* p1 = acc1 + j + u * kLanes;
             double* p2 = acc2 + j + u * kLanes;
-            store(p1, vd(load(p1) + to_double<T>(a1[u])));
-            store(p2, vd(load(p2) + to_double<T>(a2[u])));
+            store<kLanes>(p1, vd(load<kLanes>(p1) + to_double<T>(a1[u])));
+            store<kLanes>(p2, vd(load<kLanes>(p2) + to_double<T>(a2[u])));
         }
     }
     inline void scalar(int64_t rb, int64_t re, int64_t j) const {
@@ -677,21 +604,21 @@ struct ColumnGradSums {
 
 template <typename T>
 void periodic_grad_sums(const ColumnGradSums<T>& s, int64_t r0, int64_t r1) {
-    typedef typename Vec<T>::v V;
+    typedef typename Vec<T, kLanes>::v V;
     if (!wide_rows<T>(s.W)) return for_column_blocks<T>(r0, r1, s.W, s);
     stream_rows<T>(
         r0, r1, s.W, s.acc1, s.acc2,
         [&](auto rows, int64_t r, int64_t j, T* p1, T* p2) {
-            const V mh = load(s.MH + j);
+            const V mh = load<kLanes>(s.MH + j);
             V a1 = V{}, a2 = V{};
             for (int i = 0; i < decltype(rows)::value; ++i) {
                 const int64_t e = (r + i) * s.W + j;
-                V g = load(s.dy + e);
+                V g = load<kLanes>(s.dy + e);
                 a1 += g;
-                a2 += g * (load(s.x + e) - mh);
+                a2 += g * (load<kLanes>(s.x + e) - mh);
             }
-            store(p1, V(load(p1) + a1));
-            store(p2, V(load(p2) + a2));
+            store<kLanes>(p1, V(load<kLanes>(p1) + a1));
+            store<kLanes>(p2, V(load<kLanes>(p2) + a2));
         },
         [&](int64_t r, int64_t j, double* a1, double* a2) {
             const int64_t e = r * s.W + j;
@@ -703,7 +630,7 @@ void periodic_grad_sums(const ColumnGradSums<T>& s, int64_t r0, int64_t r1) {
 // Affine coefficients per column, and y = (x - mh)*s + b over rows.
 template <typename T>
 struct ColumnNormalize {
-    typedef typename Vec<T>::v V;
+    typedef typename Vec<T, kLanes>::v V;
     std::vector<T> mh, s, b;
     const T* x;
     T* y;
@@ -722,14 +649,14 @@ struct ColumnNormalize {
     inline void run(int64_t rb, int64_t re, int64_t j) const {
         V vmh[U], vs[U], vb[U];
         for (int u = 0; u < U; ++u) {
-            vmh[u] = load(mh.data() + j + u * kLanes);
-            vs[u] = load(s.data() + j + u * kLanes);
-            vb[u] = load(b.data() + j + u * kLanes);
+            vmh[u] = load<kLanes>(mh.data() + j + u * kLanes);
+            vs[u] = load<kLanes>(s.data() + j + u * kLanes);
+            vb[u] = load<kLanes>(b.data() + j + u * kLanes);
         }
         for (int64_t r = rb; r < re; ++r)
             for (int u = 0; u < U; ++u) {
                 const int64_t e = r * W + j + u * kLanes;
-                store_out(y + e, V((load(x + e) - vmh[u]) * vs[u] + vb[u]), stream);
+                store_out(y + e, V((load<kLanes>(x + e) - vmh[u]) * vs[u] + vb[u]), stream);
             }
     }
     inline void scalar(int64_t rb, int64_t re, int64_t j) const {
@@ -743,7 +670,7 @@ struct ColumnNormalize {
 // Gradient coefficients per column, and dx = a*dy - k*(x - mh) + c0 over rows.
 template <typename T>
 struct ColumnGrad {
-    typedef typename Vec<T>::v V;
+    typedef typename Vec<T, kLanes>::v V;
     std::vector<T> mh, a, k, c0;
     const T *dy, *x;
     T* dx;
@@ -764,16 +691,16 @@ struct ColumnGrad {
     inline void run(int64_t rb, int64_t re, int64_t j) const {
         V vmh[U], va[U], vk[U], vc[U];
         for (int u = 0; u < U; ++u) {
-            vmh[u] = load(mh.data() + j + u * kLanes);
-            va[u] = load(a.data() + j + u * kLanes);
-            vk[u] = load(k.data() + j + u * kLanes);
-            vc[u] = load(c0.data() + j + u * kLanes);
+            vmh[u] = load<kLanes>(mh.data() + j + u * kLanes);
+            va[u] = load<kLanes>(a.data() + j + u * kLanes);
+            vk[u] = load<kLanes>(k.data() + j + u * kLanes);
+            vc[u] = load<kLanes>(c0.data() + j + u * kLanes);
         }
         for (int64_t r = rb; r < re; ++r)
             for (int u = 0; u < U; ++u) {
                 const int64_t e = r * W + j + u * kLanes;
-                V t = load(x + e) - vmh[u];
-                store_out(dx + e, V(load(dy + e) * va[u] + (vc[u] - t * vk[u])), stream);
+                V t = load<kLanes>(x + e) - vmh[u];
+                store_out(dx + e, V(load<kLanes>(dy + e) * va[u] + (vc[u] - t * vk[u])), stream);
             }
     }
     inline void scalar(int64_t rb, int64_t re, int64_t j) const {
@@ -1041,269 +968,6 @@ void backward(const T* dy, const T* x, T* dx, const T* w, const double* mean, co
     }
 }
 
-// ---- fused ReLU + 2x2 max pooling (stride 2, floor) -----------------------------------
-//
-// y = max of relu over each 2x2 window = relu(max of the window): the numbers
-// of ReLU followed by MaxPool2d(2), in one pass instead of two (ReLU, then the
-// pool). The forward stores no indices: the backward finds each window's
-// winner again from x and y, as torch's pool picks it (a later value wins
-// only if greater, or NaN): where y > 0, the first position holding y; where
-// y is NaN, the last NaN; where y is 0 (the maximum is <= 0), none, since ReLU
-// passes no gradient. Storing a uint8 index per output made the forward's
-// loops mix float and byte lanes, which compilers vectorize only for rows far
-// longer than LeNet-5's; the float-only forward runs 3-4x faster, and the
-// backward pays one extra read of x. Backward writes every dx value once: dy
-// at the winner, 0 elsewhere, also in rows or columns past the last window.
-//
-// Layouts: NCHW walks planes of one channel; channels_last (memory N, H, W, C)
-// walks rows of windows with the channels innermost. Both take the vertical
-// maximum of a row pair first (one long contiguous loop), then the horizontal.
-
-// Branch-free by construction: the winner is data-dependent, so jumps would
-// mispredict about half the time (measured 2-5x slower on random data), and
-// compilers turn plain ?: on floats back into jumps. pick() selects bits.
-template <typename T>
-struct Bits;
-template <>
-struct Bits<float> {
-    typedef uint32_t u;
-};
-template <>
-struct Bits<double> {
-    typedef uint64_t u;
-};
-
-template <typename T>
-inline T pick(bool take, T yes, T no) {
-    typedef typename Bits<T>::u U;
-    U a, b;
-    std::memcpy(&a, &yes, sizeof(T));
-    std::memcpy(&b, &no, sizeof(T));
-    const U mask = U(0) - U(take);
-    const U r = (a & mask) | (b & ~mask);
-    T out;
-    std::memcpy(&out, &r, sizeof(T));
-    return out;
-}
-
-// The pool's running maximum: v replaces m if greater, or NaN.
-template <typename T>
-inline T pool_max(T m, T v) {
-    return pick((v > m) | (v != v), v, m);
-}
-
-// ReLU of a window maximum: 0 where it is <= 0; NaN passes.
-template <typename T>
-inline T relu_of(T m) {
-    return pick(m <= T(0), T(0), m);
-}
-
-struct PoolShape {
-    int64_t N, C, H, W;
-    int64_t Ho() const { return H / 2; }
-    int64_t Wo() const { return W / 2; }
-};
-
-constexpr int64_t kPoolChunk = 1024;  // values of a row pair's vertical maximum kept on the stack
-
-// f(std::integral_constant<int, lane>) for NCHW rows (lane 1) and the small
-// channel counts of channels_last rows, f(std::integral_constant<int, 0>)
-// (lane known at run time) otherwise. With the lane fixed, a pixel's channels
-// compile to vector operations; with it unknown they stay scalar: LeNet-5's
-// 6-channel pool backward ran 4x slower, and its NCHW backward 2x slower.
-template <typename F>
-inline void with_lane(int64_t lane, F f) {
-    switch (lane) {
-        case 1: f(std::integral_constant<int, 1>{}); break;
-        case 2: f(std::integral_constant<int, 2>{}); break;
-        case 3: f(std::integral_constant<int, 3>{}); break;
-        case 4: f(std::integral_constant<int, 4>{}); break;
-        case 5: f(std::integral_constant<int, 5>{}); break;
-        case 6: f(std::integral_constant<int, 6>{}); break;
-        case 7: f(std::integral_constant<int, 7>{}); break;
-        case 8: f(std::integral_constant<int, 8>{}); break;
-        default: f(std::integral_constant<int, 0>{});
-    }
-}
-
-// One row of windows: top and bottom input rows hold Wo windows of `lane`
-// adjacent values each side by side (lane = 1 for NCHW, C for channels_last),
-// and y gets Wo * lane outputs. Order within a window: top-left, top-right,
-// bottom-left, bottom-right; the vertical maximum first is the same value
-// (max is order-free, and any NaN makes the result NaN either way).
-template <typename T, int FixedLane = 0>
-void pool_row(const T* __restrict top, const T* __restrict bottom, T* __restrict y, int64_t Wo,
-              int64_t runtime_lane) {
-    const int64_t lane = FixedLane ? FixedLane : runtime_lane;
-    T v[kPoolChunk];
-    const int64_t per_chunk = kPoolChunk / (2 * lane) > 0 ? kPoolChunk / (2 * lane) : 1;
-    for (int64_t j0 = 0; j0 < Wo; j0 += per_chunk) {
-        const int64_t j1 = min64(j0 + per_chunk, Wo);
-        if (2 * lane > kPoolChunk) {  // very wide channels: window by window
-            for (int64_t j = j0; j < j1; ++j) {
-                const T* p = top + 2 * j * lane;
-                const T* q = bottom + 2 * j * lane;
-                for (int64_t c = 0; c < lane; ++c)
-                    y[j * lane + c] = relu_of(pool_max(pool_max(pool_max(p[c], p[lane + c]), q[c]),
-                                                       q[lane + c]));
-            }
-            continue;
-        }
-        const int n = int(2 * (j1 - j0) * lane), l = int(lane);
-        const T* __restrict p = top + 2 * j0 * lane;
-        const T* __restrict q = bottom + 2 * j0 * lane;
-        for (int e = 0; e < n; ++e) v[e] = pool_max(p[e], q[e]);
-        T* __restrict out = y + j0 * lane;
-        const int windows = int(j1 - j0);
-        if (l == 1) {
-            for (int j = 0; j < windows; ++j) out[j] = relu_of(pool_max(v[2 * j], v[2 * j + 1]));
-        } else {
-            for (int j = 0; j < windows; ++j)
-                for (int c = 0; c < l; ++c)
-                    out[j * l + c] = relu_of(pool_max(v[2 * j * l + c], v[(2 * j + 1) * l + c]));
-        }
-    }
-}
-
-// NCHW with an even width: `rows` rows of windows of one plane at once. The
-// vertical maxima of all their row pairs lie side by side in v, so the
-// horizontal pass is one long loop however short the rows (LeNet-5's 10-wide
-// rows: 126 -> 40 us on (64, 16, 10, 10)).
-template <typename T>
-void pool_rows_nchw(const T* __restrict x, T* __restrict y, int64_t rows, int64_t W) {
-    T v[kPoolChunk];
-    for (int64_t i = 0; i < rows; ++i) {
-        const T* __restrict p = x + 2 * i * W;
-        const T* __restrict q = p + W;
-        T* __restrict vi = v + i * W;
-        for (int64_t k = 0; k < W; ++k) vi[k] = pool_max(p[k], q[k]);
-    }
-    const int64_t outs = rows * W / 2;
-    for (int64_t o = 0; o < outs; ++o) y[o] = relu_of(pool_max(v[2 * o], v[2 * o + 1]));
-}
-
-template <typename T>
-void relu_maxpool_forward(const T* x, T* y, const PoolShape& s, bool channels_last, int threads) {
-    const int64_t Ho = s.Ho(), Wo = s.Wo(), H = s.H, W = s.W, C = s.C;
-    if (!channels_last && W % 2 == 0 && W <= kPoolChunk) {
-        const int64_t group = kPoolChunk / W;  // rows of windows per call
-        parallel(team_size(s.N * C * H * W, threads), [&](int t, int T_) {
-            int64_t begin, end;
-            split(s.N * C, t, T_, 1, &begin, &end);
-            for (int64_t plane = begin; plane < end; ++plane)
-                for (int64_t i = 0; i < Ho; i += group)
-                    pool_rows_nchw(x + (plane * H + 2 * i) * W, y + (plane * Ho + i) * Wo,
-                                   min64(group, Ho - i), W);
-        });
-        return;
-    }
-    const int64_t rows = channels_last ? s.N * Ho : s.N * C * Ho;  // rows of windows
-    const int64_t lane = channels_last ? C : 1;
-    parallel(team_size(s.N * C * H * W, threads), [&](int t, int T_) {
-        int64_t begin, end;
-        split(rows, t, T_, 1, &begin, &end);
-        with_lane(lane, [&](auto fixed) {
-            // r = (n, i) for channels_last, (n, c, i) for NCHW: the same arithmetic,
-            // with a "plane" of H rows of W * lane values.
-            int64_t plane = begin / Ho, i = begin % Ho;
-            for (int64_t r = begin; r < end; ++r) {
-                const T* top = x + (plane * H + 2 * i) * W * lane;
-                pool_row<T, decltype(fixed)::value>(top, top + W * lane, y + r * Wo * lane, Wo,
-                                                    lane);
-                if (++i == Ho) i = 0, ++plane;
-            }
-        });
-    });
-}
-
-// dx of one window from its four inputs, its output m and the output gradient g.
-// The general case, NaN included.
-template <typename T>
-inline void unpool_window(T a, T b, T c, T d, T m, T g, T* da, T* db, T* dc, T* dd) {
-    const bool live = m > T(0);  // the window's maximum passed ReLU
-    const bool ea = a == m, eb = b == m, ec = c == m, ed = d == m;  // all false for NaN m
-    const bool na = a != a, nb = b != b, nc = c != c, nd = d != d;
-    const bool nan = m != m;
-    // first position holding m; last NaN
-    const bool wa = (live & ea) | (nan & na & !nb & !nc & !nd);
-    const bool wb = (live & eb & !ea) | (nan & nb & !nc & !nd);
-    const bool wc = (live & ec & !ea & !eb) | (nan & nc & !nd);
-    const bool wd = (live & ed & !ea & !eb & !ec) | (nan & nd);
-    *da = pick(wa, g, T(0));
-    *db = pick(wb, g, T(0));
-    *dc = pick(wc, g, T(0));
-    *dd = pick(wd, g, T(0));
-}
-
-// One row of windows without NaN outputs (so none in its inputs): the gradient
-// g (0 where ReLU stopped it) goes to the first position holding m: a chain of
-// branch-free selects.
-template <typename T, int FixedLane = 0>
-void unpool_row(const T* __restrict p, const T* __restrict q, const T* __restrict m,
-                const T* __restrict g, T* __restrict dp, T* __restrict dq, int64_t Wo,
-                int64_t lane) {
-    const int wo = int(Wo), l = FixedLane ? FixedLane : int(lane);
-    for (int j = 0; j < wo; ++j)
-        for (int c = 0; c < l; ++c) {
-            const int o = j * l + c, left = 2 * j * l + c, right = left + l;
-            const T mo = m[o];
-            T rest = pick(mo > T(0), g[o], T(0));
-            const bool ea = p[left] == mo;
-            dp[left] = pick(ea, rest, T(0));
-            rest = pick(ea, T(0), rest);
-            const bool eb = p[right] == mo;
-            dp[right] = pick(eb, rest, T(0));
-            rest = pick(eb, T(0), rest);
-            const bool ec = q[left] == mo;
-            dq[left] = pick(ec, rest, T(0));
-            dq[right] = pick(ec, T(0), rest);
-        }
-}
-
-template <typename T>
-void relu_maxpool_backward(const T* dy, const T* x, const T* y, T* dx, const PoolShape& s,
-                           bool channels_last, int threads) {
-    const int64_t Ho = s.Ho(), Wo = s.Wo(), H = s.H, W = s.W, C = s.C;
-    const int64_t planes = channels_last ? s.N : s.N * C;
-    const int64_t lane = channels_last ? C : 1;
-    parallel(team_size(s.N * C * H * W, threads), [&](int t, int T_) {
-        int64_t begin, end;
-        split(planes, t, T_, 1, &begin, &end);
-        const int64_t row = W * lane, outs = Wo * lane;
-        for (int64_t r = begin; r < end; ++r) {  // one image (channels_last) or plane (NCHW)
-            const T* xs = x + r * H * row;
-            T* ds = dx + r * H * row;
-            for (int64_t i = 0; i < Ho; ++i) {
-                const T* p = xs + 2 * i * row;
-                const T* q = p + row;
-                T* dp = ds + 2 * i * row;
-                T* dq = dp + row;
-                const T* m = y + (r * Ho + i) * outs;
-                const T* g = dy + (r * Ho + i) * outs;
-                bool nan = false;
-                for (int64_t o = 0; o < outs; ++o) nan |= m[o] != m[o];
-                if (!nan) {
-                    with_lane(lane, [&](auto fixed) {
-                        unpool_row<T, decltype(fixed)::value>(p, q, m, g, dp, dq, Wo, lane);
-                    });
-                } else {
-                    for (int64_t j = 0; j < Wo; ++j)
-                        for (int64_t c = 0; c < lane; ++c) {
-                            const int64_t o = j * lane + c, left = 2 * j * lane + c;
-                            const int64_t right = left + lane;
-                            unpool_window(p[left], p[right], q[left], q[right], m[o], g[o],
-                                          dp + left, dp + right, dq + left, dq + right);
-                        }
-                }
-                if (W % 2) {  // the last column belongs to no window
-                    for (int64_t c = 0; c < lane; ++c) dp[(W - 1) * lane + c] = dq[(W - 1) * lane + c] = T(0);
-                }
-            }
-            for (int64_t e = 2 * Ho * row; e < H * row; ++e) ds[e] = T(0);  // the last odd row
-        }
-    });
-}
-
 // ---- Python functions ----------------------------------------------------------------------
 //
 // Arguments are ints (data pointers, sizes, flags; None for an absent tensor)
@@ -1312,45 +976,33 @@ void relu_maxpool_backward(const T* dy, const T* x, const T* y, T* dx, const Poo
 // float32); running buffers in float64 if running_is_double, else float32;
 // mean, var and invstd (in or out) in float64.
 
-bool check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char* name) {
-    if (nargs == want) return true;
-    PyErr_Format(PyExc_TypeError, "%s expects %zd arguments, got %zd", name, want, nargs);
-    return false;
-}
-
-inline void* ptr(PyObject* o) { return o == Py_None ? nullptr : PyLong_AsVoidPtr(o); }
-inline int64_t i64(PyObject* o) { return PyLong_AsLongLong(o); }
-inline double f64(PyObject* o) { return PyFloat_AsDouble(o); }
-
-// Small calls keep the GIL: releasing it costs more than they take.
-struct MaybeReleaseGil {
-    PyThreadState* state;
-    explicit MaybeReleaseGil(int64_t numel)
-        : state(numel >= kGrain ? PyEval_SaveThread() : nullptr) {}
-    ~MaybeReleaseGil() {
-        if (state) PyEval_RestoreThread(state);
-    }
-};
-
 inline Stats stats_of(PyObject* const* a) {
     return Stats{static_cast<double*>(ptr(a[0])), static_cast<double*>(ptr(a[1])),
                  static_cast<double*>(ptr(a[2]))};
 }
 
+// The statistics in `scratch`, for a caller that passed None for all three (it wants y alone).
+inline Stats scratch_stats(std::vector<double>& scratch, int64_t C) {
+    scratch.resize(size_t(3 * C));
+    return Stats{scratch.data(), scratch.data() + C, scratch.data() + 2 * C};
+}
+
 // forward_train(x, y, weight, bias, mean, var, invstd, running_mean, running_var,
 //               running_is_double, momentum, eps, is_double, outer, C, inner, threads)
-// mean, var (biased), invstd: (C,) outputs. The running buffers, when given,
-// move by r <- (1 - momentum)*r + momentum*s (unbiased variance).
+// mean, var (biased), invstd: (C,) outputs, or all three None. The running
+// buffers, when given, move by r <- (1 - momentum)*r + momentum*s (unbiased variance).
 PyObject* py_forward_train(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     if (!check_nargs(nargs, 17, "forward_train")) return nullptr;
     void *x = ptr(a[0]), *y = ptr(a[1]), *w = ptr(a[2]), *b = ptr(a[3]);
-    const Stats stats = stats_of(a + 4);
+    Stats stats = stats_of(a + 4);
     const Running run{ptr(a[7]), ptr(a[8]), int(i64(a[9])), f64(a[10])};
     const double eps = f64(a[11]);
     const bool is_double = i64(a[12]) != 0;
     const Geometry g{i64(a[13]), i64(a[14]), i64(a[15])};
     const int threads = int(i64(a[16]));
     if (PyErr_Occurred()) return nullptr;
+    std::vector<double> scratch;
+    if (!stats.mean) stats = scratch_stats(scratch, g.C);
     MaybeReleaseGil gil(g.numel());
     if (is_double) {
         advise_huge_pages(y, g.numel() * 8);
@@ -1389,11 +1041,8 @@ PyObject* py_forward_eval(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     const Geometry g{i64(a[12]), i64(a[13]), i64(a[14])};
     const int threads = int(i64(a[15]));
     if (PyErr_Occurred()) return nullptr;
-    std::vector<double> scratch;  // the statistics, when the caller does not want them
-    if (!stats.mean) {
-        scratch.resize(size_t(3 * g.C));
-        stats = Stats{scratch.data(), scratch.data() + g.C, scratch.data() + 2 * g.C};
-    }
+    std::vector<double> scratch;
+    if (!stats.mean) stats = scratch_stats(scratch, g.C);
     MaybeReleaseGil gil(g.numel());
     if (running_is_double)
         running_stats(static_cast<const double*>(rm), static_cast<const double*>(rv), g.C, eps,
@@ -1405,31 +1054,6 @@ PyObject* py_forward_eval(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
         normalize_call<double>(x, y, w, b, stats, g, threads);
     else
         normalize_call<float>(x, y, w, b, stats, g, threads);
-    Py_RETURN_NONE;
-}
-
-// normalize(x, y, weight, bias, mean, invstd, is_double, outer, C, inner, threads)
-PyObject* py_normalize(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
-    if (!check_nargs(nargs, 11, "normalize")) return nullptr;
-    void *x = ptr(a[0]), *y = ptr(a[1]), *w = ptr(a[2]), *b = ptr(a[3]);
-    const double* mean = static_cast<const double*>(ptr(a[4]));
-    const double* invstd = static_cast<const double*>(ptr(a[5]));
-    const bool is_double = i64(a[6]) != 0;
-    const Geometry g{i64(a[7]), i64(a[8]), i64(a[9])};
-    const int threads = int(i64(a[10]));
-    if (PyErr_Occurred()) return nullptr;
-    MaybeReleaseGil gil(g.numel());
-    if (is_double) {
-        advise_huge_pages(y, g.numel() * 8);
-        normalize(static_cast<const double*>(x), static_cast<double*>(y),
-                  static_cast<const double*>(w), static_cast<const double*>(b), mean, invstd, g,
-                  threads);
-    } else {
-        advise_huge_pages(y, g.numel() * 4);
-        normalize(static_cast<const float*>(x), static_cast<float*>(y),
-                  static_cast<const float*>(w), static_cast<const float*>(b), mean, invstd, g,
-                  threads);
-    }
     Py_RETURN_NONE;
 }
 
@@ -1460,75 +1084,21 @@ PyObject* py_backward(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     }
     Py_RETURN_NONE;
 }
-
-// relu_maxpool_forward(x, y, is_double, N, C, H, W, channels_last, threads)
-PyObject* py_relu_maxpool_forward(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
-    if (!check_nargs(nargs, 9, "relu_maxpool_forward")) return nullptr;
-    void *x = ptr(a[0]), *y = ptr(a[1]);
-    const bool is_double = i64(a[2]) != 0;
-    const PoolShape s{i64(a[3]), i64(a[4]), i64(a[5]), i64(a[6])};
-    const bool channels_last = i64(a[7]) != 0;
-    const int threads = int(i64(a[8]));
-    if (PyErr_Occurred()) return nullptr;
-    MaybeReleaseGil gil(s.N * s.C * s.H * s.W);
-    if (is_double)
-        relu_maxpool_forward(static_cast<const double*>(x), static_cast<double*>(y), s,
-                             channels_last, threads);
-    else
-        relu_maxpool_forward(static_cast<const float*>(x), static_cast<float*>(y), s,
-                             channels_last, threads);
-    Py_RETURN_NONE;
-}
-
-// relu_maxpool_backward(dy, x, y, dx, is_double, N, C, H, W, channels_last, threads)
-PyObject* py_relu_maxpool_backward(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
-    if (!check_nargs(nargs, 11, "relu_maxpool_backward")) return nullptr;
-    void *dy = ptr(a[0]), *x = ptr(a[1]), *y = ptr(a[2]), *dx = ptr(a[3]);
-    const bool is_double = i64(a[4]) != 0;
-    const PoolShape s{i64(a[5]), i64(a[6]), i64(a[7]), i64(a[8])};
-    const bool channels_last = i64(a[9]) != 0;
-    const int threads = int(i64(a[10]));
-    if (PyErr_Occurred()) return nullptr;
-    MaybeReleaseGil gil(s.N * s.C * s.H * s.W);
-    if (is_double)
-        relu_maxpool_backward(static_cast<const double*>(dy), static_cast<const double*>(x),
-                              static_cast<const double*>(y), static_cast<double*>(dx), s,
-                              channels_last, threads);
-    else
-        relu_maxpool_backward(static_cast<const float*>(dy), static_cast<const float*>(x),
-                              static_cast<const float*>(y), static_cast<float*>(dx), s,
-                              channels_last, threads);
-    Py_RETURN_NONE;
-}
-
-template <PyObject* (*F)(PyObject*, PyObject* const*, Py_ssize_t)>
-PyCFunction fastcall() {
-    return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(F));
-}
-
 PyMethodDef methods[] = {
     {"forward_train", fastcall<py_forward_train>(), METH_FASTCALL,
      "Batch statistics, running-stat update and normalize, fused."},
     {"forward_eval", fastcall<py_forward_eval>(), METH_FASTCALL,
      "Normalize with running statistics."},
-    {"normalize", fastcall<py_normalize>(), METH_FASTCALL, "Normalize with given statistics."},
     {"backward", fastcall<py_backward>(), METH_FASTCALL, "Gradients of x, weight and bias."},
-    {"relu_maxpool_forward", fastcall<py_relu_maxpool_forward>(), METH_FASTCALL,
-     "ReLU then 2x2 max pooling, fused."},
-    {"relu_maxpool_backward", fastcall<py_relu_maxpool_backward>(), METH_FASTCALL,
-     "Gradient of the fused ReLU + 2x2 max pooling."},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_bnlab_cpu", "bnlab CPU kernels: batch norm, ReLU + pooling, convolution", -1,
-                          methods, nullptr, nullptr, nullptr, nullptr};
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_bnlab_bn_cpu", "bnlab's batch norm CPU kernels",
+                          -1, methods, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 
-extern PyMethodDef bnlab_conv_methods[];  // conv_kernels.cpp, linked into the same module
-
-PyMODINIT_FUNC PyInit__bnlab_cpu(void) {
+PyMODINIT_FUNC PyInit__bnlab_bn_cpu(void) {
     PyObject* module = PyModule_Create(&module_def);
-    if (module && PyModule_AddFunctions(module, bnlab_conv_methods) != 0) Py_CLEAR(module);
     if (module && PyModule_AddIntConstant(module, "STREAM_BYTES", long(kStreamBytes)) != 0)
         Py_CLEAR(module);
     return module;

@@ -1,12 +1,13 @@
-"""Reference backend: batch norm in plain torch ops.
+"""The reference backend: batch norm in plain torch ops, the oracle for every other backend.
 
-This is the oracle every other backend is tested against. It is exact in
-float64, works on any device and dtype, and is differentiable, so the
-autograd function also uses it for double backward.
+It is exact in float64, runs on any device and dtype, and is differentiable
+and vmappable, so the autograd function also uses its formulas for double
+backward, forward-mode AD and tensors without storage (vmap and grad
+wrappers).
 
-Shapes: ``x`` is (N, C, *spatial); every reduction is over all dims but 1,
-``n = N * prod(spatial)``. Statistics come back as (C,) tensors in the
-accumulation dtype (float64 for float64 input, float32 otherwise).
+Shapes: ``x`` is (N, C, *spatial); reductions run over all dims but 1,
+``n = N·∏spatial``. Statistics are (C,) tensors in the accumulation dtype
+(float64 for float64 input, float32 otherwise).
 """
 
 from __future__ import annotations
@@ -25,17 +26,32 @@ def _reduce_dims(x: Tensor) -> list[int]:
 
 
 def _per_channel(t: Tensor, x: Tensor) -> Tensor:
-    """View a (C,) tensor so it broadcasts against x: (1, C, 1, ...)."""
+    """A (C,) tensor viewed to broadcast against x: (1, C, 1, ...)."""
     return t.view([1, -1] + [1] * (x.dim() - 2))
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance, two-pass (exact for shifted data)."""
+    """Per-channel mean and biased variance, in two passes (exact for data with a large mean)."""
     xa = x.to(acc_dtype(x.dtype))
     dims = _reduce_dims(x)
     mean = xa.mean(dims)
     var = (xa - _per_channel(mean, x)).square().mean(dims)
     return mean, var
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    momentum: float | Tensor,
+    n: int,
+) -> None:
+    """r ← (1 − m)·r + m·s in place, with the unbiased variance var·n/(n − 1)."""
+    with torch.no_grad():
+        unbiased_var = var * (n / (n - 1))
+        running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
+        running_var.mul_(1 - momentum).add_(momentum * unbiased_var.to(running_var.dtype))
 
 
 def normalize(
@@ -49,22 +65,13 @@ def normalize(
     return y.to(x.dtype)
 
 
-def forward_train(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Normalize with batch statistics. Returns (y, mean, var, invstd), var biased."""
-    mean, var = batch_stats(x)
-    invstd = torch.rsqrt(var + eps)
-    return normalize(x, mean, invstd, weight, bias), mean, var, invstd
-
-
 def backward(
     dy: Tensor,
     x: Tensor,
+    weight: Tensor | None,
     mean: Tensor,
     invstd: Tensor,
-    weight: Tensor | None,
-    batch_stats_used: bool,
+    batch_stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of y = xhat·γ + β with xhat = (x − mean)·invstd.
 
@@ -83,11 +90,81 @@ def backward(
     dbias = dya.sum(dims)
     dweight = (dya * xhat).sum(dims)
     scale = invstd if weight is None else invstd * weight.to(acc)
-    if batch_stats_used:
-        n = x.numel() // x.size(1) if x.numel() else 1
+    if batch_stats:
+        n = max(x.numel() // x.size(1), 1) if x.size(1) else 1
         dx = (dya - _per_channel(dbias / n, x) - xhat * _per_channel(dweight / n, x)) * (
             _per_channel(scale, x)
         )
     else:
         dx = dya * _per_channel(scale, x)
     return dx.to(dy.dtype), dweight, dbias
+
+
+def tangent(
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    batch_stats: bool,
+    x_t: Tensor | None,
+    weight_t: Tensor | None,
+    bias_t: Tensor | None,
+) -> Tensor:
+    """Forward-mode derivative ṫ_y of y = xhat·γ + β for tangents ṫ_x, ṫ_γ, ṫ_β (None: zero).
+
+        batch statistics:   ṫ_y = γ·invstd·(ṫ_x − mean(ṫ_x) − xhat·mean(ṫ_x·xhat)) + xhat·ṫ_γ + ṫ_β
+        running statistics: ṫ_y = γ·invstd·ṫ_x + xhat·ṫ_γ + ṫ_β
+
+    (means over the reduced dims: the tangents of the batch mean and of invstd).
+    """
+    acc = invstd.dtype
+    xhat = (x.to(acc) - _per_channel(mean, x)) * _per_channel(invstd, x)
+    y_t = torch.zeros_like(xhat)
+    if x_t is not None:
+        xa_t = x_t.to(acc)
+        if batch_stats:
+            dims = _reduce_dims(x)
+            xa_t = (
+                xa_t
+                - xa_t.mean(dims, keepdim=True)
+                - xhat * (xa_t * xhat).mean(dims, keepdim=True)
+            )
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        y_t = y_t + xa_t * _per_channel(scale, x)
+    if weight_t is not None:
+        y_t = y_t + xhat * _per_channel(weight_t.to(acc), x)
+    if bias_t is not None:
+        y_t = y_t + _per_channel(bias_t.to(acc), x)
+    return y_t.to(x.dtype)
+
+
+class ReferenceBackend:
+    """:class:`~bnlab.kernels.protocol.Backend` in the torch ops above; takes any input."""
+
+    name = "reference"
+
+    def supports(self, x: Tensor) -> bool:
+        return True
+
+    def forward_train(
+        self, x, weight, bias, eps, running_mean, running_var, momentum, want_stats=True
+    ):
+        mean, var = batch_stats(x)
+        invstd = torch.rsqrt(var + eps)
+        if running_mean is not None:
+            update_running_stats(
+                running_mean, running_var, mean, var, momentum, x.numel() // x.size(1)
+            )
+        return normalize(x, mean, invstd, weight, bias), mean, invstd
+
+    def forward_eval(self, x, weight, bias, running_mean, running_var, eps, want_stats=True):
+        acc = acc_dtype(x.dtype)
+        mean = running_mean.to(acc, copy=True)  # an output of its own, not the buffer
+        invstd = torch.rsqrt(running_var.to(acc) + eps)
+        return normalize(x, mean, invstd, weight, bias), mean, invstd
+
+    def backward(self, dy, x, weight, mean, invstd, batch_stats):
+        return backward(dy, x, weight, mean, invstd, batch_stats)
+
+
+REFERENCE = ReferenceBackend()

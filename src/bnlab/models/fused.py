@@ -6,7 +6,7 @@ import itertools
 
 from torch import Tensor, nn
 
-from bnlab.kernels.relu_maxpool import relu_maxpool2d
+from bnlab.speedups.relu_maxpool import relu_maxpool2d
 
 
 class ReLUMaxPool2d(nn.Module):

@@ -1,15 +1,15 @@
-"""``nn.Conv2d`` on bnlab's direct CPU convolution kernels (`bnlab.kernels.conv2d`)."""
+"""``nn.Conv2d`` on bnlab's direct CPU convolution kernels (`bnlab.speedups.conv2d`)."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from bnlab.kernels.conv2d import conv2d
+from bnlab.speedups.conv2d import conv2d
 
 
 class NativeConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` (stride 1, no dilation, one group, zero padding) computed by
-    `bnlab.kernels.conv2d.conv2d`: the same parameters and state_dict, the same
+    `bnlab.speedups.conv2d.conv2d`: the same parameters and state_dict, the same
     function up to the order of float additions."""
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

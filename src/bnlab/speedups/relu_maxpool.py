@@ -3,11 +3,12 @@
 ``relu_maxpool2d(x)`` equals ``F.max_pool2d(F.relu(x), 2)`` in value and
 gradient: ReLU is monotonic, so the maximum of the ReLU'd window is the ReLU
 of the window's maximum, at the same (first) position. The native kernels
-(``cpu_kernels.cpp``) compute it in one pass forward and one backward, where
+(``relu_maxpool.cpp``) compute it in one pass forward and one backward, where
 torch makes two forward (ReLU, the pool) and three backward (the pool
 gradient's zero fill and scatter, ReLU's mask). The forward keeps no indices:
-the backward finds each window's winner again from the saved input and output. Other inputs (CUDA, half precision, other strides, graph
-capture, no compiler) take the torch ops.
+the backward finds each window's winner again from the saved input and output.
+Other inputs (CUDA, half precision, other strides, graph capture, no
+compiler) take the torch ops.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import _build
+from . import _ext
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -40,7 +41,7 @@ def _native_ok(x: Tensor) -> bool:
         and x.shape[3] >= 2
         and not torch.compiler.is_compiling()
         and _layout(x) is not None
-        and _build.native() is not None
+        and _ext.available()
     )
 
 
@@ -50,26 +51,18 @@ class _ReLUMaxPool2x2(torch.autograd.Function):
         fmt = _layout(x)
         n, c, h, w = x.shape
         y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=fmt)
-        channels_last = fmt is torch.channels_last
-        _build.native().relu_maxpool_forward(
-            x.data_ptr(), y.data_ptr(), x.dtype == torch.float64,
-            n, c, h, w, channels_last, torch.get_num_threads(),
-        )  # fmt: skip
+        _ext.relu_maxpool_forward(x, y)
         ctx.save_for_backward(x, y)  # the backward finds each window's winner from them
-        ctx.geometry = (fmt, channels_last)
+        ctx.fmt = fmt
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor) -> Tensor:
         x, y = ctx.saved_tensors
-        fmt, channels_last = ctx.geometry
-        dy = dy.contiguous(memory_format=fmt)
+        dy = dy.contiguous(memory_format=ctx.fmt)
         dx = torch.empty_like(x)
-        _build.native().relu_maxpool_backward(
-            dy.data_ptr(), x.data_ptr(), y.data_ptr(), dx.data_ptr(), x.dtype == torch.float64,
-            *x.shape, channels_last, torch.get_num_threads(),
-        )  # fmt: skip
+        _ext.relu_maxpool_backward(dy, x, y, dx)
         return dx
 
 

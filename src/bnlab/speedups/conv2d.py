@@ -3,7 +3,7 @@
 ``conv2d(x, weight, bias, padding)`` equals ``F.conv2d(x, weight, bias,
 padding=padding)`` (stride 1, no dilation, one group) up to the order of
 float additions. On the CPU, each of its three parts runs on the native
-direct kernels (``conv_kernels.cpp``) when the tensor that part produces is
+direct kernels (``conv2d.cpp``) when the tensor that part produces is
 narrow, and on torch's own kernels otherwise (`native_parts`):
 
 - forward: the output has at most 8 channels (NCHW) or 6 (channels_last);
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import _build
+from . import _ext
 
 NATIVE_MAX_CHANNELS = 8  # NCHW, and the weight gradient in any layout
 NATIVE_MAX_CHANNELS_CL = 6  # channels_last outputs: torch's kernels fill a vector at 8
@@ -50,18 +50,6 @@ def _dense(t: Tensor) -> Tensor:
         return t
     fmt = torch.channels_last if t.dim() == 4 and t.stride(1) == 1 else torch.contiguous_format
     return t.contiguous(memory_format=fmt)
-
-
-def _native(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, int]):
-    """out = conv2d(x, weight, bias, padding=pad) on the native kernels; returns out."""
-    n, c, h, w = x.shape
-    o, _, kh, kw = weight.shape
-    _build.native().conv2d_forward(
-        x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-        out.data_ptr(), x.dtype == torch.float64, n, c, h, w, o, kh, kw, *pad,
-        _channels_last(x), _channels_last(out), torch.get_num_threads(),
-    )  # fmt: skip
-    return out
 
 
 def _empty_like_layout(shape: tuple[int, ...], *like: Tensor) -> Tensor:
@@ -100,7 +88,7 @@ class _Conv2d(torch.autograd.Function):
             shape = (n, o, h + 2 * pad[0] - kh + 1, w + 2 * pad[1] - kw + 1)
             y = _empty_like_layout(shape, x, weight)
             b = None if bias is None else bias.contiguous()
-            _native(y, x, weight.contiguous(), b, pad)
+            _ext.conv2d_forward(x, weight.contiguous(), b, y, pad)
         ctx.fmt = torch.channels_last if _channels_last(y) else torch.contiguous_format
         return y
 
@@ -111,7 +99,7 @@ class _Conv2d(torch.autograd.Function):
         pad = ctx.pad
         need_x, need_w, need_b, _ = ctx.needs_input_grad
         dy = _dense(dy)
-        o, c, kh, kw = weight.shape
+        o, _, kh, kw = weight.shape
         native_x, native_w = ctx.native_x, ctx.native_w
         torch_parts = (need_x and not native_x, need_w and not native_w, need_b and not native_w)
         dx, dw, db = (
@@ -121,16 +109,11 @@ class _Conv2d(torch.autograd.Function):
             # dx is dy, padded by K-1-P, convolved with the flipped kernel, in and out swapped.
             flipped = weight.flip(2, 3).transpose(0, 1).contiguous()
             dx = torch.empty(x.shape, dtype=x.dtype, memory_format=ctx.fmt)  # as torch: y's layout
-            _native(dx, dy, flipped, None, (kh - 1 - pad[0], kw - 1 - pad[1]))
+            _ext.conv2d_forward(dy, flipped, None, dx, (kh - 1 - pad[0], kw - 1 - pad[1]))
         if (need_w or need_b) and native_w:
             dw = torch.empty(weight.shape, dtype=weight.dtype)
             db = torch.empty(o, dtype=dy.dtype) if ctx.has_bias else None
-            n, _, h, w = x.shape
-            _build.native().conv2d_grad_weight(
-                x.data_ptr(), dy.data_ptr(), dw.data_ptr(), None if db is None else db.data_ptr(),
-                x.dtype == torch.float64, n, c, h, w, o, kh, kw, *pad,
-                _channels_last(x), _channels_last(dy), torch.get_num_threads(),
-            )  # fmt: skip
+            _ext.conv2d_grad_weight(x, dy, dw, db, pad)
         return dx, dw if need_w else None, db if need_b else None, None
 
 
@@ -169,7 +152,7 @@ def _native_ok(x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, i
         and not _autocast_on_cpu()
         and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
         and any(native_parts(x, weight))
-        and _build.native() is not None
+        and _ext.available()
     )
 
 

@@ -33,11 +33,7 @@
 // torch.get_num_threads()); each thread keeps its own weight-grad partials,
 // added in thread order at the end.
 
-#include <Python.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "bnlab_native.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -55,34 +51,13 @@ constexpr int kMaxBlock = 6;  // most output channels per register block
 constexpr int kMaxVecs = 4;   // most vectors of columns per forward block
 constexpr int kMaxTaps = 4;   // most kernel columns per weight-grad block (4 measured best on 5x5)
 
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-    typedef float v __attribute__((vector_size(32)));
-    typedef int32_t bits __attribute__((vector_size(32)));
-};
-template <>
-struct Vec<double> {
-    typedef double v __attribute__((vector_size(32)));
-    typedef int64_t bits __attribute__((vector_size(32)));
-};
-
+// Vectors of 32 bytes (8 floats, 4 doubles): one AVX register.
 template <typename T>
 constexpr int64_t lanes() {
     return 32 / sizeof(T);
 }
-// Loads and stores through memcpy: unaligned, and values the compiler keeps in registers.
 template <typename T>
-inline typename Vec<T>::v loadu(const T* p) {
-    typename Vec<T>::v v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-template <typename T>
-inline void storeu(T* p, typename Vec<T>::v v) {
-    std::memcpy(p, &v, sizeof v);
-}
+using Vec32 = Vec<T, int(lanes<T>())>;
 // Pins v to a register: without it, compilers fold a reused load into every
 // multiply-add that reads it, and the weight-grad loop becomes load-bound.
 template <typename V>
@@ -95,10 +70,10 @@ inline void in_register(V& v) {
 }
 
 // Every lane s. (Written out: `vec{} + s` would be an addition, as 0 + -0 is not -0.)
-inline Vec<float>::v splat(float s) { return Vec<float>::v{s, s, s, s, s, s, s, s}; }
-inline Vec<double>::v splat(double s) { return Vec<double>::v{s, s, s, s}; }
+inline Vec32<float>::v splat(float s) { return Vec32<float>::v{s, s, s, s, s, s, s, s}; }
+inline Vec32<double>::v splat(double s) { return Vec32<double>::v{s, s, s, s}; }
 template <typename T>
-inline double lane_sum(typename Vec<T>::v v) {
+inline double lane_sum(typename Vec32<T>::v v) {
     double s = 0.0;
     for (int k = 0; k < lanes<T>(); ++k) s += double(v[k]);
     return s;
@@ -112,6 +87,7 @@ struct ConvShape {
     int64_t PH, PW;      // zero padding on each side
     int64_t Ho() const { return H + 2 * PH - KH + 1; }
     int64_t Wo() const { return W + 2 * PW - KW + 1; }
+    int64_t multiply_adds() const { return N * O * Ho() * Wo() * C * KH * KW; }
 };
 
 // One image into buf as [C][Hb][Wb]: (r, s) holds input (r - PH, s - PW), zero elsewhere.
@@ -131,24 +107,14 @@ void pack_image(const T* x, bool channels_last, const ConvShape& s, int64_t Hb, 
         }
 }
 
-// Body(thread, first image, end image) on `threads` threads splitting N images.
+// body(thread, first image, end image) on at most `threads` threads splitting N images.
 template <typename Body>
 void over_images(int64_t N, int threads, Body body) {
-    const int team = int(std::min<int64_t>(std::max(threads, 1), N));
-    if (team <= 1) {
-        body(0, 0, N);
-        return;
-    }
-#pragma omp parallel num_threads(team)
-    {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-        const int t = 0, T = 1;
-#endif
-        const int64_t per = ceil_div(N, T);
-        body(t, std::min(N, per * t), std::min(N, per * (t + 1)));
-    }
+    parallel(int(std::min<int64_t>(std::max(threads, 1), N)), [&](int t, int T) {
+        int64_t n0, n1;
+        split(N, t, T, 1, &n0, &n1);
+        body(t, n0, n1);
+    });
 }
 
 // Output channels in blocks of at most `most`, as even as possible: O = 16, most 6 -> 5, 5, 6.
@@ -167,7 +133,7 @@ inline std::vector<int64_t> channel_blocks(int64_t O, int64_t most) {
 template <typename T, int OB, int NV>
 void forward_block(const T* buf, int64_t Hb, int64_t Wb, const ConvShape& s, const T* w,
                    int64_t wstride, const T* bias, int64_t h, int64_t w0, T* tile) {
-    typedef typename Vec<T>::v vec;
+    typedef typename Vec32<T>::v vec;
     constexpr int64_t L = lanes<T>();
     vec acc[OB][NV];
     for (int o = 0; o < OB; ++o)
@@ -179,7 +145,7 @@ void forward_block(const T* buf, int64_t Hb, int64_t Wb, const ConvShape& s, con
             const T* wk = w + (c * s.KH + kh) * s.KW;
             for (int64_t kw = 0; kw < s.KW; ++kw) {
                 vec xv[NV];
-                for (int v = 0; v < NV; ++v) xv[v] = loadu(row + kw + v * L);
+                for (int v = 0; v < NV; ++v) xv[v] = load<L>(row + kw + v * L);
                 for (int o = 0; o < OB; ++o) {
                     const vec k = splat(wk[o * wstride + kw]);
                     for (int v = 0; v < NV; ++v) acc[o][v] += k * xv[v];
@@ -187,7 +153,7 @@ void forward_block(const T* buf, int64_t Hb, int64_t Wb, const ConvShape& s, con
             }
         }
     for (int o = 0; o < OB; ++o)
-        for (int v = 0; v < NV; ++v) storeu(tile + (o * NV + v) * L, acc[o][v]);
+        for (int v = 0; v < NV; ++v) store<L>(tile + (o * NV + v) * L, acc[o][v]);
 }
 
 template <typename T>
@@ -268,10 +234,10 @@ template <typename T, int OB, int KB>
 void grad_weight_block(const T* xbuf, int64_t Hb, int64_t Wb, const T* dbuf, int64_t Ho,
                        int64_t Wo, int64_t Wd, int64_t c, int64_t kh, int64_t kw0, double* dw,
                        int64_t dw_stride) {
-    typedef typename Vec<T>::v vec;
+    typedef typename Vec32<T>::v vec;
     constexpr int64_t L = lanes<T>();
     const int64_t full = Wo / L * L;
-    typedef typename Vec<T>::bits bits;
+    typedef typename Vec32<T>::bits bits;
     bits tail_mask;  // all ones in the lanes of the last vector that are columns < Wo
     for (int k = 0; k < L; ++k) tail_mask[k] = full + k < Wo ? -1 : 0;
     vec acc[OB][KB];
@@ -283,19 +249,19 @@ void grad_weight_block(const T* xbuf, int64_t Hb, int64_t Wb, const T* dbuf, int
         for (int64_t v = 0; v < full; v += L) {
             vec d[OB];
             for (int o = 0; o < OB; ++o) {
-                d[o] = loadu(dr + o * Ho * Wd + v);
+                d[o] = load<L>(dr + o * Ho * Wd + v);
                 in_register(d[o]);
             }
             for (int k = 0; k < KB; ++k) {
-                const vec xv = loadu(xr + v + k);
+                const vec xv = load<L>(xr + v + k);
                 for (int o = 0; o < OB; ++o) acc[o][k] += d[o] * xv;
             }
         }
         if (full < Wo) {
             vec d[OB];
-            for (int o = 0; o < OB; ++o) d[o] = loadu(dr + o * Ho * Wd + full);
+            for (int o = 0; o < OB; ++o) d[o] = load<L>(dr + o * Ho * Wd + full);
             for (int k = 0; k < KB; ++k) {
-                const vec xv = (vec)((bits)loadu(xr + full + k) & tail_mask);
+                const vec xv = (vec)((bits)load<L>(xr + full + k) & tail_mask);
                 for (int o = 0; o < OB; ++o) acc[o][k] += d[o] * xv;
             }
         }
@@ -361,9 +327,9 @@ void conv_grad_weight(const T* x, const T* dy, T* dw, T* dbias, const ConvShape&
             pack_image(x + n * C * s.H * s.W, x_cl, s, Hb, Wb, xbuf.data());
             pack_image(dy + n * O * Ho * Wo, dy_cl, dy_shape, Ho, Wd, dbuf.data());
             for (int64_t o = 0; o < O; ++o) {
-                typename Vec<T>::v sum{};
+                typename Vec32<T>::v sum{};
                 const T* d = dbuf.data() + o * Ho * Wd;
-                for (int64_t e = 0; e < Ho * Wd; e += L) sum += loadu(d + e);
+                for (int64_t e = 0; e < Ho * Wd; e += L) sum += load<L>(d + e);
                 pdb[o] += lane_sum<T>(sum);
             }
             for (size_t b = 0; b + 1 < blocks.size(); ++b) {
@@ -398,18 +364,10 @@ void conv_grad_weight(const T* x, const T* dy, T* dw, T* dbias, const ConvShape&
 
 // ---- Python functions ----------------------------------------------------------------------
 //
-// Arguments are ints (data pointers, sizes, flags; None for an absent bias)
-// pointing at memory of the dtype the is_double flag says. x, y and dy are
-// NCHW or channels_last as their flags say; weights are contiguous (O, C, KH, KW).
-
-inline void* ptr(PyObject* o) { return o == Py_None ? nullptr : PyLong_AsVoidPtr(o); }
-inline int64_t i64(PyObject* o) { return PyLong_AsLongLong(o); }
-
-bool check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char* name) {
-    if (nargs == want) return true;
-    PyErr_Format(PyExc_TypeError, "%s expects %zd arguments, got %zd", name, want, nargs);
-    return false;
-}
+// Called only through bnlab/speedups/_ext.py, which checks the tensors and
+// derives every size and flag from them. Pointers are to memory of the dtype
+// the is_double flag says (None for an absent bias); x, y and dy are NCHW or
+// channels_last as their flags say; weights are contiguous (O, C, KH, KW).
 
 // a[0..] = N, C, H, W, O, KH, KW, PH, PW
 inline ConvShape shape_of(PyObject* const* a) {
@@ -427,7 +385,7 @@ PyObject* py_conv2d_forward(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     const bool x_cl = i64(a[14]) != 0, y_cl = i64(a[15]) != 0;
     const int threads = int(i64(a[16]));
     if (PyErr_Occurred()) return nullptr;
-    Py_BEGIN_ALLOW_THREADS;
+    MaybeReleaseGil gil(s.multiply_adds());
     if (is_double)
         conv_forward(static_cast<const double*>(x), static_cast<const double*>(w),
                      static_cast<const double*>(b), static_cast<double*>(y), s, x_cl, y_cl,
@@ -436,7 +394,6 @@ PyObject* py_conv2d_forward(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
         conv_forward(static_cast<const float*>(x), static_cast<const float*>(w),
                      static_cast<const float*>(b), static_cast<float*>(y), s, x_cl, y_cl,
                      threads);
-    Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
 }
 
@@ -450,7 +407,7 @@ PyObject* py_conv2d_grad_weight(PyObject*, PyObject* const* a, Py_ssize_t nargs)
     const bool x_cl = i64(a[14]) != 0, dy_cl = i64(a[15]) != 0;
     const int threads = int(i64(a[16]));
     if (PyErr_Occurred()) return nullptr;
-    Py_BEGIN_ALLOW_THREADS;
+    MaybeReleaseGil gil(s.multiply_adds());
     if (is_double)
         conv_grad_weight(static_cast<const double*>(x), static_cast<const double*>(dy),
                          static_cast<double*>(dw), static_cast<double*>(db), s, x_cl, dy_cl,
@@ -459,19 +416,13 @@ PyObject* py_conv2d_grad_weight(PyObject*, PyObject* const* a, Py_ssize_t nargs)
         conv_grad_weight(static_cast<const float*>(x), static_cast<const float*>(dy),
                          static_cast<float*>(dw), static_cast<float*>(db), s, x_cl, dy_cl,
                          threads);
-    Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
-}
-
-template <PyObject* (*F)(PyObject*, PyObject* const*, Py_ssize_t)>
-PyCFunction fastcall() {
-    return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(F));
 }
 
 }  // namespace
 
-// Added to the module by cpu_kernels.cpp's init.
-PyMethodDef bnlab_conv_methods[] = {
+// Added to the module by module.cpp.
+PyMethodDef bnlab_conv2d_methods[] = {
     {"conv2d_forward", fastcall<py_conv2d_forward>(), METH_FASTCALL,
      "Direct 2-D convolution, stride 1, zero padding."},
     {"conv2d_grad_weight", fastcall<py_conv2d_grad_weight>(), METH_FASTCALL,

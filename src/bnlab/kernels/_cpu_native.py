@@ -1,0 +1,173 @@
+"""The checked boundary to the native CPU kernels (``cpu_kernels.cpp``).
+
+The kernels take data pointers and sizes, so a wrong argument would read or
+write the wrong memory. This module is the only place that takes pointers:
+each function accepts tensors, derives the sizes from ``x`` itself,
+allocates every output, and checks each other tensor's device, dtype, layout
+and size against them before handing over a pointer. A mismatch raises
+:class:`Mismatch` (a ``TypeError`` and a ``ValueError``) before anything is
+written; :mod:`bnlab.kernels.cpu` catches it to convert what it may.
+
+Statistics (mean, var, invstd) are float64; weight, bias, dy and the outputs
+have x's dtype; running buffers are float32 or float64, the two alike.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _build
+
+_F32, _F64 = torch.float32, torch.float64
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+_F64_CPU = torch.empty(0, dtype=_F64)  # new_empty from it: no keyword parsing per call
+
+
+class Mismatch(TypeError, ValueError):
+    """A tensor the kernels cannot take as it is (device, dtype, layout or size)."""
+
+
+def _kernels():
+    module = _build.native()
+    if module is None:
+        raise RuntimeError("native batch norm: the CPU kernels are unavailable (see the build warning)")
+    return module
+
+
+def geometry(x: Tensor) -> tuple[int, int, int] | None:
+    """(outer, C, inner) such that x's memory is that array, contiguous; None otherwise.
+
+    Contiguous (N, C, *) is (N, C, ∏spatial); channels_last(_3d) and (N, C)
+    are (N·∏spatial, C, 1).
+    """
+    c = x.shape[1]
+    if x.is_contiguous():
+        outer = x.shape[0]
+        return outer, c, x.numel() // (outer * c)
+    fmt = _CHANNELS_LAST.get(x.dim())
+    if fmt is not None and x.is_contiguous(memory_format=fmt):
+        return x.numel() // c, c, 1
+    return None
+
+
+def _input(x: Tensor) -> tuple[int, int, int]:
+    if not x.is_cpu or (x.dtype is not _F32 and x.dtype is not _F64):
+        raise Mismatch(f"native batch norm: x must be a float32/float64 CPU tensor, got {x.dtype} on {x.device}")
+    g = geometry(x) if x.dim() >= 2 and x.numel() > 0 else None
+    if g is None:
+        raise Mismatch(
+            f"native batch norm: x (size {list(x.shape)}, strides {x.stride()}) must be "
+            "non-empty, (N, C, *), and contiguous or channels_last"
+        )
+    return g
+
+
+def _vector(t: Tensor | None, name: str, dtype: torch.dtype, c: int) -> int | None:
+    """The pointer of a contiguous (C,) CPU tensor of ``dtype`` (None passes through)."""
+    if t is None:
+        return None
+    if not t.is_cpu or t.dtype is not dtype or t.numel() != c or not t.is_contiguous():
+        raise Mismatch(
+            f"native batch norm: {name} must be a contiguous {dtype} CPU tensor of {c} "
+            f"elements, got {t.dtype} of size {list(t.shape)}, strides {t.stride()} on {t.device}"
+        )
+    return t.data_ptr()
+
+
+def _running(rm: Tensor | None, rv: Tensor | None, c: int) -> tuple[int | None, int | None, bool]:
+    if rm is None and rv is None:
+        return None, None, False
+    if rm is None or rv is None or rm.dtype is not rv.dtype or rm.dtype not in (_F32, _F64):
+        raise Mismatch(
+            "native batch norm: running_mean and running_var must be given together, "
+            "both float32 or both float64"
+        )
+    return _vector(rm, "running_mean", rm.dtype, c), _vector(rv, "running_var", rv.dtype, c), rm.dtype is _F64
+
+
+def _statistics(c: int, want: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    if not want:
+        return None, None, None  # the kernels keep them in scratch memory
+    return _F64_CPU.new_empty(c), _F64_CPU.new_empty(c), _F64_CPU.new_empty(c)
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def forward_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    momentum: float = 0.0,
+    want_stats: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(y, mean, var, invstd) with batch statistics, var biased; moves the running buffers
+    when given. Without ``want_stats`` the statistics come back as None."""
+    outer, c, inner = _input(x)
+    w, b = _vector(weight, "weight", x.dtype, c), _vector(bias, "bias", x.dtype, c)
+    rm, rv, running_is_double = _running(running_mean, running_var, c)
+    y = torch.empty_like(x)
+    mean, var, invstd = _statistics(c, want_stats)
+    _kernels().forward_train(
+        x.data_ptr(), y.data_ptr(), w, b, _ptr(mean), _ptr(var), _ptr(invstd),
+        rm, rv, running_is_double, float(momentum), float(eps),
+        x.dtype is _F64, outer, c, inner, torch.get_num_threads(),
+    )  # fmt: skip
+    return y, mean, var, invstd
+
+
+def forward_eval(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    want_stats: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(y, mean, invstd) normalized with the running buffers, which are only read."""
+    outer, c, inner = _input(x)
+    w, b = _vector(weight, "weight", x.dtype, c), _vector(bias, "bias", x.dtype, c)
+    if running_mean is None or running_var is None:
+        raise Mismatch("native batch norm: evaluation needs running_mean and running_var")
+    rm, rv, running_is_double = _running(running_mean, running_var, c)
+    y = torch.empty_like(x)
+    mean, var, invstd = _statistics(c, want_stats)
+    _kernels().forward_eval(
+        x.data_ptr(), y.data_ptr(), w, b, _ptr(mean), _ptr(var), _ptr(invstd),
+        rm, rv, running_is_double, float(eps),
+        x.dtype is _F64, outer, c, inner, torch.get_num_threads(),
+    )  # fmt: skip
+    return y, mean, invstd
+
+
+def backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    batch_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias), all in x's dtype; dy must have x's dtype and strides."""
+    outer, c, inner = _input(x)
+    if not dy.is_cpu or dy.dtype is not x.dtype or dy.shape != x.shape or dy.stride() != x.stride():
+        raise Mismatch(
+            f"native batch norm: dy ({dy.dtype}, size {list(dy.shape)}, strides {dy.stride()}) "
+            f"must be laid out like x ({x.dtype}, size {list(x.shape)}, strides {x.stride()})"
+        )
+    w = _vector(weight, "weight", x.dtype, c)
+    m, s = _vector(mean, "mean", _F64, c), _vector(invstd, "invstd", _F64, c)
+    dx = torch.empty_like(x)
+    dweight, dbias = x.new_empty(c), x.new_empty(c)
+    _kernels().backward(
+        dy.data_ptr(), x.data_ptr(), dx.data_ptr(), w, m, s,
+        dweight.data_ptr(), dbias.data_ptr(), bool(batch_stats),
+        x.dtype is _F64, outer, c, inner, torch.get_num_threads(),
+    )  # fmt: skip
+    return dx, dweight, dbias

@@ -1,0 +1,99 @@
+"""The CPU backend's calls as torch custom ops (namespace ``bnlab``), for ``torch.compile``.
+
+The compiler cannot trace a call that passes data pointers; it can trace a
+custom op, using the fake implementations below for shapes, dtypes and
+strides, and call the real one at run time. Eager code calls the backend
+directly: the op dispatcher costs about as much as a small batch norm
+(``benchmarks/bench_bn.py --floor`` measures such fixed costs).
+
+The real implementations accept any layout (a compiler may restride an
+input) and return the layout the fake promises. Should the kernels be
+unavailable at run time, they compute the same outputs with the reference
+formulas.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _build, cpu, reference
+
+_F64 = torch.float64
+
+
+def _restride(out: Tensor, like: Tensor) -> Tensor:
+    """``out`` in ``empty_like(like)``'s layout, as the fake promises."""
+    want = torch.empty_like(like)
+    return out if want.stride() == out.stride() else want.copy_(out)
+
+
+def _f64(*ts: Tensor) -> tuple[Tensor, ...]:
+    return tuple(t.to(_F64) for t in ts)
+
+
+@torch.library.custom_op("bnlab::cpu_forward_train", mutates_args=())
+def cpu_forward_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, var, invstd): statistics float64, var biased."""
+    if _build.native() is None:
+        mean, var = reference.batch_stats(x)
+        invstd = torch.rsqrt(var + eps)
+        return (reference.normalize(x, mean, invstd, weight, bias), *_f64(mean, var, invstd))
+    y, mean, var, invstd = cpu.eager_forward_train(x, weight, bias, eps, None, None, 0.0)
+    return _restride(y, x), mean, var, invstd
+
+
+@cpu_forward_train.register_fake
+def _(x, weight, bias, eps):
+    c = x.shape[1]
+    return (torch.empty_like(x), *(x.new_empty((c,), dtype=_F64) for _ in range(3)))
+
+
+@torch.library.custom_op("bnlab::cpu_forward_eval", mutates_args=())
+def cpu_forward_eval(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, invstd) with the running statistics; statistics float64."""
+    if _build.native() is None:
+        y, mean, invstd = reference.REFERENCE.forward_eval(
+            x, weight, bias, running_mean, running_var, eps
+        )
+        return (y, *_f64(mean, invstd))
+    y, mean, invstd = cpu.eager_forward_eval(x, weight, bias, running_mean, running_var, eps)
+    return _restride(y, x), mean, invstd
+
+
+@cpu_forward_eval.register_fake
+def _(x, weight, bias, running_mean, running_var, eps):
+    c = x.shape[1]
+    return torch.empty_like(x), x.new_empty((c,), dtype=_F64), x.new_empty((c,), dtype=_F64)
+
+
+@torch.library.custom_op("bnlab::cpu_backward", mutates_args=())
+def cpu_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    batch_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias); dweight and dbias in x's dtype."""
+    if _build.native() is None:
+        dx, dweight, dbias = reference.backward(dy, x, weight, mean, invstd, batch_stats)
+        return dx, dweight.to(x.dtype), dbias.to(x.dtype)
+    dx, dweight, dbias = cpu.eager_backward(dy, x, weight, mean, invstd, batch_stats)
+    return _restride(dx, x), dweight, dbias
+
+
+@cpu_backward.register_fake
+def _(dy, x, weight, mean, invstd, batch_stats):
+    c = x.shape[1]
+    return torch.empty_like(x), x.new_empty((c,)), x.new_empty((c,))

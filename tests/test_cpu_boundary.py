@@ -1,0 +1,99 @@
+"""The native CPU kernels' boundary: a wrong tensor raises, it never reaches the kernels.
+
+Each case hands :mod:`bnlab.kernels._cpu_native` a tensor that does not fit
+what the kernel would read or write (dtype, device-side type, size, layout,
+or an argument swapped for another of another size) and expects a clear
+Python error, with x and every output left as they were.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnlab.kernels import _build, _cpu_native
+
+pytestmark = pytest.mark.skipif(
+    _build.native() is None, reason="native CPU kernels unavailable (no C++ compiler?)"
+)
+
+F32, F64 = torch.float32, torch.float64
+C = 3
+
+
+def _good():
+    x = torch.randn(4, C, 5, 5)
+    return {
+        "x": x,
+        "weight": torch.rand(C) + 0.5,
+        "bias": torch.randn(C),
+        "running_mean": torch.zeros(C),
+        "running_var": torch.ones(C),
+    }
+
+
+def _forward(a):
+    return _cpu_native.forward_train(
+        a["x"], a["weight"], a["bias"], 1e-5, a["running_mean"], a["running_var"], 0.1
+    )
+
+
+BAD = {
+    "weight of another dtype": ("weight", lambda t: t.double(), TypeError),
+    "weight too short": ("weight", lambda t: t[:2], ValueError),
+    "weight too long": ("weight", lambda t: torch.cat([t, t]), ValueError),
+    "strided bias": ("bias", lambda t: torch.zeros(2 * C)[::2], ValueError),
+    "running_var of another dtype": ("running_var", lambda t: t.double(), TypeError),
+    "running buffer too short": ("running_mean", lambda t: t[:1], ValueError),
+    "integer input": ("x", lambda t: t.long(), TypeError),
+    "transposed input": ("x", lambda t: t.transpose(2, 3), ValueError),
+    "half input": ("x", lambda t: t.half(), TypeError),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_wrong_tensor_raises_before_the_kernel(case):
+    name, spoil, error = BAD[case]
+    a = _good()
+    a[name] = spoil(a[name])
+    before = {k: v.clone() for k, v in a.items()}
+    with pytest.raises(error, match=name.split("_")[0] if name != "x" else "x"):
+        _forward(a)
+    for k, v in a.items():  # nothing was written
+        assert torch.equal(v, before[k]), k
+
+
+def test_swapped_arguments_raise():
+    """x where a per-channel tensor belongs (and the reverse): sizes disagree, so it raises."""
+    a = _good()
+    with pytest.raises(ValueError, match="weight"):
+        _cpu_native.forward_train(a["weight"].view(1, C), a["x"], None, 1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        _cpu_native.forward_train(a["x"], a["x"], a["bias"], 1e-5)
+    with pytest.raises(TypeError, match="running_mean and running_var"):
+        _cpu_native.forward_train(a["x"], None, None, 1e-5, a["running_mean"], None)
+
+
+def test_backward_checks_dy_and_statistics():
+    a = _good()
+    _, mean, _, invstd = _cpu_native.forward_train(a["x"], a["weight"], a["bias"], 1e-5)
+    dy = torch.randn_like(a["x"])
+    with pytest.raises(ValueError, match="dy"):
+        _cpu_native.backward(dy[:2], a["x"], a["weight"], mean, invstd, True)
+    with pytest.raises(ValueError, match="dy"):
+        _cpu_native.backward(dy.transpose(2, 3).contiguous().transpose(2, 3), a["x"], None,
+                             mean, invstd, True)  # fmt: skip
+    with pytest.raises(TypeError, match="dy"):
+        _cpu_native.backward(dy.double(), a["x"], a["weight"], mean, invstd, True)
+    with pytest.raises(TypeError, match="mean"):
+        _cpu_native.backward(dy, a["x"], a["weight"], mean.float(), invstd, True)
+    with pytest.raises(ValueError, match="invstd"):
+        _cpu_native.backward(dy, a["x"], a["weight"], mean, invstd[:2], True)
+    dx, dw, db = _cpu_native.backward(dy, a["x"], a["weight"], mean, invstd, True)
+    assert dx.shape == a["x"].shape and dw.shape == db.shape == (C,)
+
+
+def test_eval_needs_both_buffers():
+    a = _good()
+    with pytest.raises(TypeError, match="running_mean and running_var"):
+        _cpu_native.forward_eval(a["x"], None, None, a["running_mean"], None, 1e-5)
