@@ -11,6 +11,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -81,29 +82,39 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
-def append_section(path: Path, title: str, body: str) -> None:
-    """Append a dated section to a markdown file, atomically (temp file + rename)."""
+def replace_section(path: Path, title: str, section: str) -> None:
+    """Put ``section`` (a markdown section headed ``## {title} — ...``) into ``path``.
+
+    One current section per title: the one recorded before, if any, is replaced
+    in place (git keeps the history). Written atomically (temp file + rename).
+    """
     old = path.read_text() if path.exists() else "# Benchmark results\n"
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    section = (
-        f"\n## {title} — {stamp}\n\n"
-        f"- Machine: {machine_summary()}\n"
-        f"- Command: `{command_line()}`\n\n"
-        f"{body.rstrip()}\n"
-    )
+    parts = [p.strip("\n") for p in re.split(r"(?m)^(?=## )", old) if p.strip()]
+    head = f"## {title} — "
+    at = next((i for i, p in enumerate(parts) if p.startswith(head)), len(parts))
+    parts = [p for p in parts if not p.startswith(head)]
+    parts.insert(at, section.strip("\n"))
+    text = "\n\n".join(parts)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        f.write(old.rstrip("\n") + "\n" + section)
+        f.write(text.rstrip("\n") + "\n")
     os.chmod(tmp, 0o644)  # mkstemp creates files readable by their owner only
     os.replace(tmp, path)
 
 
 def publish(text: str, path: Path, title: str, record: bool) -> None:
-    """Print a result; with ``record``, also append it to ``path`` as a dated section."""
+    """Print a result; with ``record``, also make it ``path``'s current section for ``title``."""
     print(text)
     if record:
-        append_section(path, title, text)
-        print(f"appended to {path}")
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+        section = (
+            f"## {title} — {stamp}\n\n"
+            f"- Machine: {machine_summary()}\n"
+            f"- Command: `{command_line()}`\n\n"
+            f"{text.rstrip()}\n"
+        )
+        replace_section(path, title, section)
+        print(f"recorded in {path}")
 
 
 def arguments(doc: str) -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ the script run after run, for bnlab as `bnlab compare` runs it (worker start-up,
 reports and plots included; data loading excluded from both), and their ratio.
 Per norm it also prints each run's median seconds per epoch (training + test
 pass) and the final accuracies. Appends a dated section to
-benchmarks/RESULTS.md (atomically) unless --no-record.
+benchmarks/RESULTS.md (replacing the previous one, atomically) unless --no-record.
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ from torch.utils.data import DataLoader, Dataset
 from bnlab.data import CIFAR10, load_cifar10
 from bnlab.experiments import Config, run_compare
 from bnlab.experiments.environment import cpu_name, device_name
-from bnlab.experiments.results import write_text
 from bnlab.experiments.train import resolve_device
 from bnlab.models import LeNet5
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import replace_section
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 # bnlab's norm -> the norm the script's model uses for it
@@ -150,7 +152,7 @@ def main() -> None:
     parser.add_argument("--limit-train", type=int, default=None, metavar="N")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--no-record", action="store_true", help="do not record in RESULTS.md")
     args = parser.parse_args()
     device = resolve_device(args.device)
     data = load_cifar10(args.data_dir)
@@ -221,9 +223,8 @@ def main() -> None:
 
 {table}
 """
-    old = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
-    write_text(RESULTS_MD, old.rstrip("\n") + "\n" + section)
-    print(f"\nappended to {RESULTS_MD}")
+    replace_section(RESULTS_MD, "Experiment: script pipeline vs bnlab compare", section)
+    print(f"\nrecorded in {RESULTS_MD}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ from . import _compat, kernels
 from .kernels import REFERENCE, reference
 
 
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # a no-op .to() still costs a microsecond
+
+
 class _BatchNormGraph(torch.autograd.Function):
     """:class:`BatchNormFunction` without forward-mode AD, for ``torch.compile``.
 
@@ -85,8 +89,8 @@ class _BatchNormGraph(torch.autograd.Function):
         weight_dtype, bias_dtype = ctx.param_dtypes
         return (
             dx if need_x else None,
-            dweight.to(weight_dtype) if need_weight else None,
-            dbias.to(bias_dtype) if need_bias else None,
+            _as_dtype(dweight, weight_dtype) if need_weight else None,
+            _as_dtype(dbias, bias_dtype) if need_bias else None,
             None,
             None,
             None,

@@ -1,9 +1,9 @@
 """Batches from a whole split held on the training device: no workers, no per-image Python.
 
 The split is moved to the device once as uint8 and normalized there; each
-batch is then one gather by a slice of the epoch's permutation. On the CPU
-(50k images, batch 64) gathering per batch measured 2-10x faster than
-permuting the whole split once per epoch, and it needs no second copy.
+batch is then one gather by a slice of the epoch's permutation: on the CPU
+that is faster than permuting the whole split once per epoch, and it needs
+no second copy.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The runs of a comparison: one after another in this process, or several at once in workers.
 
-LeNet-5 at batch 64 is too small to keep several CPU cores busy: on 2 cores a
-training step with BN took 4.8 ms with 2 threads and 6.1 ms with 1 (not
-half), so two runs side by side, one thread each, finish a comparison about
-a third sooner than the same runs one after another with both threads. `plan`
+LeNet-5 at batch 64 is too small to keep several CPU cores busy: a step with
+two threads takes far more than half the time of a step with one, so two
+runs side by side, one thread each, finish a comparison sooner than the same
+runs one after another with both threads (`benchmarks/bench_experiment.py`
+times a comparison). `plan`
 makes that the default on the CPU: as many runs at once as torch has threads
 (at most one per run), the threads shared evenly among them.
 

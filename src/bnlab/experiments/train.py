@@ -88,14 +88,13 @@ def memory_formats(
     CPU (1 thread, batch 64, interleaved): NCHW images and channels_last weights.
     conv1 runs on bnlab's direct kernels, which read NCHW rows and, by torch's
     rule, write channels_last when the weight is; everything after it then runs
-    channels_last, where bnlab's pooling is fastest. In one interleaved run a
-    step took 6.6 ms with BN and 5.1 ms without this way, against 6.8 and 5.2
-    ms all channels_last and 6.8 and 5.0 ms all NCHW; in another interleaved
-    run, torch's convolutions (all channels_last) took 7.7 and 6.7 ms against
-    5.8 and 5.0 ms this way. torch's own CPU batch norm
-    trains about 40% slower on channels_last, so "torch-bn" keeps NCHW.
-    CUDA (H200, graph replay): NHWC was no faster for any norm and 20% slower
-    for "none", so CUDA keeps NCHW.
+    channels_last, where bnlab's pooling is fastest; this mix was the fastest
+    step of the three (all NCHW, all channels_last, this) with and without BN
+    (`bnlab train` with `--channels-last`, `--no-channels-last` or neither
+    times each). torch's own CPU batch norm trains slower on channels_last, so
+    "torch-bn" keeps NCHW.
+    On CUDA (graph replay) NHWC was no faster for any norm and slower for
+    "none", so CUDA keeps NCHW.
     """
     if cfg.channels_last is not None:
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -109,12 +108,12 @@ def build_model(norm: str, seed: int, device: torch.device, fmt: torch.memory_fo
     """LeNet-5 with weights fixed by `seed` alone (whatever the norm).
 
     On the CPU each ReLU + MaxPool2d(2) pair runs as one fused native pass
-    (`fuse_relu_maxpool`): the same numbers, bit for bit, and about a fifth
-    less time per training step, where torch's pooling is a large share. And
-    the narrow parts of the convolutions (conv1 whole, conv2's input gradient)
-    run on bnlab's direct kernels (`use_native_conv`), 1.8-2.8x faster than
-    torch's there; the numbers differ from torch's only by the order of float
-    additions.
+    (`fuse_relu_maxpool`): the same numbers, bit for bit, in less time per
+    step, where torch's pooling is a large share (`benchmarks/bench_pool.py`).
+    And the narrow parts of the convolutions (conv1 whole, conv2's input
+    gradient) run on bnlab's direct kernels (`use_native_conv`), faster than
+    torch's there (`benchmarks/bench_conv.py`); the numbers differ from
+    torch's only by the order of float additions.
     """
     torch.manual_seed(seed)
     model = LeNet5(norm).to(device=device, memory_format=fmt)

@@ -67,9 +67,8 @@ typedef Vec<double, kLanes>::v vd;
 // output would still be cached when its reader comes; the stores skip reading
 // the lines they overwrite and leave the caches to the input, which the next
 // pass over it reads again. A quarter of a typical last-level cache (32 MiB;
-// what the OS reports is unreliable in VMs). Measured against 32 MiB on
-// outputs of 16 and 26 MB: training forwards 1.3-1.5x faster, evaluation
-// 1.05-1.7x in most runs (one, its output's memory reused, 1.2x slower).
+// what the OS reports is unreliable in VMs); benchmarks/bench_bn.py's large
+// shapes (16-26 MB outputs) measure the choice.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 template <typename T>

@@ -13,11 +13,11 @@ narrow, and on torch's own kernels otherwise (`native_parts`):
 The native kernels vectorize along image rows and block a few channels in
 registers; torch's CPU kernels vectorize along channels, which narrow layers
 leave mostly empty, and fill exactly at 8 float32 channels in channels_last,
-where they then win by ~10%. Measured (1 thread, benchmarks/bench_conv.py
-and the 56x56 3x3 layers of 3-16 channels it was tuned on): LeNet-5's conv1
-(3 -> 6) forward 2.3x, input gradient 2.8x, weight gradient 1.8x faster
-natively; conv2 (6 -> 16) input gradient 1.9x faster, while its forward and
-weight gradient (16 output channels) are 1.5x and 2.7x faster in torch.
+where they then win. ``benchmarks/bench_conv.py`` times each part on
+LeNet-5's layers and the 3x3 layers of 3-16 channels the limits were tuned
+on: natively faster wherever the produced tensor is narrow (all of conv1,
+conv2's input gradient), torch faster for conv2's 16-channel forward and
+weight gradient.
 
 Everything else (CUDA, other dtypes, strides, dilation or groups, layouts
 other than NCHW and channels_last, torch.compile, CPU autocast, no compiler)

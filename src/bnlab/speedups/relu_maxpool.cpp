@@ -8,8 +8,8 @@
 // y is NaN, the last NaN; where y is 0 (the maximum is <= 0), none, since ReLU
 // passes no gradient. Storing a uint8 index per output made the forward's
 // loops mix float and byte lanes, which compilers vectorize only for rows far
-// longer than LeNet-5's; the float-only forward runs 3-4x faster, and the
-// backward pays one extra read of x. Backward writes every dx value once: dy
+// longer than LeNet-5's; the float-only forward is several times faster
+// (benchmarks/bench_pool.py), and the backward pays one extra read of x. Backward writes every dx value once: dy
 // at the winner, 0 elsewhere, also in rows or columns past the last window.
 //
 // Layouts: NCHW walks planes of one channel; channels_last (memory N, H, W, C)
@@ -125,7 +125,7 @@ void pool_row(const T* __restrict top, const T* __restrict bottom, T* __restrict
 // NCHW with an even width: `rows` rows of windows of one plane at once. The
 // vertical maxima of all their row pairs lie side by side in v, so the
 // horizontal pass is one long loop however short the rows (LeNet-5's 10-wide
-// rows: about 3x faster on (64, 16, 10, 10), a shape of benchmarks/bench_pool.py).
+// rows; benchmarks/bench_pool.py times (64, 16, 10, 10)).
 template <typename T>
 void pool_rows_nchw(const T* __restrict x, T* __restrict y, int64_t rows, int64_t W) {
     T v[kPoolChunk];
