@@ -76,20 +76,22 @@ def test_swapped_arguments_raise():
 
 def test_backward_checks_dy_and_statistics():
     a = _good()
-    _, mean, _, invstd = _cpu_native.forward_train(a["x"], a["weight"], a["bias"], 1e-5)
+    _, stats, _ = _cpu_native.forward_train(a["x"], a["weight"], a["bias"], 1e-5)
     dy = torch.randn_like(a["x"])
     with pytest.raises(ValueError, match="dy"):
-        _cpu_native.backward(dy[:2], a["x"], a["weight"], mean, invstd, True)
+        _cpu_native.backward(dy[:2], a["x"], a["weight"], stats, True)
     with pytest.raises(ValueError, match="dy"):
         _cpu_native.backward(dy.transpose(2, 3).contiguous().transpose(2, 3), a["x"], None,
-                             mean, invstd, True)  # fmt: skip
+                             stats, True)  # fmt: skip
     with pytest.raises(TypeError, match="dy"):
-        _cpu_native.backward(dy.double(), a["x"], a["weight"], mean, invstd, True)
-    with pytest.raises(TypeError, match="mean"):
-        _cpu_native.backward(dy, a["x"], a["weight"], mean.float(), invstd, True)
-    with pytest.raises(ValueError, match="invstd"):
-        _cpu_native.backward(dy, a["x"], a["weight"], mean, invstd[:2], True)
-    dx, dw, db = _cpu_native.backward(dy, a["x"], a["weight"], mean, invstd, True)
+        _cpu_native.backward(dy.double(), a["x"], a["weight"], stats, True)
+    with pytest.raises(TypeError, match="stats"):
+        _cpu_native.backward(dy, a["x"], a["weight"], stats.float(), True)
+    with pytest.raises(ValueError, match="stats"):
+        _cpu_native.backward(dy, a["x"], a["weight"], stats[:, :2], True)
+    with pytest.raises(ValueError, match="stats"):
+        _cpu_native.backward(dy, a["x"], a["weight"], stats[0], True)  # one row, not two
+    dx, dw, db = _cpu_native.backward(dy, a["x"], a["weight"], stats, True)
     assert dx.shape == a["x"].shape and dw.shape == db.shape == (C,)
 
 

@@ -11,8 +11,9 @@ backend :func:`bnlab.kernels.select` picks, and carries:
 * a ``vmap`` rule with torch's batching semantics: each vmapped slice is
   normalized with its own statistics.
 
-It returns (y, mean, invstd); mean and invstd are not differentiable and only
-exist so that ``setup_context`` can save them. :func:`batch_norm` returns y.
+It returns (y, stats), stats the (2, C) rows mean and invstd of the backend
+contract: not differentiable, returned only so that ``setup_context`` can save
+them. :func:`batch_norm` returns y.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import _compat, kernels
-from .kernels import REFERENCE, reference
+from .kernels import reference
 
 
 def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -46,7 +47,7 @@ class _BatchNormGraph(torch.autograd.Function):
         training: bool,
         momentum: float | Tensor,
         eps: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor]:
         backend = kernels.select(x)
         if training:
             return backend.forward_train(x, weight, bias, eps, running_mean, running_var, momentum)
@@ -55,13 +56,14 @@ class _BatchNormGraph(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, weight, bias, _, _, training, _, eps = inputs
-        _, mean, invstd = output
-        ctx.mark_non_differentiable(mean, invstd)
+        _, stats = output
+        ctx.mark_non_differentiable(stats)
         # None for an input without a tangent (or an output without a
         # gradient), not zeros: a running buffer's tangent must be told apart.
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.save_for_forward(x, weight, mean, invstd)
+        ctx.save_for_backward(x, weight, stats)
+        if _compat.forward_ad_active() or _compat.transforms_active():  # jvp may follow
+            ctx.save_for_forward(x, weight, stats)
         ctx.training, ctx.eps = training, eps
         ctx.param_dtypes = (
             None if weight is None else weight.dtype,
@@ -69,22 +71,21 @@ class _BatchNormGraph(torch.autograd.Function):
         )
 
     @staticmethod
-    def backward(ctx, dy: Tensor, _dmean: Tensor | None, _dinvstd: Tensor | None):
-        x, weight, mean, invstd = ctx.saved_tensors
-        if dy is None:  # only the non-differentiable outputs were used
+    def backward(ctx, dy: Tensor, _dstats: Tensor | None):
+        x, weight, stats = ctx.saved_tensors
+        if dy is None:  # only the non-differentiable output was used
             dy = torch.zeros_like(x)
         if torch.is_grad_enabled() or not (_compat.has_storage(dy) and _compat.has_storage(x)):
             # The backward itself is differentiated, or vmapped: the reference
             # formulas, with batch statistics rebuilt from x so that their
             # dependence on x is part of the graph (running ones are constants).
+            mean, invstd = stats
             if ctx.training:
                 mean, var = reference.batch_stats(x)
                 invstd = torch.rsqrt(var + ctx.eps)
-            dx, dweight, dbias = REFERENCE.backward(dy, x, weight, mean, invstd, ctx.training)
+            dx, dweight, dbias = reference.backward(dy, x, weight, mean, invstd, ctx.training)
         else:
-            dx, dweight, dbias = kernels.select(x).backward(
-                dy, x, weight, mean, invstd, ctx.training
-            )
+            dx, dweight, dbias = kernels.select(x).backward(dy, x, weight, stats, ctx.training)
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         weight_dtype, bias_dtype = ctx.param_dtypes
         return (
@@ -113,16 +114,16 @@ class BatchNormFunction(_BatchNormGraph):
         if not differentiable:
             # Only running buffers carry tangents (under torch.func.jvp, where
             # :func:`batch_norm` cannot strip them): y's tangent is zero.
-            return torch.zeros_like(ctx.saved_tensors[0]), None, None
+            return torch.zeros_like(ctx.saved_tensors[0]), None
         if not ctx.training and (running_mean_t is not None or running_var_t is not None):
             raise RuntimeError(
                 "batch_norm is not differentiable wrt running_mean and running_var, they "
                 "cannot have forward grad defined: remove their tangents, or normalize in "
                 "training mode"
             )
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, (mean, invstd) = ctx.saved_tensors
         y_t = reference.tangent(x, weight, mean, invstd, ctx.training, x_t, weight_t, bias_t)
-        return y_t, None, None
+        return y_t, None
 
 
 _apply = _compat.applier(BatchNormFunction, tensors=5)
@@ -159,7 +160,7 @@ def _vmap(size, in_dims, x, weight, bias, running_mean, running_var, training, m
     rm, rv = channels(running_mean, mean_dim), channels(running_var, var_dim)
     if isinstance(momentum, Tensor) and momentum_dim is not None:
         momentum = slices(momentum, momentum_dim).reshape(b, 1).expand(b, c).reshape(b * c)
-    y, mean, invstd = BatchNormFunction.apply(
+    y, stats = BatchNormFunction.apply(
         folded, channels(weight, weight_dim), channels(bias, bias_dim), rm, rv,
         training, momentum, eps,
     )  # fmt: skip
@@ -172,7 +173,7 @@ def _vmap(size, in_dims, x, weight, bias, running_mean, running_var, training, m
             else:
                 slices(buffer, dim).copy_(flat.view(b, c))
     y = y.reshape(n, b, c, *xs.shape[3:]).movedim(1, 0)
-    return (y, mean.view(b, c), invstd.view(b, c)), (0, 0, 0)
+    return (y, stats.view(2, b, c)), (0, 1)
 
 
 def _without_lone_tangents(x, weight, bias, running_mean, running_var):

@@ -8,7 +8,8 @@ and size against them before handing over a pointer. A mismatch raises
 :class:`Mismatch` (a ``TypeError`` and a ``ValueError``) before anything is
 written; :mod:`bnlab.kernels.cpu` catches it to convert what it may.
 
-Statistics (mean, var, invstd) are float64; weight, bias, dy and the outputs
+Statistics are float64: ``stats`` (2, C) holds the rows mean and invstd (the
+backend contract's layout), var is separate; weight, bias, dy and the outputs
 have x's dtype; running buffers are float32 or float64, the two alike.
 """
 
@@ -41,10 +42,9 @@ def geometry(x: Tensor) -> tuple[int, int, int] | None:
     Contiguous (N, C, *) is (N, C, ∏spatial); channels_last(_3d) and (N, C)
     are (N·∏spatial, C, 1).
     """
-    c = x.shape[1]
+    n, c = x.shape[:2]
     if x.is_contiguous():
-        outer = x.shape[0]
-        return outer, c, x.numel() // (outer * c)
+        return n, c, x.numel() // (n * c)
     fmt = _CHANNELS_LAST.get(x.dim())
     if fmt is not None and x.is_contiguous(memory_format=fmt):
         return x.numel() // c, c, 1
@@ -60,7 +60,8 @@ def _input(x: Tensor) -> tuple[int, int, int]:
             f"native batch norm: x (size {list(x.shape)}, strides {x.stride()}) must be "
             "non-empty, (N, C, *), and contiguous or channels_last"
         )
-    return g
+    # Plain ints: under torch.jit.trace sizes come back as traced values.
+    return int(g[0]), int(g[1]), int(g[2])
 
 
 def _vector(t: Tensor | None, name: str, dtype: torch.dtype, c: int) -> int | None:
@@ -83,17 +84,21 @@ def _running(rm: Tensor | None, rv: Tensor | None, c: int) -> tuple[int | None, 
             "native batch norm: running_mean and running_var must be given together, "
             "both float32 or both float64"
         )
-    return _vector(rm, "running_mean", rm.dtype, c), _vector(rv, "running_var", rv.dtype, c), rm.dtype is _F64
+    rm_p, rv_p = _vector(rm, "running_mean", rm.dtype, c), _vector(rv, "running_var", rv.dtype, c)
+    return rm_p, rv_p, rm.dtype is _F64
 
 
-def _statistics(c: int, want: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    if not want:
-        return None, None, None  # the kernels keep them in scratch memory
-    return _F64_CPU.new_empty(c), _F64_CPU.new_empty(c), _F64_CPU.new_empty(c)
+def _statistics(c: int, want: bool, want_var: bool) -> tuple[Tensor | None, Tensor | None, tuple]:
+    """(stats, var, their pointers (mean, var, invstd)); None where not wanted.
 
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+    The kernels keep what is not wanted in scratch memory.
+    """
+    stats = _F64_CPU.new_empty((2, c)) if want else None
+    var = _F64_CPU.new_empty(c) if want and want_var else None
+    if stats is None:
+        return None, None, (None, None, None)
+    p = stats.data_ptr()
+    return stats, var, (p, None if var is None else var.data_ptr(), p + 8 * c)
 
 
 def forward_train(
@@ -105,20 +110,21 @@ def forward_train(
     running_var: Tensor | None = None,
     momentum: float = 0.0,
     want_stats: bool = True,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """(y, mean, var, invstd) with batch statistics, var biased; moves the running buffers
-    when given. Without ``want_stats`` the statistics come back as None."""
+    want_var: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(y, stats, var) with batch statistics, var biased; moves the running buffers when
+    given. Statistics not wanted (``want_stats``, ``want_var``) come back as None."""
     outer, c, inner = _input(x)
     w, b = _vector(weight, "weight", x.dtype, c), _vector(bias, "bias", x.dtype, c)
     rm, rv, running_is_double = _running(running_mean, running_var, c)
     y = torch.empty_like(x)
-    mean, var, invstd = _statistics(c, want_stats)
+    stats, var, (mean_p, var_p, invstd_p) = _statistics(c, want_stats, want_var)
     _kernels().forward_train(
-        x.data_ptr(), y.data_ptr(), w, b, _ptr(mean), _ptr(var), _ptr(invstd),
+        x.data_ptr(), y.data_ptr(), w, b, mean_p, var_p, invstd_p,
         rm, rv, running_is_double, float(momentum), float(eps),
         x.dtype is _F64, outer, c, inner, torch.get_num_threads(),
     )  # fmt: skip
-    return y, mean, var, invstd
+    return y, stats, var
 
 
 def forward_eval(
@@ -129,29 +135,28 @@ def forward_eval(
     running_var: Tensor,
     eps: float,
     want_stats: bool = True,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(y, mean, invstd) normalized with the running buffers, which are only read."""
+) -> tuple[Tensor, Tensor | None]:
+    """(y, stats) normalized with the running buffers, which are only read."""
     outer, c, inner = _input(x)
     w, b = _vector(weight, "weight", x.dtype, c), _vector(bias, "bias", x.dtype, c)
     if running_mean is None or running_var is None:
         raise Mismatch("native batch norm: evaluation needs running_mean and running_var")
     rm, rv, running_is_double = _running(running_mean, running_var, c)
     y = torch.empty_like(x)
-    mean, var, invstd = _statistics(c, want_stats)
+    stats, _, (mean_p, var_p, invstd_p) = _statistics(c, want_stats, False)
     _kernels().forward_eval(
-        x.data_ptr(), y.data_ptr(), w, b, _ptr(mean), _ptr(var), _ptr(invstd),
+        x.data_ptr(), y.data_ptr(), w, b, mean_p, var_p, invstd_p,
         rm, rv, running_is_double, float(eps),
         x.dtype is _F64, outer, c, inner, torch.get_num_threads(),
     )  # fmt: skip
-    return y, mean, invstd
+    return y, stats
 
 
 def backward(
     dy: Tensor,
     x: Tensor,
     weight: Tensor | None,
-    mean: Tensor,
-    invstd: Tensor,
+    stats: Tensor,
     batch_stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias), all in x's dtype; dy must have x's dtype and strides."""
@@ -162,7 +167,10 @@ def backward(
             f"must be laid out like x ({x.dtype}, size {list(x.shape)}, strides {x.stride()})"
         )
     w = _vector(weight, "weight", x.dtype, c)
-    m, s = _vector(mean, "mean", _F64, c), _vector(invstd, "invstd", _F64, c)
+    if stats.dim() != 2:
+        raise Mismatch(f"native batch norm: stats must be (2, {c}), got size {list(stats.shape)}")
+    m = _vector(stats, "stats", _F64, 2 * c)
+    s = m + 8 * c  # the invstd row
     dx = torch.empty_like(x)
     dweight, dbias = x.new_empty(c), x.new_empty(c)
     _kernels().backward(

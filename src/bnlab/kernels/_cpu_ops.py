@@ -28,27 +28,24 @@ def _restride(out: Tensor, like: Tensor) -> Tensor:
     return out if want.stride() == out.stride() else want.copy_(out)
 
 
-def _f64(*ts: Tensor) -> tuple[Tensor, ...]:
-    return tuple(t.to(_F64) for t in ts)
-
-
 @torch.library.custom_op("bnlab::cpu_forward_train", mutates_args=())
 def cpu_forward_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, mean, var, invstd): statistics float64, var biased."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, stats, var): stats (2, C) rows mean and invstd, var biased; all float64."""
     if _build.native() is None:
         mean, var = reference.batch_stats(x)
         invstd = torch.rsqrt(var + eps)
-        return (reference.normalize(x, mean, invstd, weight, bias), *_f64(mean, var, invstd))
-    y, mean, var, invstd = cpu.eager_forward_train(x, weight, bias, eps, None, None, 0.0)
-    return _restride(y, x), mean, var, invstd
+        y = reference.normalize(x, mean, invstd, weight, bias)
+        return y, torch.stack([mean, invstd]).to(_F64), var.to(_F64)
+    y, stats, var = cpu.eager_forward_train(x, weight, bias, eps, None, None, 0.0, want_var=True)
+    return _restride(y, x), stats, var
 
 
 @cpu_forward_train.register_fake
 def _(x, weight, bias, eps):
     c = x.shape[1]
-    return (torch.empty_like(x), *(x.new_empty((c,), dtype=_F64) for _ in range(3)))
+    return torch.empty_like(x), x.new_empty((2, c), dtype=_F64), x.new_empty((c,), dtype=_F64)
 
 
 @torch.library.custom_op("bnlab::cpu_forward_eval", mutates_args=())
@@ -59,41 +56,35 @@ def cpu_forward_eval(
     running_mean: Tensor,
     running_var: Tensor,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, invstd) with the running statistics; statistics float64."""
+) -> tuple[Tensor, Tensor]:
+    """(y, stats) with the running statistics; stats (2, C) float64."""
     if _build.native() is None:
-        y, mean, invstd = reference.REFERENCE.forward_eval(
+        y, stats = reference.REFERENCE.forward_eval(
             x, weight, bias, running_mean, running_var, eps
         )
-        return (y, *_f64(mean, invstd))
-    y, mean, invstd = cpu.eager_forward_eval(x, weight, bias, running_mean, running_var, eps)
-    return _restride(y, x), mean, invstd
+        return y, stats.to(_F64)
+    y, stats = cpu.eager_forward_eval(x, weight, bias, running_mean, running_var, eps)
+    return _restride(y, x), stats
 
 
 @cpu_forward_eval.register_fake
 def _(x, weight, bias, running_mean, running_var, eps):
-    c = x.shape[1]
-    return torch.empty_like(x), x.new_empty((c,), dtype=_F64), x.new_empty((c,), dtype=_F64)
+    return torch.empty_like(x), x.new_empty((2, x.shape[1]), dtype=_F64)
 
 
 @torch.library.custom_op("bnlab::cpu_backward", mutates_args=())
 def cpu_backward(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    mean: Tensor,
-    invstd: Tensor,
-    batch_stats: bool,
+    dy: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor, batch_stats: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); dweight and dbias in x's dtype."""
     if _build.native() is None:
-        dx, dweight, dbias = reference.backward(dy, x, weight, mean, invstd, batch_stats)
+        dx, dweight, dbias = reference.REFERENCE.backward(dy, x, weight, stats, batch_stats)
         return dx, dweight.to(x.dtype), dbias.to(x.dtype)
-    dx, dweight, dbias = cpu.eager_backward(dy, x, weight, mean, invstd, batch_stats)
+    dx, dweight, dbias = cpu.eager_backward(dy, x, weight, stats, batch_stats)
     return _restride(dx, x), dweight, dbias
 
 
 @cpu_backward.register_fake
-def _(dy, x, weight, mean, invstd, batch_stats):
+def _(dy, x, weight, stats, batch_stats):
     c = x.shape[1]
     return torch.empty_like(x), x.new_empty((c,)), x.new_empty((c,))

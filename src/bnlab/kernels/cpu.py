@@ -56,25 +56,28 @@ def _scalar(momentum: float | Tensor) -> float | None:
 # common case pays for one set of checks.
 
 
-def eager_forward_train(x, weight, bias, eps, running_mean, running_var, momentum, want_stats=True):
-    """(y, mean, var, invstd); moves the running buffers when given (see the backend)."""
+def eager_forward_train(
+    x, weight, bias, eps, running_mean, running_var, momentum, want_stats=True, want_var=False
+):
+    """(y, stats, var); moves the running buffers when given (see the backend).
+
+    var is None unless wanted, or needed to move buffers the kernels cannot write.
+    """
     m = _scalar(momentum)
     if m is not None:
         try:
             return _cpu_native.forward_train(
-                x, weight, bias, eps, running_mean, running_var, m, want_stats
+                x, weight, bias, eps, running_mean, running_var, m, want_stats, want_var
             )
         except _cpu_native.Mismatch:
             pass
     x = _dense(x)
-    y, mean, var, invstd = _cpu_native.forward_train(
-        x, _as(weight, x.dtype), _as(bias, x.dtype), eps
-    )
+    y, stats, var = _cpu_native.forward_train(x, _as(weight, x.dtype), _as(bias, x.dtype), eps)
     if running_mean is not None:
         reference.update_running_stats(
-            running_mean, running_var, mean, var, momentum, x.numel() // x.size(1)
+            running_mean, running_var, stats[0], var, momentum, x.numel() // x.size(1)
         )
-    return y, mean, var, invstd
+    return y, stats, var
 
 
 def eager_forward_eval(x, weight, bias, running_mean, running_var, eps, want_stats=True):
@@ -88,16 +91,14 @@ def eager_forward_eval(x, weight, bias, running_mean, running_var, eps, want_sta
         )  # fmt: skip
 
 
-def eager_backward(dy, x, weight, mean, invstd, batch_stats):
+def eager_backward(dy, x, weight, stats, batch_stats):
     try:
-        return _cpu_native.backward(dy, x, weight, mean, invstd, batch_stats)
+        return _cpu_native.backward(dy, x, weight, stats, batch_stats)
     except _cpu_native.Mismatch:
         x = _dense(x)
         if dy.dtype != x.dtype or dy.stride() != x.stride():
             dy = torch.empty_like(x).copy_(dy)
-        return _cpu_native.backward(
-            dy, x, _as(weight, x.dtype), _as(mean, _F64), _as(invstd, _F64), batch_stats
-        )
+        return _cpu_native.backward(dy, x, _as(weight, x.dtype), _as(stats, _F64), batch_stats)
 
 
 class CPUBackend:
@@ -121,26 +122,26 @@ class CPUBackend:
         self, x, weight, bias, eps, running_mean, running_var, momentum, want_stats=True
     ):
         if torch.compiler.is_compiling():
-            y, mean, var, invstd = torch.ops.bnlab.cpu_forward_train(x, weight, bias, eps)
+            y, stats, var = torch.ops.bnlab.cpu_forward_train(x, weight, bias, eps)
             if running_mean is not None:
                 reference.update_running_stats(
-                    running_mean, running_var, mean, var, momentum, x.numel() // x.size(1)
+                    running_mean, running_var, stats[0], var, momentum, x.numel() // x.size(1)
                 )
-            return y, mean, invstd
-        y, mean, _, invstd = eager_forward_train(
+            return y, stats
+        y, stats, _ = eager_forward_train(
             x, weight, bias, eps, running_mean, running_var, momentum, want_stats
         )
-        return y, mean, invstd
+        return y, stats
 
     def forward_eval(self, x, weight, bias, running_mean, running_var, eps, want_stats=True):
         if torch.compiler.is_compiling():
             return torch.ops.bnlab.cpu_forward_eval(x, weight, bias, running_mean, running_var, eps)
         return eager_forward_eval(x, weight, bias, running_mean, running_var, eps, want_stats)
 
-    def backward(self, dy, x, weight, mean, invstd, batch_stats):
+    def backward(self, dy, x, weight, stats, batch_stats):
         if torch.compiler.is_compiling():
-            return torch.ops.bnlab.cpu_backward(dy, x, weight, mean, invstd, batch_stats)
-        return eager_backward(dy, x, weight, mean, invstd, batch_stats)
+            return torch.ops.bnlab.cpu_backward(dy, x, weight, stats, batch_stats)
+        return eager_backward(dy, x, weight, stats, batch_stats)
 
 
 CPU = CPUBackend()

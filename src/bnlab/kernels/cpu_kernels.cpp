@@ -204,7 +204,7 @@ GradCoef<T> grad_coef(double mean, double invstd, const T* w, int64_t c, double 
     return q;
 }
 
-// Per-channel statistics, float64 outputs.
+// Per-channel statistics, float64 outputs (var may be null: not wanted).
 struct Stats {
     double *mean, *var, *invstd;
 };
@@ -232,7 +232,7 @@ void finish_stats(int64_t c, double n, double K, double s1, double s2, double ep
     if (var < 0) var = 0;
     double mean = K + d;
     stats.mean[c] = mean;
-    stats.var[c] = var;
+    if (stats.var) stats.var[c] = var;
     stats.invstd[c] = 1.0 / std::sqrt(var + eps);
     if (!run.mean) return;
     if (run.is_double)
@@ -821,9 +821,10 @@ void forward_train(const T* x, T* y, const T* w, const T* b, const Stats& stats,
 template <typename R>
 void running_stats(const R* rm, const R* rv, int64_t C, double eps, const Stats& stats) {
     for (int64_t c = 0; c < C; ++c) {
+        const double var = static_cast<double>(rv[c]);
         stats.mean[c] = static_cast<double>(rm[c]);
-        stats.var[c] = static_cast<double>(rv[c]);
-        stats.invstd[c] = 1.0 / std::sqrt(stats.var[c] + eps);
+        if (stats.var) stats.var[c] = var;
+        stats.invstd[c] = 1.0 / std::sqrt(var + eps);
     }
 }
 
@@ -980,7 +981,7 @@ inline Stats stats_of(PyObject* const* a) {
                  static_cast<double*>(ptr(a[2]))};
 }
 
-// The statistics in `scratch`, for a caller that passed None for all three (it wants y alone).
+// The statistics in `scratch`, for a caller that wants y alone (None for mean or invstd).
 inline Stats scratch_stats(std::vector<double>& scratch, int64_t C) {
     scratch.resize(size_t(3 * C));
     return Stats{scratch.data(), scratch.data() + C, scratch.data() + 2 * C};
@@ -988,7 +989,8 @@ inline Stats scratch_stats(std::vector<double>& scratch, int64_t C) {
 
 // forward_train(x, y, weight, bias, mean, var, invstd, running_mean, running_var,
 //               running_is_double, momentum, eps, is_double, outer, C, inner, threads)
-// mean, var (biased), invstd: (C,) outputs, or all three None. The running
+// mean, var (biased), invstd: (C,) outputs, or all three None, or var alone
+// None. The running
 // buffers, when given, move by r <- (1 - momentum)*r + momentum*s (unbiased variance).
 PyObject* py_forward_train(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     if (!check_nargs(nargs, 17, "forward_train")) return nullptr;
@@ -1001,7 +1003,7 @@ PyObject* py_forward_train(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     const int threads = int(i64(a[16]));
     if (PyErr_Occurred()) return nullptr;
     std::vector<double> scratch;
-    if (!stats.mean) stats = scratch_stats(scratch, g.C);
+    if (!stats.mean || !stats.invstd) stats = scratch_stats(scratch, g.C);
     MaybeReleaseGil gil(g.numel());
     if (is_double) {
         advise_huge_pages(y, g.numel() * 8);
@@ -1028,7 +1030,7 @@ void normalize_call(void* x, void* y, void* w, void* b, const Stats& stats, cons
 // forward_eval(x, y, weight, bias, mean, var, invstd, running_mean, running_var,
 //              running_is_double, eps, is_double, outer, C, inner, threads)
 // Normalizes with the running statistics; mean, var, invstd: (C,) outputs, or
-// all three None.
+// all three None, or var alone None.
 PyObject* py_forward_eval(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     if (!check_nargs(nargs, 16, "forward_eval")) return nullptr;
     void *x = ptr(a[0]), *y = ptr(a[1]), *w = ptr(a[2]), *b = ptr(a[3]);
@@ -1041,7 +1043,7 @@ PyObject* py_forward_eval(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     const int threads = int(i64(a[15]));
     if (PyErr_Occurred()) return nullptr;
     std::vector<double> scratch;
-    if (!stats.mean) stats = scratch_stats(scratch, g.C);
+    if (!stats.mean || !stats.invstd) stats = scratch_stats(scratch, g.C);
     MaybeReleaseGil gil(g.numel());
     if (running_is_double)
         running_stats(static_cast<const double*>(rm), static_cast<const double*>(rv), g.C, eps,

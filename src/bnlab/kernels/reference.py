@@ -155,15 +155,16 @@ class ReferenceBackend:
             update_running_stats(
                 running_mean, running_var, mean, var, momentum, x.numel() // x.size(1)
             )
-        return normalize(x, mean, invstd, weight, bias), mean, invstd
+        return normalize(x, mean, invstd, weight, bias), torch.stack([mean, invstd])
 
     def forward_eval(self, x, weight, bias, running_mean, running_var, eps, want_stats=True):
         acc = acc_dtype(x.dtype)
-        mean = running_mean.to(acc, copy=True)  # an output of its own, not the buffer
+        mean = running_mean.to(acc)
         invstd = torch.rsqrt(running_var.to(acc) + eps)
-        return normalize(x, mean, invstd, weight, bias), mean, invstd
+        return normalize(x, mean, invstd, weight, bias), torch.stack([mean, invstd])
 
-    def backward(self, dy, x, weight, mean, invstd, batch_stats):
+    def backward(self, dy, x, weight, stats, batch_stats):
+        mean, invstd = stats
         return backward(dy, x, weight, mean, invstd, batch_stats)
 
 
