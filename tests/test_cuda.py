@@ -75,3 +75,65 @@ def test_compiled_fullgraph_cumulative_average_on_cuda():
         x = torch.randn(8, 5, 6, 6, device="cuda")
         torch.testing.assert_close(step(x), theirs(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.running_var, theirs.running_var, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_cuda_graph_capture_matches_torch(momentum):
+    """A captured training step (forward and backward) replays with torch's numbers.
+
+    torch's own module cannot be captured with momentum=None (it reads the counter on
+    the host), so the reference is torch's module run eagerly on the same inputs.
+    """
+    ours, theirs = _pair("BatchNorm2d", torch.float32, momentum=momentum)
+    shape = (8, 5, 7, 6)
+    x = torch.randn(shape, device="cuda", requires_grad=True)
+    dy = torch.randn(shape, device="cuda")
+
+    def step(m, inp):
+        y = m(inp)
+        y.backward(dy)
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up on a side stream, as capture requires
+        for _ in range(3):
+            step(ours, x)
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(3):
+        step(theirs, x.detach().clone().requires_grad_())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step(ours, x)
+    for _ in range(3):
+        new = torch.randn(shape, device="cuda") * 2 + 1
+        with torch.no_grad():
+            x.copy_(new)
+            x.grad.zero_()
+        graph.replay()
+        xr = new.clone().requires_grad_()
+        yr = step(theirs, xr)
+        torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
+    for (k, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=k)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_vmap_ensemble_on_cuda():
+    """torch.func model ensembling runs on the GPU with torch's numbers."""
+    models = [_pair("BatchNorm2d", torch.float32) for _ in range(3)]
+    x = torch.randn(8, 5, 6, 6, device="cuda") * 2 + 1
+    results = []
+    for side in (0, 1):
+        group = [pair[side] for pair in models]
+        params, buffers = torch.func.stack_module_state(group)
+
+        def call(p, b, inp, base=group[0]):
+            return torch.func.functional_call(base, (p, b), (inp,))
+
+        results.append((torch.func.vmap(call, in_dims=(0, 0, None))(params, buffers, x), buffers))
+    (ya, ba), (yb, bb) = results
+    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+    for k in ba:
+        torch.testing.assert_close(ba[k], bb[k], atol=1e-5, rtol=1e-5, msg=k)

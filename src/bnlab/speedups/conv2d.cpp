@@ -49,7 +49,7 @@ constexpr int kRegisters = 16;
 #endif
 constexpr int kMaxBlock = 6;  // most output channels per register block
 constexpr int kMaxVecs = 4;   // most vectors of columns per forward block
-constexpr int kMaxTaps = 4;   // most kernel columns per weight-grad block (4 measured best on 5x5)
+constexpr int kMaxTaps = 4;   // most kernel columns per weight-grad block (best on 5x5: bench_conv.py)
 
 // Vectors of 32 bytes (8 floats, 4 doubles): one AVX register.
 template <typename T>

@@ -28,7 +28,7 @@
 namespace {
 
 // Branch-free by construction: the winner is data-dependent, so jumps would
-// mispredict about half the time (measured 2-5x slower on random data), and
+// mispredict about half the time on random data (benchmarks/bench_pool.py), and
 // compilers turn plain ?: on floats back into jumps. pick() selects bits.
 template <typename T>
 inline T pick(bool take, T yes, T no) {
