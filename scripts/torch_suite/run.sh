@@ -12,7 +12,7 @@
 #   BNLAB_TORCH_SUITE_K             pytest -k selection (default: "batchnorm or batch_norm";
 #                                   pytest -k is case-insensitive, so BatchNorm* names match too)
 #   BNLAB_TORCH_SUITE_TIMEOUT       per-test timeout in s when pytest-timeout is installed (default 900)
-#   BNLAB_TORCH_SUITE_OUT           where logs and JSON results go (default /tmp/bnlab_torch_suite)
+#   BNLAB_TORCH_SUITE_OUT           where logs and JSON results go (default $TMPDIR/bnlab_torch_suite)
 #   BNLAB_TORCH_SUITE_REUSE_BASELINE=1  reuse OUT/torch.jsonl from an earlier run instead of rerunning torch
 #   BNLAB_TORCH_SUITE_MAX_RESTARTS  restarts allowed after a crash, per implementation (default 20)
 #
@@ -30,7 +30,7 @@ TESTS=$(cd "$1" && pwd)
 shift
 PY=${PYTHON:-$REPO/.venv/bin/python}
 SELECT=${BNLAB_TORCH_SUITE_K:-batchnorm or batch_norm}
-OUT=${BNLAB_TORCH_SUITE_OUT:-/tmp/bnlab_torch_suite}
+OUT=${BNLAB_TORCH_SUITE_OUT:-${TMPDIR:-/tmp}/bnlab_torch_suite}
 mkdir -p "$OUT"
 
 FILES=()

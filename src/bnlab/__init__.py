@@ -1,8 +1,19 @@
 """bnlab: batch normalization for PyTorch, from first principles."""
 
-from . import functional, nn
+from . import functional, nn, toolkit
 from .errors import ChannelMismatchError
+from .toolkit import diagnose, fold, format_diagnosis, precise_bn
 
 __version__ = "0.1.0"
 
-__all__ = ["ChannelMismatchError", "__version__", "functional", "nn"]
+__all__ = [
+    "ChannelMismatchError",
+    "__version__",
+    "diagnose",
+    "fold",
+    "format_diagnosis",
+    "functional",
+    "nn",
+    "precise_bn",
+    "toolkit",
+]

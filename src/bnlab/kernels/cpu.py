@@ -143,5 +143,37 @@ class CPUBackend:
             return torch.ops.bnlab.cpu_backward(dy, x, weight, stats, batch_stats)
         return eager_backward(dy, x, weight, stats, batch_stats)
 
+    # Batch norm across processes, composed from the calls above (no kernels
+    # of its own): each does one more pass over memory than a dedicated kernel.
+
+    def batch_stats(self, x):
+        """The training forward's statistics (shifted sums, float64); its y is discarded."""
+        if torch.compiler.is_compiling():
+            _, stats, var = torch.ops.bnlab.cpu_forward_train(x, None, None, 1.0)
+        else:
+            _, stats, var = eager_forward_train(x, None, None, 1.0, None, None, 0.0, True, True)
+        return x.numel() // x.size(1), stats[0], var
+
+    def backward_reduce(self, dy, x, stats):
+        """The sums of the evaluation-mode backward (float64 carry, x's dtype); its dx is discarded."""
+        _, sum_dy_xhat, sum_dy = self.backward(dy, x, None, stats, False)
+        return sum_dy, sum_dy_xhat
+
+    def backward_elemt(self, dy, x, weight, stats, mean_dy, mean_dy_xhat):
+        """dx = a·dy + ((x − mean)·k + c), a = γ·invstd, k = −a·invstd·mean_dy_xhat, c = −a·mean_dy.
+
+        The bracket is the evaluation kernel's per-channel affine map of x
+        (unit variance, eps 0), which subtracts the mean in float64 first, so
+        float32 data with a large mean keeps its precision; a·dy is added in place.
+        """
+        mean, invstd = stats.to(_F64)
+        a = invstd if weight is None else invstd * weight.to(_F64)
+        k = -a * invstd * mean_dy_xhat.to(_F64)
+        c = -a * mean_dy.to(_F64)
+        dx, _ = self.forward_eval(
+            x, k.to(x.dtype), c.to(x.dtype), mean, torch.ones_like(mean), 0.0, False
+        )
+        return dx.addcmul_(dy, a.to(x.dtype).view([1, -1] + [1] * (x.dim() - 2)))
+
 
 CPU = CPUBackend()

@@ -9,6 +9,11 @@ gives float64): one tensor to allocate and save rather than two.
 The running-statistics update is part of the training forward, so a backend
 can fuse it into its pass over ``x``; its rule is
 :func:`bnlab.kernels.reference.update_running_stats`, the oracle.
+
+Batch norm across processes (:mod:`bnlab.sync_functional`) splits both passes
+at the point where the processes exchange their per-channel numbers:
+``batch_stats`` → combine → ``forward_eval`` with the combined statistics,
+and ``backward_reduce`` → sum → ``backward_elemt``.
 """
 
 from __future__ import annotations
@@ -73,5 +78,38 @@ class Backend(Protocol):
 
         ``batch_stats``: mean and invstd were x's own (they depend on x), else
         constants. dweight and dbias come in x's dtype or the statistics'.
+        """
+        ...
+
+    def batch_stats(self, x: Tensor) -> tuple[int, Tensor, Tensor]:
+        """(n, mean, var): x's values per channel, per-channel mean and biased variance.
+
+        The local half of statistics combined across processes. mean and var
+        come in float32 or wider, accurate for data with a large mean; an
+        empty x gives (0, zeros, zeros).
+        """
+        ...
+
+    def backward_reduce(self, dy: Tensor, x: Tensor, stats: Tensor) -> tuple[Tensor, Tensor]:
+        """(Σ dy, Σ dy·xhat) per channel, xhat = (x − mean)·invstd with ``stats``' rows.
+
+        In x's dtype or the statistics'; zeros for an empty x.
+        """
+        ...
+
+    def backward_elemt(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        stats: Tensor,
+        mean_dy: Tensor,
+        mean_dy_xhat: Tensor,
+    ) -> Tensor:
+        """dx = γ·invstd·(dy − mean_dy − xhat·mean_dy_xhat), in dy's dtype.
+
+        ``mean_dy`` and ``mean_dy_xhat`` (C,) are the means of dy and dy·xhat
+        over the whole batch, which may span processes: with x's own sums this
+        is :meth:`backward` with batch statistics.
         """
         ...

@@ -138,6 +138,37 @@ def tangent(
     return y_t.to(x.dtype)
 
 
+def channel_grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ dy, Σ dy·xhat) per channel, in the statistics' dtype (zeros for an empty x)."""
+    dims = _reduce_dims(x)
+    acc = invstd.dtype
+    dya = dy.to(acc)
+    xhat = (x.to(acc) - _per_channel(mean, x)) * _per_channel(invstd, x)
+    return dya.sum(dims), (dya * xhat).sum(dims)
+
+
+def grad_input(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    mean_dy: Tensor,
+    mean_dy_xhat: Tensor,
+) -> Tensor:
+    """dx = γ·invstd·(dy − mean_dy − xhat·mean_dy_xhat), computed in the statistics' dtype.
+
+    :func:`backward`'s dx with batch statistics, given the means of dy and
+    dy·xhat rather than x's own (they may come from a batch spread over processes).
+    """
+    acc = invstd.dtype
+    xhat = (x.to(acc) - _per_channel(mean, x)) * _per_channel(invstd, x)
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    mean_dy, mean_dy_xhat = _per_channel(mean_dy.to(acc), x), _per_channel(mean_dy_xhat.to(acc), x)
+    dx = (dy.to(acc) - mean_dy - xhat * mean_dy_xhat) * _per_channel(scale, x)
+    return dx.to(dy.dtype)
+
+
 class ReferenceBackend:
     """:class:`~bnlab.kernels.protocol.Backend` in the torch ops above; takes any input."""
 
@@ -166,6 +197,22 @@ class ReferenceBackend:
     def backward(self, dy, x, weight, stats, batch_stats):
         mean, invstd = stats
         return backward(dy, x, weight, mean, invstd, batch_stats)
+
+    def batch_stats(self, x):
+        c = x.size(1)
+        if x.numel() == 0:
+            zeros = x.new_zeros(c, dtype=acc_dtype(x.dtype))
+            return 0, zeros, zeros.clone()
+        mean, var = batch_stats(x)
+        return x.numel() // c, mean, var
+
+    def backward_reduce(self, dy, x, stats):
+        mean, invstd = stats
+        return channel_grad_sums(dy, x, mean, invstd)
+
+    def backward_elemt(self, dy, x, weight, stats, mean_dy, mean_dy_xhat):
+        mean, invstd = stats
+        return grad_input(dy, x, weight, mean, invstd, mean_dy, mean_dy_xhat)
 
 
 REFERENCE = ReferenceBackend()

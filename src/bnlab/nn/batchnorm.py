@@ -22,6 +22,8 @@ attribute to False later keeps them, so eval still normalizes with them.)
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, fx, nn
 
@@ -29,25 +31,49 @@ from .. import functional as F
 from ..errors import ChannelMismatchError
 
 
+class Plan(NamedTuple):
+    """What a batch norm module hands to :func:`bnlab.functional.batch_norm` for one call."""
+
+    running_mean: Tensor | None  # the buffers to pass: moved (train) or used (eval)
+    running_var: Tensor | None
+    use_batch_stats: bool
+    momentum: float | Tensor
+
+
+def fx_leaf(module: nn.Module, input: object) -> fx.Proxy | None:
+    """A call_module node when ``input`` is an fx Proxy: torch.fx traces torch.nn's
+    layers as leaves, and so bnlab's."""
+    if not isinstance(input, fx.Proxy):
+        return None
+    tracer = input.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+
+
+def check_channels(module: nn.Module, input: Tensor) -> None:
+    """The one clear error for a channel count that is not ``module.num_features``."""
+    # num_features == 0 is what a lazy module with neither parameters nor
+    # buffers keeps after its first call (as in torch): no size declared.
+    if input.shape[1] != module.num_features and module.num_features != 0:
+        raise ChannelMismatchError(
+            f"{type(module).__name__}: expected input with {module.num_features} channels "
+            f"(num_features) but got {input.shape[1]} channels, input size {list(input.shape)}"
+        )
+
+
 class _BatchNorm(nn.modules.batchnorm._BatchNorm):
-    def forward(self, input: Tensor) -> Tensor:
-        if isinstance(input, fx.Proxy):
-            # torch.fx traces torch.nn's layers as leaves; so do bnlab's.
-            tracer = input.tracer
-            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
+    def _plan(self, input: Tensor) -> Plan:
+        """Check ``input``, count the batch, and choose statistics, buffers and momentum.
+
+        What every bnlab batch norm (and variant: renorm, ghost batches) does
+        before its math; a variant changes only what it hands on.
+        """
         self._check_input_dim(input)
-        # num_features == 0 is what a lazy module with neither parameters nor
-        # buffers keeps after its first call (as in torch): no size declared.
-        if input.shape[1] != self.num_features and self.num_features != 0:
-            raise ChannelMismatchError(
-                f"{type(self).__name__}: expected input with {self.num_features} channels "
-                f"(num_features) but got {input.shape[1]} channels, input size {list(input.shape)}"
-            )
-        # Read from the dictionaries: Module.__getattr__ costs as much as a small batch norm.
-        buffers, params = self._buffers, self._parameters
+        check_channels(self, input)
+        # Read from the dictionary: Module.__getattr__ costs as much as a small batch norm.
+        buffers = self._buffers
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         counter = buffers["num_batches_tracked"]
-        momentum = 0.0 if self.momentum is None else self.momentum
+        momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and counter is not None:
             # Counted before the batch is checked, exactly as torch does.
             counter.add_(1)
@@ -58,16 +84,23 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         # Buffers are passed where they are updated (training and tracking) or used (eval).
         pass_buffers = not self.training or self.track_running_stats
-        return F.batch_norm(
-            input,
+        return Plan(
             running_mean if pass_buffers else None,
             running_var if pass_buffers else None,
-            params["weight"],
-            params["bias"],
             use_batch_stats,
             momentum,
-            self.eps,
         )
+
+    def forward(self, input: Tensor) -> Tensor:
+        node = fx_leaf(self, input)
+        if node is not None:
+            return node
+        plan = self._plan(input)
+        params = self._parameters
+        return F.batch_norm(
+            input, plan.running_mean, plan.running_var, params["weight"], params["bias"],
+            plan.use_batch_stats, plan.momentum, self.eps,
+        )  # fmt: skip
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):

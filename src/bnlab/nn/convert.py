@@ -11,7 +11,7 @@ from typing import Literal
 
 from torch import nn
 
-from . import batchnorm, lazy
+from . import batchnorm, lazy, sync
 
 _TORCH_TO_BNLAB: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: batchnorm.BatchNorm1d,
@@ -20,6 +20,7 @@ _TORCH_TO_BNLAB: dict[type[nn.Module], type[nn.Module]] = {
     nn.LazyBatchNorm1d: lazy.LazyBatchNorm1d,
     nn.LazyBatchNorm2d: lazy.LazyBatchNorm2d,
     nn.LazyBatchNorm3d: lazy.LazyBatchNorm3d,
+    nn.SyncBatchNorm: sync.SyncBatchNorm,
 }
 _BNLAB_TO_TORCH = {v: k for k, v in _TORCH_TO_BNLAB.items()}
 _LAZY_HOOK_ATTRS = ("_initialize_hook", "_load_hook")
@@ -78,8 +79,8 @@ def _swap(module: nn.Module, mapping: dict[type[nn.Module], type[nn.Module]]) ->
 def convert(module: nn.Module, to: Literal["bnlab", "torch"] = "bnlab") -> nn.Module:
     """Replace every batch norm layer of ``module``, at any depth, by the ``to`` library's.
 
-    ``to="bnlab"`` swaps torch.nn's BatchNorm1d/2d/3d and their Lazy variants for
-    bnlab's; ``to="torch"`` swaps back (for ONNX or TorchScript export). Only
+    ``to="bnlab"`` swaps torch.nn's BatchNorm1d/2d/3d, their Lazy variants and
+    SyncBatchNorm for bnlab's; ``to="torch"`` swaps back (for ONNX or TorchScript export). Only
     those exact classes are swapped; subclasses are left alone. The model is
     changed in place; the return value is the model, or the new module when
     ``module`` itself was a batch norm layer.
