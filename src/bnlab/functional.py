@@ -20,7 +20,7 @@ from . import autograd
 from .errors import ChannelMismatchError
 
 
-def _check(
+def check_arguments(
     input: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -28,21 +28,29 @@ def _check(
     bias: Tensor | None,
     training: bool,
     eps: float,
+    *,
+    values_per_channel: bool = True,
+    name: str = "batch_norm",
 ) -> None:
+    """Every check of :func:`batch_norm`, with torch's words where torch has them.
+
+    ``values_per_channel=False`` skips the "more than 1 value per channel"
+    check, for a caller that counts values over several processes.
+    """
     size = input.shape
     if len(size) < 2:
         raise ValueError(
-            f"batch_norm expects input of shape (N, C, *), got {len(size)}D input of size "
-            f"{list(size)}"
+            f"{name} expects input of shape (N, C, *), got {len(size)}D input of size {list(size)}"
         )
     if training:
-        values_per_channel = size[0]
-        for s in size[2:]:
-            values_per_channel *= s
-        if values_per_channel == 1:
-            raise ValueError(  # torch's words, torch.Size included
-                f"Expected more than 1 value per channel when training, got input size {size}"
-            )
+        if values_per_channel:
+            n = size[0]
+            for s in size[2:]:
+                n *= s
+            if n == 1:
+                raise ValueError(  # torch's words, torch.Size included
+                    f"Expected more than 1 value per channel when training, got input size {size}"
+                )
         if eps <= 0.0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
         if (running_mean is None) != (running_var is None):
@@ -52,14 +60,14 @@ def _check(
     else:
         if eps < 0.0:
             raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-        for name, buffer in (("running_mean", running_mean), ("running_var", running_var)):
+        for buffer_name, buffer in (("running_mean", running_mean), ("running_var", running_var)):
             if buffer is None:
                 raise RuntimeError(
-                    f"{name} must be defined in evaluation mode: pass the running buffers "
-                    "or training=True"
+                    f"{buffer_name} must be defined in evaluation mode: pass the running "
+                    "buffers or training=True"
                 )
     channels = size[1]
-    for name, t in (
+    for tensor_name, t in (
         ("running_mean", running_mean),
         ("running_var", running_var),
         ("weight", weight),
@@ -67,7 +75,7 @@ def _check(
     ):
         if t is not None and t.numel() != channels:
             raise ChannelMismatchError(
-                f"batch_norm: {name} has {t.numel()} elements but the input has "
+                f"{name}: {tensor_name} has {t.numel()} elements but the input has "
                 f"{channels} channels (input size {list(size)}); "
                 f"num_features must equal input.shape[1]"
             )
@@ -91,7 +99,7 @@ def batch_norm(
     host sync and stays inside a compiled graph.
     """
     training = bool(training)
-    _check(input, running_mean, running_var, weight, bias, training, eps)
+    check_arguments(input, running_mean, running_var, weight, bias, training, eps)
     if training and input.numel() == 0:
         running_mean = running_var = None  # an empty batch moves nothing
     return autograd.batch_norm(

@@ -209,39 +209,6 @@ class SyncBatchNormFunction(torch.autograd.Function):
 _apply = _compat.applier(SyncBatchNormFunction, tensors=5)
 
 
-def _check(
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-) -> None:
-    """The local checks of :func:`bnlab.functional.batch_norm` in training, with its words."""
-    if input.dim() < 2:
-        raise ValueError(
-            f"sync_batch_norm expects input of shape (N, C, *), got {input.dim()}D input of "
-            f"size {list(input.shape)}"
-        )
-    if eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
-    channels = input.shape[1]
-    for name, t in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        if t is not None and t.numel() != channels:
-            raise ChannelMismatchError(
-                f"sync_batch_norm: {name} has {t.numel()} elements but the input has "
-                f"{channels} channels (input size {list(input.shape)}); "
-                f"num_features must equal input.shape[1]"
-            )
-
-
 def sync_batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -266,7 +233,10 @@ def sync_batch_norm(
         return functional.batch_norm(
             input, running_mean, running_var, weight, bias, True, momentum, eps
         )
-    _check(input, running_mean, running_var, weight, bias, eps)
+    functional.check_arguments(
+        input, running_mean, running_var, weight, bias, True, eps,
+        values_per_channel=False, name="sync_batch_norm",
+    )  # fmt: skip
     records = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias)
     )
