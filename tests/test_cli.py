@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import torch
 
 import bnlab.cli
 from bnlab.cli import main
+from bnlab.experiments.config import Config
 
 from ._cifar_writers import BATCHES, write_bin_layout
 
@@ -261,3 +264,223 @@ def test_real_data_beats_chance(tmp_path):
     assert main(argv) == 0
     [run] = json.loads((out / "results.json").read_text())["runs"]
     assert run["epochs"][0]["test_acc"] > 15  # chance is 10%
+
+
+# ---- clear errors, and nothing created by a mistake ----------------------------------
+
+
+def tree(root: Path) -> list[str]:
+    """Everything under `root`, as relative paths."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """main's exit code (a parser error's too), stdout and stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def quick(data_dir: Path | None, out: Path, *extra: str, command: str = "train") -> list[str]:
+    argv = [command, "--epochs", "1", "--device", "cpu", "--out", str(out), *extra]
+    if command == "train":
+        argv += ["--norm", "none"]
+    return argv + ([] if data_dir is None else ["--data-dir", str(data_dir)])
+
+
+def test_a_misspelt_data_dir_is_named_and_nothing_is_created(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("BNLAB_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    before = tree(tmp_path)
+    code, _, err = run_main(quick(tmp_path / "cifra", tmp_path / "out"), capsys)
+    assert code == 1
+    assert f"bnlab: error: {tmp_path / 'cifra'} (from the data_dir argument (--data-dir)): " in err
+    assert "no such folder" in err and "--download" in err
+    assert tree(tmp_path) == before  # no data folder, no --out, no cache
+
+
+def test_a_misspelt_bnlab_data_is_named_and_nothing_is_created(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "cifra"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    before = tree(tmp_path)
+    code, _, err = run_main(quick(None, tmp_path / "out"), capsys)
+    assert code == 1
+    assert f"{tmp_path / 'cifra'} (from $BNLAB_DATA): no such folder" in err
+    assert tree(tmp_path) == before
+
+
+def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "cifar").write_text("a file")
+    code, _, err = run_main(quick(tmp_path / "cifar", tmp_path / "out"), capsys)
+    assert code == 1
+    assert f"{tmp_path / 'cifar'} is a file, not a folder" in err
+    assert "cannot create" not in err and "File exists" not in err
+    assert tree(tmp_path) == ["cifar"]
+
+
+@pytest.mark.parametrize("where", ["under", "at"])
+def test_an_out_at_or_under_a_file_is_a_message_not_a_traceback(data_dir, tmp_path, capsys, where):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    out = file / "sub" if where == "under" else file
+    code, _, err = run_main(quick(data_dir, out), capsys)
+    assert code == 2 and err.startswith("usage: bnlab train")
+    if where == "under":
+        assert f"--out {out}: {file} is a file, not a folder, so no folder can be made in it" in err
+    else:
+        assert f"--out {out}: is a file, not a folder" in err
+    assert "Traceback" not in err
+    assert file.read_text() == "mine"
+
+
+def test_resume_of_a_folder_that_does_not_exist_is_refused(data_dir, tmp_path, capsys):
+    out = tmp_path / "typo"
+    code, _, err = run_main(quick(data_dir, out, "--resume"), capsys)
+    assert code == 2
+    assert f"--resume: {out} does not exist, so there are no runs to continue" in err
+    assert not out.exists()
+
+
+def test_resume_of_an_empty_folder_is_refused(data_dir, tmp_path, capsys):
+    out = tmp_path / "empty"
+    out.mkdir()
+    code, _, err = run_main(quick(data_dir, out, "--resume"), capsys)
+    assert code == 2
+    assert f"--resume: {out} holds no results.json to continue; drop --resume" in err
+    assert list(out.iterdir()) == []
+
+
+def test_resume_of_another_commands_runs_is_refused(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    compare = quick(data_dir, out, "--norms", "none", "--seeds", "1", command="compare")
+    assert main(compare) == 0
+    capsys.readouterr()
+    report = (out / "report.md").read_bytes()
+    code, _, err = run_main(quick(data_dir, out, "--resume"), capsys)  # train, same settings
+    assert code == 2
+    assert f"--resume: {out} holds the runs of `bnlab compare`, not `bnlab train`" in err
+    assert (out / "report.md").read_bytes() == report
+    assert main([*compare, "--resume"]) == 0  # its own command continues it
+
+
+def test_resume_compares_the_data_folder_by_where_it_is(data_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert main(quick(data_dir, out)) == 0
+    monkeypatch.setenv("BNLAB_DATA", str(data_dir))  # the same folder, named another way
+    assert main(quick(None, out, "--resume")) == 0
+    monkeypatch.delenv("BNLAB_DATA")
+    spelt = data_dir.parent / "." / data_dir.name / "cifar-10-batches-bin"  # spelt another way
+    assert main(quick(spelt, out, "--resume")) == 0
+    capsys.readouterr()
+
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)  # the same files elsewhere: another place
+    code, _, err = run_main(quick(copy, out, "--resume"), capsys)
+    assert code == 2
+    assert f"data: {data_dir / 'cifar-10-batches-bin'} -> {copy / 'cifar-10-batches-bin'}" in err
+
+
+def test_resume_compares_threads_and_device_as_resolved(data_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert main(quick(data_dir, out, "--device", "auto")) == 0  # auto: cpu; 0 threads: 1
+    assert main(quick(data_dir, out, "--resume", "--threads", "1")) == 0
+    capsys.readouterr()
+    code, _, err = run_main(quick(data_dir, out, "--resume", "--threads", "2"), capsys)
+    assert code == 2
+    assert "threads per run: 1 -> 2 (the numbers depend on it: add --threads 1)" in err
+
+
+# ---- no silent nonsense --------------------------------------------------------------
+
+
+def test_more_threads_than_cores_are_warned_about(data_dir, tmp_path, capsys, monkeypatch):
+    import bnlab.experiments.compare as compare
+
+    monkeypatch.setattr(compare, "_cores", lambda: 2)
+    assert main(quick(data_dir, tmp_path / "out", "--threads", "3")) == 0
+    printed = capsys.readouterr().out
+    assert "warning: 1 run at once x 3 threads = 3 threads on 2 cores" in printed
+    assert "many times slower" in printed
+    assert main(quick(data_dir, tmp_path / "fine", "--threads", "2")) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_limit_train_beyond_the_data_says_it_uses_all(data_dir, tmp_path, capsys):
+    assert main(quick(data_dir, tmp_path / "out", "--limit-train", "60000")) == 0
+    printed = capsys.readouterr().out
+    assert "note: --limit-train 60000 is more than the 320 training images there are: " in printed
+    assert "using all 320" in printed
+
+
+def test_the_header_counts_in_words_and_shows_the_runs_at_once(tmp_path, capsys, monkeypatch):
+    import bnlab.experiments.compare as compare
+
+    from .test_experiment_train import tiny_cifar
+
+    def no_training(*args):
+        yield from ()
+
+    lines = []
+    monkeypatch.setattr(compare, "run_tasks", no_training)  # the header is all this is about
+    cfg = Config(norms=("bn", "none"), seeds=(0,), epochs=1, jobs=8, threads=1, device="cpu")
+    compare.run_compare(
+        dataclasses.replace(cfg, out=str(tmp_path / "a")), data=tiny_cifar(), log=lines.append
+    )
+    assert (
+        lines[0].startswith("2 runs of 1 epoch on cpu") and ", 2 at once, 1 thread each" in lines[0]
+    )
+    lines.clear()
+    cfg = dataclasses.replace(cfg, norms=("none",), out=str(tmp_path / "b"), epochs=2, threads=2)
+    compare.run_compare(cfg, data=tiny_cifar(), log=lines.append)
+    assert lines[0].startswith("1 run of 2 epochs on cpu") and "at once" not in lines[0]
+    assert ", 2 threads each, 256 training images" in lines[0]
+
+
+def test_each_command_offers_only_the_options_that_mean_something_for_it(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    train_help = capsys.readouterr().out
+    assert "--jobs" not in train_help and "--threads" in train_help and "--download" in train_help
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    compare_help = capsys.readouterr().out
+    assert "--jobs" in compare_help
+    for text in (train_help, compare_help):
+        assert "script" not in text  # the --lr help named a script nobody has
+    assert "unrecognized arguments: --jobs 2" in error_of(["train", "--jobs", "2"], capsys)
+
+
+def test_interrupted_before_anything_is_saved_says_so(data_dir, tmp_path, capsys, monkeypatch):
+    import bnlab.experiments.compare as compare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "load_cifar10", interrupted)
+    out = tmp_path / "out"
+    code, _, err = run_main(["train", "--out", str(out)], capsys)
+    assert code == 130
+    assert "interrupted; nothing was saved." in err and "--resume" not in err
+    assert not out.exists()  # made for the run, removed with it
+
+
+def test_download_into_a_named_folder_only_with_the_flag(tmp_path, capsys, monkeypatch):
+    import urllib.request
+
+    calls = []
+
+    def offline(url, timeout):
+        calls.append(url)
+        raise OSError("offline")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    new = tmp_path / "new"
+    code, _, err = run_main(quick(new, tmp_path / "out"), capsys)
+    assert code == 1 and "no such folder" in err and calls == []
+    code, _, err = run_main(quick(new, tmp_path / "out", "--download"), capsys)
+    assert code == 1 and "could not download" in err and len(calls) == 1
+    assert tree(tmp_path) == []  # the folders made for the download went with it

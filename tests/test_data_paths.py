@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
 from pathlib import Path
 
 import pytest
 
-from bnlab.data import DataError, find_batches, load_cifar10, resolve_data_dir
+import bnlab.data.cifar10 as cifar10
+from bnlab.data import DataError, download_cifar10, find_batches, load_cifar10, resolve_data_dir
 
-from ._cifar_writers import PER_BATCH, make_batches, use_tiny_batches, write_bin_layout
+from ._cifar_writers import PER_BATCH, make_batches, py_archive, use_tiny_batches, write_bin_layout
 
 
 @pytest.fixture
@@ -70,6 +74,7 @@ def test_find_batches_ignores_other_folders(tmp_path):
 
 
 def test_absent_without_download_says_where_and_how(clean_env, monkeypatch, tmp_path):
+    (tmp_path / "nothing").mkdir()
     monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "nothing"))
     with pytest.raises(DataError) as info:
         load_cifar10(download=False)
@@ -89,4 +94,82 @@ def test_absent_without_download_says_where_and_how(clean_env, monkeypatch, tmp_
         "cifar-10-python.tar.gz",
     ):
         assert how in message
-    assert not root.exists()  # looking creates nothing
+    assert list(root.iterdir()) == []  # looking creates nothing
+
+
+def _no_download(url, timeout):
+    raise AssertionError("nothing may be downloaded here")
+
+
+@pytest.mark.parametrize("how", ["argument", "env"])
+def test_a_named_folder_that_does_not_exist_is_named_and_not_created(
+    clean_env, monkeypatch, tmp_path, how
+):
+    typo = tmp_path / "cifra"
+    if how == "env":
+        monkeypatch.setenv("BNLAB_DATA", str(typo))
+    with pytest.raises(DataError) as info:
+        load_cifar10(str(typo) if how == "argument" else None, urlopen=_no_download)
+    message = str(info.value)
+    assert (
+        f"{typo} (from {'the data_dir argument (--data-dir)' if how == 'argument' else '$BNLAB_DATA'}): no such folder"
+        in message
+    )
+    assert "--download" in message
+    assert not typo.exists()
+    assert not (tmp_path / "home").exists()  # nor the default cache
+
+
+@pytest.mark.parametrize("how", ["argument", "env"])
+def test_a_file_where_the_folder_should_be_is_named(clean_env, monkeypatch, tmp_path, how):
+    file = tmp_path / "cifar.tar"
+    file.write_bytes(b"not a folder")
+    if how == "env":
+        monkeypatch.setenv("BNLAB_DATA", str(file))
+    with pytest.raises(DataError, match=f"{file} is a file, not a folder"):
+        load_cifar10(str(file) if how == "argument" else None, urlopen=_no_download)
+    with pytest.raises(DataError, match=f"{file} is a file, not a folder"):
+        load_cifar10(file / "sub", urlopen=_no_download)  # under a file: the file is named
+    assert file.read_bytes() == b"not a folder"
+
+
+def test_a_named_empty_folder_downloads_only_when_asked(clean_env, monkeypatch, tmp_path):
+    use_tiny_batches(monkeypatch)
+    root = tmp_path / "mine"
+    root.mkdir()
+    with pytest.raises(DataError, match=r"(?s)not found in .*mine.*--download"):
+        load_cifar10(root, urlopen=_no_download)
+    assert list(root.iterdir()) == []
+
+
+def test_download_true_makes_the_named_folder(clean_env, monkeypatch, tmp_path):
+    """--download into a folder that does not exist yet: made, filled, read."""
+    use_tiny_batches(monkeypatch)
+    payload = py_archive(make_batches(PER_BATCH), tmp_path / "src")
+    # The stub serves tiny test data, not the official archive: expect its MD5.
+    md5 = hashlib.md5(payload).hexdigest()
+    monkeypatch.setattr(cifar10, "download_cifar10", functools.partial(download_cifar10, md5=md5))
+
+    root = tmp_path / "new" / "data"
+    data = load_cifar10(root, download=True, urlopen=lambda url, timeout: io.BytesIO(payload))
+    assert data.source.path == str(root / "cifar-10-batches-py")
+
+
+def test_the_default_cache_downloads_without_being_asked(clean_env, monkeypatch, tmp_path):
+    calls = []
+
+    def offline(url, timeout):
+        calls.append(url)
+        raise OSError("offline")
+
+    with pytest.raises(DataError, match="could not download"):
+        load_cifar10(urlopen=offline)
+    assert len(calls) == 1
+    assert not (tmp_path / "home" / ".cache" / "bnlab").exists()  # removed again on failure
+
+
+def test_a_default_cache_that_is_a_file_is_named(clean_env, monkeypatch, tmp_path):
+    (tmp_path / "xdg").write_text("a file")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with pytest.raises(DataError, match=f"{tmp_path / 'xdg'} is a file, not a folder"):
+        load_cifar10(urlopen=_no_download)

@@ -65,7 +65,8 @@ def test_output_files(tmp_path):
 
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
-    assert set(saved) == {"config", "environment", "runs", "summary"}
+    assert set(saved) == {"command", "config", "environment", "runs", "summary"}
+    assert saved["command"] == "compare"
     assert saved["config"]["norms"] == ["bn", "none"] and saved["config"]["epochs"] == 1
     env = saved["environment"]
     for key in ("bnlab", "torch", "python", "git_commit", "device_name", "threads", "data"):
@@ -98,7 +99,8 @@ def test_output_files(tmp_path):
 
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
-    assert "| norm | test accuracy after 1 epochs (%)" in report
+    assert "| norm | test accuracy after 1 epoch (%)" in report
+    assert "Partial results" not in report
     assert "](curves.png)" in report
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "bn-seed0.pt",
@@ -107,6 +109,7 @@ def test_output_files(tmp_path):
         "none-seed1.pt",
     ]
     assert not list(out.glob(".*.tmp"))  # no temporary file left behind
+    assert not (out / ".bnlab.lock").exists()  # released, and gone with the command
 
 
 def test_one_seed_has_no_std(tmp_path):
@@ -214,7 +217,7 @@ def test_resume_with_changed_settings_names_them(tmp_path):
 def test_resume_with_other_data_is_refused(tmp_path):
     cfg = config(tmp_path, norms=("none",), seeds=(0,), epochs=1)
     run_compare(cfg, data=tiny_cifar(seed=0), log=quiet)
-    with pytest.raises(ExperimentError, match="data differ"):
+    with pytest.raises(ExperimentError, match="data: the files differ"):
         run_compare(dataclasses.replace(cfg, resume=True), data=tiny_cifar(seed=1), log=quiet)
 
 
@@ -240,3 +243,64 @@ def test_curves_figure_has_a_band_per_norm_and_whole_epoch_ticks():
         assert ticks and all(float(t).is_integer() for t in ticks)
     accuracy = fig.axes[0].get_lines()[0].get_ydata()
     assert list(accuracy) == [41.0, 45.5]  # the mean over seeds
+
+
+def test_report_and_curves_are_readable_while_the_runs_train(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, "REPORT_EVERY_SECONDS", 0.0)  # as soon as an epoch ends
+    cfg = config(tmp_path, seeds=(0,), epochs=1)
+    seen = []
+
+    def on_epoch(norm, seed, result):
+        seen.append(result)
+        if len(seen) == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_compare(cfg, data=tiny_cifar(), on_epoch=on_epoch, log=quiet)
+    out = tmp_path / "run"
+    report = (out / "report.md").read_text()  # as written after the first epoch
+    assert "**Partial results: 1 of 2 epochs done.**" in report
+    assert "| bn | " in report and "| none | " not in report  # bn's run is done
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_partial_reports_wait_their_turn(tmp_path):
+    from bnlab.experiments.report import PartialReports
+
+    reports = PartialReports(tmp_path, every=60.0)
+    reports.epoch_done({"runs": [], "config": {}, "environment": {}, "summary": {}})
+    assert list(tmp_path.iterdir()) == []  # not due yet: nothing drawn
+
+
+def test_temporary_files_of_a_dead_writer_are_told_apart(tmp_path):
+    from bnlab.experiments.results import remove_temporary_files, write_text
+
+    write_text(tmp_path / "kept.txt", "whole")  # a finished write leaves no temporary file
+    (tmp_path / "checkpoints").mkdir()
+    dead = [
+        tmp_path / ".results.json.4242.abc.tmp",
+        tmp_path / "checkpoints/.bn-seed0.pt.4242.x.tmp",
+    ]
+    other = tmp_path / ".metrics.csv.4243.def.tmp"
+    for path in [*dead, other]:
+        path.write_text("half")
+    assert remove_temporary_files(tmp_path, 4242) == 2  # what a worker does when its command died
+    assert [p.exists() for p in [*dead, other]] == [False, False, True]
+    assert remove_temporary_files(tmp_path) == 1  # what a command does that takes over a lock
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "kept.txt"]
+
+
+def test_a_stale_lock_is_taken_over_with_a_note_and_its_leftovers_go(tmp_path):
+    cfg = config(tmp_path, norms=("none",), seeds=(0,), epochs=1)
+    first = run_compare(cfg, data=tiny_cifar(), log=quiet)
+    out = tmp_path / "run"
+    # What a SIGKILL in the middle of a write leaves: the lock file and a temporary file.
+    (out / ".bnlab.lock").write_text('{"pid": 4242, "host": "elsewhere"}')
+    (out / ".results.json.4242.abc.tmp").write_text('{"half')
+    lines = []
+    again = run_compare(dataclasses.replace(cfg, resume=True), data=tiny_cifar(), log=lines.append)
+    assert numbers(again) == numbers(first)
+    assert f"note: {out}/.bnlab.lock was left by pid 4242 on host elsewhere" in lines[0]
+    assert "note: removed 1 half-written temporary file it left" in lines[1]
+    assert not list(out.glob(".*"))  # lock released, leftover removed

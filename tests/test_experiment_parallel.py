@@ -41,7 +41,7 @@ def test_workers_give_the_numbers_of_runs_in_this_process(tmp_path):
     saved = json.loads((tmp_path / "there" / "results.json").read_text())
     assert numbers(saved) == numbers(here)
     assert saved["environment"]["jobs"] == 2 and saved["environment"]["threads"] == 1
-    assert "2 at once, 1 threads each" in lines[0]
+    assert "2 at once, 1 thread each" in lines[0]
     assert sum("train loss" in line for line in lines) == 4  # 2 runs x 2 epochs
     checkpoints = sorted(p.name for p in (tmp_path / "there" / "checkpoints").iterdir())
     assert checkpoints == ["bn-seed0.pt", "none-seed0.pt"]
@@ -71,7 +71,9 @@ def test_kill_during_worker_runs_then_resume(tmp_path):
 def test_a_failing_run_is_reported_with_its_traceback(tmp_path):
     data = tiny_cifar()
     data.train_labels[5] = 12  # no such class: cross_entropy raises inside the worker
-    with pytest.raises(RunFailed, match=r"(?s)failed in worker \d.*out of bounds"):
+    with pytest.raises(
+        RunFailed, match=r"(?s)the run (bn|none) seed 0 failed in a worker.*out of bounds"
+    ):
         run_compare(in_workers(tmp_path, "run"), data=data, log=quiet)
     assert multiprocessing.active_children() == []
 
@@ -87,6 +89,8 @@ def test_a_failing_run_is_reported_with_its_traceback(tmp_path):
         ({"jobs": 3}, 6, CPU, 2, Plan(jobs=3, threads=1)),
         ({"jobs": 1}, 6, CPU, 4, Plan(jobs=1, threads=4)),
         ({"threads": 3}, 2, CPU, 2, Plan(jobs=2, threads=3)),
+        ({"jobs": 8}, 2, CPU, 2, Plan(jobs=2, threads=1)),  # at most one per run
+        ({"jobs": 8}, 2, CPU, 8, Plan(jobs=2, threads=4)),  # the threads go to the runs there are
     ],
 )
 def test_plan(monkeypatch, settings, runs, device, available, expected):

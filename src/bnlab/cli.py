@@ -4,17 +4,20 @@
     bnlab compare --norms bn none        every norm x every seed
 
 Options shared by the subcommands come from the fields of
-`bnlab.experiments.Config` (default and help text); a new subcommand adds
-itself to COMMANDS.
+`bnlab.experiments.Config` (default and help text); a subcommand offers only
+those that mean something for it, and adds itself to COMMANDS.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import shlex
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,6 +61,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "batch_size": {"type": _int_at_least(1), "metavar": "B"},
     "device": {"choices": ("auto", "cpu", "cuda")},
     "data_dir": {"metavar": "DIR"},
+    "download": {"action": "store_true"},
     # at least 2: a batch of one image is dropped (batch norm cannot train on it)
     "limit_train": {"type": _int_at_least(2), "metavar": "N"},
     "out": {"metavar": "DIR"},
@@ -70,19 +74,28 @@ _OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+def _add_config_options(
+    parser: argparse.ArgumentParser,
+    leave_out: tuple[str, ...] = (),
+    helps: dict[str, str] | None = None,
+) -> None:
+    """The Config options but `leave_out`; `helps` replaces a field's help for this command."""
     for name, kwargs in _OPTIONS.items():
+        if name in leave_out:
+            continue
         field = _FIELDS[name]
         parser.add_argument(
             "--" + name.replace("_", "-"),
             default=field.default,
-            help=field.metadata["help"],
+            help=(helps or {}).get(name, field.metadata["help"]),
             **kwargs,
         )
 
 
 def _config(args: argparse.Namespace, **fields: Any) -> Config:
-    return Config(**{name: getattr(args, name) for name in _OPTIONS}, **fields)
+    """The Config of the parsed options; an option a command does not offer keeps its default."""
+    given = {name: getattr(args, name) for name in _OPTIONS if hasattr(args, name)}
+    return Config(**given, **fields)
 
 
 def _add_train(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +103,16 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=_int_at_least(0), default=0, help=_FIELDS["seeds"].metadata["help"]
     )
-    _add_config_options(parser)
+    # One run: nothing to train at once, and it gets every thread.
+    _add_config_options(
+        parser, leave_out=("jobs",), helps={"threads": "torch threads (0: all of torch's)"}
+    )
+    parser.add_argument(
+        "--nproc",
+        type=_int_at_least(1),
+        metavar="N",
+        help="train one model data-parallel in N processes on this machine (runs torchrun)",
+    )
 
 
 def _add_compare(parser: argparse.ArgumentParser) -> None:
@@ -147,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
         add_arguments(command)
         command.set_defaults(command_parser=command)  # its errors show its own usage
+    # Commands that run themselves rather than one comparison (they import this module).
+    from bnlab import cli_diagnose, cli_study
+
+    for name, module in (("study", cli_study), ("diagnose", cli_diagnose)):
+        command = sub.add_parser(
+            name, help=module.HELP, description=module.HELP, formatter_class=_HelpFormatter
+        )
+        module.add_arguments(command)
+        command.set_defaults(command_parser=command, command_main=module.main)
     return parser
 
 
@@ -167,10 +198,46 @@ def _check(cfg: Config, parser: argparse.ArgumentParser) -> None:
         parser.error("--resume needs --out DIR, the folder of the runs to continue")
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C would be: the same unwinding, the same message."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM (`kill`) and SIGHUP (a closed terminal) into an unwinding exception.
+
+    Their default action ends the process on the spot; unwinding stops the
+    workers and removes temporary files first. Only the command does this:
+    run_compare, as a library call, leaves the caller's signal handlers alone.
+    """
+    before = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def _say(text: str) -> None:
+    """Print to stderr, which may be a terminal that is gone (SIGHUP)."""
+    with contextlib.suppress(OSError):
+        print(text, file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "command_main", None) is not None:  # study, diagnose
+        return args.command_main(args, argv)
     sub = args.command_parser
     cfg = COMMANDS[args.command][2](args)
     _check(cfg, sub)
@@ -179,8 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # parsing (and `--help`) does not need.
     try:
         from bnlab.data import DataError
-        from bnlab.experiments.compare import ExperimentError, check_out, default_out, run_compare
+        from bnlab.experiments import distributed
+        from bnlab.experiments.compare import ExperimentError, default_out
+        from bnlab.experiments.ddp_command import run_command
         from bnlab.experiments.memory import keep_freed_memory
+        from bnlab.experiments.results import RESULTS
+        from bnlab.experiments.runner import RunFailed
     except ImportError as e:  # the layers need only torch; the experiment more
         print(
             f"bnlab: error: the experiment needs {e.name or 'a missing package'}: "
@@ -196,24 +267,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if cfg.out is None:
         cfg = dataclasses.replace(cfg, out=default_out(args.command))
+    if getattr(args, "nproc", None) is not None:
+        if distributed.launched():
+            sub.error("--nproc: torchrun has started this process already; leave --nproc out")
+        try:
+            distributed.launch(args.nproc, argv, cfg, default_out=args.out is None)
+        except ExperimentError as e:  # refused before any process starts
+            sub.error(str(e))
     command = shlex.join(["bnlab", *argv])
     try:
-        check_out(cfg)  # before loading data: a refused --out should fail at once
-        run_compare(cfg, command=command)
+        with _stop_on_signals():
+            run_command(cfg, command=command, kind=args.command)
     except ExperimentError as e:
         sub.error(str(e))
-    except DataError as e:
+    except (DataError, RunFailed) as e:
         print(f"bnlab: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        again = command
-        if args.out is None:
-            again += f" --out {shlex.quote(cfg.out)}"
-        if not cfg.resume:
-            again += " --resume"
-        print(
-            f"\ninterrupted; every finished epoch is saved. Continue with:\n  {again}",
-            file=sys.stderr,
-        )
-        return 130
+    except KeyboardInterrupt as e:
+        why = f"stopped by {e}" if isinstance(e, Stopped) else "interrupted"
+        if not (Path(cfg.out) / RESULTS).is_file():  # stopped before the first save
+            _say(f"\n{why}; nothing was saved.")
+        else:
+            again = command
+            if args.out is None:
+                again += f" --out {shlex.quote(cfg.out)}"
+            if not cfg.resume:
+                again += " --resume"
+            _say(f"\n{why}; every finished epoch is saved. Continue with:\n  {again}")
+        return 128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT)
     return 0

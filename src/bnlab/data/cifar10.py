@@ -25,7 +25,14 @@ import torch
 from ._unpickle import load_pickle
 from .download import download_cifar10, extract_archive
 from .errors import DataError
-from .paths import ARCHIVE_NAME, BATCHES, _resolve, _where_and_how, find_batches
+from .paths import (
+    ARCHIVE_NAME,
+    BATCHES,
+    _where_and_how,
+    data_dir_choice,
+    find_batches,
+    not_a_folder,
+)
 
 NUM_CLASSES = 10
 _PIXELS = 3 * 32 * 32
@@ -59,7 +66,7 @@ class CIFAR10:
 def load_cifar10(
     data_dir: str | os.PathLike[str] | None = None,
     *,
-    download: bool = True,
+    download: bool | None = None,
     urlopen: Callable[..., Any] | None = None,
 ) -> CIFAR10:
     """Load CIFAR-10 from ``data_dir`` (else ``$BNLAB_DATA``, else ``$XDG_CACHE_HOME/bnlab``).
@@ -67,21 +74,42 @@ def load_cifar10(
     ``data_dir`` holds ``cifar-10-batches-bin/`` or ``cifar-10-batches-py/``
     (bin is used when both exist) or is one of those folders. When neither is
     there, an official ``cifar-10-python.tar.gz`` placed in ``data_dir`` is
-    extracted, else (``download=True``) the archive is downloaded; ``urlopen``
-    replaces ``urllib.request.urlopen`` for that (tests). Raises ``DataError``.
+    extracted, else the archive is downloaded: into the default cache unless
+    ``download=False``, into a folder named by ``data_dir`` or ``$BNLAB_DATA``
+    only with ``download=True`` (a misspelt name must not start a download).
+    A named folder that does not exist is an error, unless ``download=True``.
+    ``urlopen`` replaces ``urllib.request.urlopen`` (tests). Raises ``DataError``.
     """
-    root, origin = _resolve(data_dir)
+    where = data_dir_choice(data_dir)
+    root = where.path
+    blocking = not_a_folder(root)
+    if blocking is not None:
+        raise DataError(
+            f"{root} (from {where.origin}): {blocking} is a file, not a folder. "
+            "Name the folder that holds CIFAR-10."
+        )
+    if where.named and not root.exists() and download is not True:
+        raise DataError(
+            f"{root} (from {where.origin}): no such folder. Check the spelling; "
+            "to download CIFAR-10 into it, add --download (download=True)."
+        )
     found = find_batches(root)
     if found is None:
+        allowed = download if download is not None else not where.named
         try:
             if (root / ARCHIVE_NAME).is_file():
                 found = extract_archive(root / ARCHIVE_NAME, root), "py"
-            elif download:
+            elif allowed:
                 found = download_cifar10(root, urlopen=urlopen), "py"
+            elif download is None:
+                raise DataError(
+                    f"CIFAR-10 not found in {root}, and bnlab downloads into a folder you "
+                    "name only when asked (--download, download=True)."
+                )
             else:
                 raise DataError("CIFAR-10 not found, and downloading is off (download=False).")
         except DataError as e:
-            raise DataError(f"{e}\n\n{_where_and_how(root, origin)}") from e
+            raise DataError(f"{e}\n\n{_where_and_how(root, where.origin)}") from e
     folder, layout = found
     return read_bin(folder) if layout == "bin" else read_py(folder)
 

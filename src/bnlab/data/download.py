@@ -23,7 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .errors import DataError
-from .paths import ARCHIVE_NAME, ARCHIVE_URL, PY_FOLDER
+from .paths import ARCHIVE_NAME, ARCHIVE_URL, PY_FOLDER, not_a_folder
 
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 _CHUNK = 1 << 20
@@ -44,8 +44,7 @@ def download_cifar10(
     (``urllib.request.urlopen`` when None; tests pass a stub). Raises ``DataError``.
     """
     urlopen = urlopen or urllib.request.urlopen
-    root = _make_root(root)
-    with _scratch(root) as tmp:
+    with _made_root(root) as root, _scratch(root) as tmp:
         archive = tmp / ARCHIVE_NAME
         got = _fetch(url, archive, urlopen, progress, timeout)
         if got != md5:
@@ -60,24 +59,39 @@ def extract_archive(
     archive: str | os.PathLike[str], root: str | os.PathLike[str], *, md5: str = ARCHIVE_MD5
 ) -> Path:
     """Verify a local copy of the archive and extract it into ``root``; return the batches folder."""
-    archive, root = Path(archive), _make_root(root)
+    archive = Path(archive)
     got = _md5_of_file(archive)
     if got != md5:
         raise DataError(
             f"{archive}: MD5 {got} is not the official archive's {md5}; "
             f"replace it with a complete copy from {ARCHIVE_URL}, or delete it"
         )
-    with _scratch(root) as tmp:
+    with _made_root(root) as root, _scratch(root) as tmp:
         return _install(archive, root, tmp)
 
 
-def _make_root(root: str | os.PathLike[str]) -> Path:
+@contextlib.contextmanager
+def _made_root(root: str | os.PathLike[str]) -> Iterator[Path]:
+    """``root``, created if missing; the folders created are removed again if the block fails.
+
+    A failed download then leaves the file system as it found it.
+    """
     root = Path(root)
+    blocking = not_a_folder(root)
+    if blocking is not None:
+        raise DataError(f"{root}: cannot be the data directory: {blocking} is a file, not a folder")
+    created = [p for p in (root, *root.parents) if not p.exists()]
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{root}: cannot create the data directory ({e})") from e
-    return root
+    try:
+        yield root
+    except BaseException:
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):  # not empty: someone else's files, keep them
+                folder.rmdir()
+        raise
 
 
 @contextlib.contextmanager

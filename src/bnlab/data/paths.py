@@ -1,12 +1,15 @@
 """Where bnlab looks for CIFAR-10: argument, else $BNLAB_DATA, else the user's cache.
 
 The data directory is the parent of the official folders (like torchvision's
-root); pointing at one of the folders itself works too.
+root); pointing at one of the folders itself works too. A folder the user
+names must exist: a typo is reported, never created (only the default cache
+is made on demand, or a named folder when downloading is asked for).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 ENV_VAR = "BNLAB_DATA"
@@ -19,6 +22,15 @@ TEST_BATCH = "test_batch"
 BATCHES = (*TRAIN_BATCHES, TEST_BATCH)  # the order the fingerprint hashes them in
 
 
+@dataclass(frozen=True)
+class DataDir:
+    """The data directory and where that choice came from (for messages)."""
+
+    path: Path
+    origin: str  # "the data_dir argument (--data-dir)", "$BNLAB_DATA" or the default
+    named: bool  # named by the user (argument or $BNLAB_DATA), not the default cache
+
+
 def default_data_dir() -> Path:
     """``$XDG_CACHE_HOME/bnlab``, or ``~/.cache/bnlab`` when that is unset."""
     cache = os.environ.get("XDG_CACHE_HOME", "")
@@ -27,9 +39,32 @@ def default_data_dir() -> Path:
     return base / "bnlab"
 
 
+def data_dir_choice(data_dir: str | os.PathLike[str] | None = None) -> DataDir:
+    """The data directory (``data_dir`` if given, else ``$BNLAB_DATA``, else the default)."""
+    if data_dir is not None and str(data_dir) != "":
+        return DataDir(Path(data_dir).expanduser(), "the data_dir argument (--data-dir)", True)
+    env = os.environ.get(ENV_VAR, "")
+    if env:
+        return DataDir(Path(env).expanduser(), f"${ENV_VAR}", True)
+    return DataDir(default_data_dir(), f"the default, ${ENV_VAR} being unset", False)
+
+
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """The data directory: ``data_dir`` if given, else ``$BNLAB_DATA``, else the default."""
-    return _resolve(data_dir)[0]
+    return data_dir_choice(data_dir).path
+
+
+def not_a_folder(path: str | os.PathLike[str]) -> Path | None:
+    """The part of ``path`` (itself or a parent) that exists but is not a folder, if any.
+
+    Such a path can be neither read as a folder nor created: the message should
+    name the file in the way, not report "no such folder" or "File exists".
+    """
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
 
 
 def find_batches(root: str | os.PathLike[str]) -> tuple[Path, str] | None:
@@ -46,16 +81,6 @@ def find_batches(root: str | os.PathLike[str]) -> tuple[Path, str] | None:
     return None
 
 
-def _resolve(data_dir: str | os.PathLike[str] | None) -> tuple[Path, str]:
-    """The data directory and, for error messages, which setting chose it."""
-    if data_dir is not None and str(data_dir) != "":
-        return Path(data_dir).expanduser(), "the data_dir argument (--data-dir)"
-    env = os.environ.get(ENV_VAR, "")
-    if env:
-        return Path(env).expanduser(), f"${ENV_VAR}"
-    return default_data_dir(), f"the default, ${ENV_VAR} being unset"
-
-
 def _where_and_how(root: Path, origin: str) -> str:
     """Every place looked at, and the ways to provide the data: the tail of a not-found error."""
     return (
@@ -70,5 +95,7 @@ def _where_and_how(root: Path, origin: str) -> str:
         "or cifar-10-batches-py/, or being one of them;\n"
         f"  - set {ENV_VAR}=DIR;\n"
         f"  - put the official archive {ARCHIVE_NAME} ({ARCHIVE_URL}) or its extracted "
-        f"folder into {root}."
+        f"folder into {root};\n"
+        "  - add --download (download=True) to download it into the folder you name; "
+        "with no folder named, bnlab downloads into its cache."
     )

@@ -1,9 +1,12 @@
 """The experiment's settings: one dataclass, defaults as in the original LeNet-5 + BN script.
 
 The CLI is built from these fields (their defaults and `help` metadata), so a
-setting is added here once. A resumed run must keep every setting but `out` and
-`resume`: even the speed settings change float rounding, and a resumed run must
-give the numbers of an uninterrupted one.
+setting is added here once. A resumed run must keep every setting that changes
+its numbers: even the speed settings change float rounding, and a resumed run
+must give the numbers of an uninterrupted one. `changed_settings` compares the
+settings that mean what they say; those that mean something only once resolved
+(the data folder, the device, the threads per run) are compared as resolved,
+by the comparison (see compare.py).
 """
 
 from __future__ import annotations
@@ -24,10 +27,15 @@ class Config:
     seeds: tuple[int, ...] = _setting((0, 1, 2), "a seed fixes the initial weights and data order")
     # training, as in the original script
     epochs: int = _setting(10, "passes over the training set")
-    lr: float = _setting(0.01, "Adam learning rate (the script raised it from 0.001)")
+    lr: float = _setting(
+        0.01, "Adam learning rate (the BN demonstration's; Adam's own default is 0.001)"
+    )
     batch_size: int = _setting(64, "training batch size")
     # data
     data_dir: str | None = _setting(None, "CIFAR-10 folder (unset: $BNLAB_DATA, else user cache)")
+    download: bool = _setting(
+        False, "download CIFAR-10 into --data-dir or $BNLAB_DATA if it is not there"
+    )
     limit_train: int | None = _setting(None, "use the first N training images only (quick runs)")
     # speed: each choice gives the same numbers run after run, but not the same as another choice
     device: str = _setting("auto", "auto (cuda when available), cpu or cuda")
@@ -60,10 +68,18 @@ class Config:
         )
 
 
+# Settings a resume may change: where and how this command runs, not what it computes.
+FREE_ON_RESUME = ("out", "resume", "download", "jobs")
+# Settings compared once resolved: "auto" and "cuda", --data-dir and $BNLAB_DATA, 0 and
+# the threads it stands for can mean the same.
+RESOLVED_ON_RESUME = ("data_dir", "device", "threads")
+
+
 def changed_settings(old: Config, new: Config) -> list[str]:
-    """The settings a resume may not change that differ, as 'name: old -> new' lines."""
+    """The settings a resume may not change that differ as given, as 'name: old -> new' lines."""
+    skip = (*FREE_ON_RESUME, *RESOLVED_ON_RESUME)
     return [
         f"{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
         for f in dataclasses.fields(Config)
-        if f.name not in ("out", "resume") and getattr(old, f.name) != getattr(new, f.name)
+        if f.name not in skip and getattr(old, f.name) != getattr(new, f.name)
     ]

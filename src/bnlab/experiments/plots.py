@@ -6,6 +6,7 @@ GUI backend, no global figure state, safe in a headless run.
 
 from __future__ import annotations
 
+import io
 import statistics
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,14 @@ def _curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
 
 
 def plot_curves(results: dict[str, Any], path: Path) -> None:
-    """Write `curves_figure(results)` to `path` as a PNG (atomically)."""
-    fig = curves_figure(results)
+    """Write `curves_figure(results)` to `path` as a PNG (atomically).
+
+    Drawn in memory first: the temporary file then exists for a write, not for the drawing.
+    """
+    buffer = io.BytesIO()
+    curves_figure(results).savefig(buffer, format="png", dpi=120)
     with atomic_open(path) as f:
-        fig.savefig(f, format="png", dpi=120)
+        f.write(buffer.getvalue())
 
 
 def curves_figure(results: dict[str, Any]) -> Figure:
@@ -52,6 +57,7 @@ def curves_figure(results: dict[str, Any]) -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if norms:  # before the first epoch ends there is nothing to name
+            ax.legend()
     fig.suptitle("LeNet-5 on CIFAR-10: mean ± std over seeds")
     return fig

@@ -1,15 +1,22 @@
-"""report.md and the summary table printed at the end of a run."""
+"""report.md and the summary table printed at the end of a run; both rewritten as epochs finish."""
 
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
+from bnlab.experiments.plots import plot_curves
 from bnlab.experiments.results import write_text
 
 REPORT = "report.md"
 CURVES = "curves.png"
+
+
+def count(n: int, noun: str) -> str:
+    """'1 run', '2 runs'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _acc(mean: float, std: float | None) -> str:
@@ -32,7 +39,7 @@ def summary_table(results: dict[str, Any]) -> str:
         rows.append([norm, acc, str(s["runs"]), f"{seconds / epochs:.1f}", f"{seconds:.1f}"])
     header = [
         "norm",
-        f"test accuracy after {epochs} epochs (%)",
+        f"test accuracy after {count(epochs, 'epoch')} (%)",
         "seeds",
         "seconds / epoch",
         "seconds / run",
@@ -66,18 +73,24 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         [
             ["bnlab", f"{env['bnlab']} (commit {env['git_commit'] or 'unknown'})"],
             ["torch / Python", f"{env['torch']} / {env['python']}"],
-            ["device", f"{env['device']}: {env['device_name']}, {env['threads']} threads"],
+            [
+                "device",
+                f"{env['device']}: {env['device_name']}, {count(env['threads'], 'thread')} per run",
+            ],
             [
                 "data",
                 f"{data.get('path')} ({data.get('layout')} layout, fingerprint {data.get('fingerprint')})",
             ],
         ],
     )
+    done = sum(len(r["epochs"]) for r in results["runs"])
+    planned = len(results["runs"]) * cfg["epochs"]
+    status = "" if done == planned else f"\n**Partial results: {done} of {planned} epochs done.**\n"
     text = f"""# LeNet-5 on CIFAR-10: {" vs ".join(results["summary"]) or "no finished run"}
-
+{status}
 Command: `{env.get("command") or "(not recorded)"}`
 
-Adam (lr {cfg["lr"]}), cross-entropy, batch {cfg["batch_size"]}, {cfg["epochs"]} epochs,
+Adam (lr {cfg["lr"]}), cross-entropy, batch {cfg["batch_size"]}, {count(cfg["epochs"], "epoch")},
 {"all" if cfg["limit_train"] is None else f"the first {cfg['limit_train']}"} training images;
 test accuracy on the whole test set. One run per norm and seed (seeds {cfg["seeds"]}).
 
@@ -102,3 +115,30 @@ test accuracy on the whole test set. One run per norm and seed (seeds {cfg["seed
 {environment}
 """
     write_text(out / REPORT, text)
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> None:
+    """curves.png and report.md, each replaced atomically."""
+    plot_curves(results, out / CURVES)
+    write_report(results, out)
+
+
+class PartialReports:
+    """Rewrites report.md and curves.png while the runs train, so an interrupted run has both.
+
+    At most every `every` seconds, and never more often than keeps their cost
+    (a plot takes a noticeable fraction of a second, and the first one imports
+    matplotlib) under about 1/`budget` of the time: the comparison must not slow down.
+    """
+
+    def __init__(self, out: Path, every: float = 10.0, budget: float = 30.0) -> None:
+        self.out, self.every, self.budget = out, every, budget
+        self.due = time.monotonic() + every
+
+    def epoch_done(self, results: dict[str, Any]) -> None:
+        if time.monotonic() < self.due:
+            return
+        start = time.monotonic()
+        write_outputs(results, self.out)
+        cost = time.monotonic() - start
+        self.due = time.monotonic() + max(self.every, self.budget * cost)

@@ -6,7 +6,10 @@
 
 Every file is written to a temporary file in the same folder and then renamed
 over the old one (`os.replace` is atomic), so a kill at any moment leaves
-either the old or the new file, never half of one.
+either the old or the new file, never half of one. The temporary file's name
+carries the writer's PID: a process killed in the middle of a write leaves a
+file that its workers, or the next command in the folder, can tell apart and
+remove (`remove_temporary_files`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 RESULTS = "results.json"
 METRICS = "metrics.csv"
 CHECKPOINTS = "checkpoints"
+TEMPORARY_SUFFIX = ".tmp"
 CSV_COLUMNS = ("norm", "seed", "epoch", "train_loss", "test_acc", "train_seconds", "eval_seconds")
 
 
@@ -40,7 +44,9 @@ def _umask() -> int:
 def atomic_open(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
     """A binary file that replaces `path` only when the block finishes without error."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMPORARY_SUFFIX
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -52,6 +58,22 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_temporary_files(folder: Path, pid: int | None = None) -> int:
+    """Remove what killed writers left in `folder` and its checkpoints: every temporary
+    file, or only those of process `pid`. Returns how many there were.
+
+    Only for a folder no live process writes in (its lock is held), or for a dead `pid`.
+    """
+    pattern = f".*.{pid}.*{TEMPORARY_SUFFIX}" if pid is not None else f".*{TEMPORARY_SUFFIX}"
+    removed = 0
+    for where in (folder, folder / CHECKPOINTS):
+        for path in where.glob(pattern):
+            with contextlib.suppress(FileNotFoundError):  # another worker was quicker
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -19,6 +19,12 @@ model is built, and norm layers draw no random numbers, so "bn", "torch-bn" and
 of seed and epoch). Same seed and device give the same numbers on the CPU, also
 across a resume: the checkpoint holds the model, Adam, the RNG and the loader's
 next epoch.
+
+"frozen" trains as batch norm for its first epochs (FREEZE_AFTER_EPOCHS), then
+`freeze_norms` turns its layers into FrozenBatchNorm at the epoch boundary: from
+then on their statistics and affine stay fixed and Adam steps the rest. A
+checkpoint saved after that boundary holds the frozen model, which a resume
+rebuilds the same way before loading it.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ from bnlab.data import CIFAR10, DeviceLoader
 from bnlab.experiments.config import Config
 from bnlab.models import LeNet5
 from bnlab.models.fused import fuse_relu_maxpool
+from bnlab.models.lenet import FREEZE_AFTER_EPOCHS
 from bnlab.models.native_conv import use_native_conv
+from bnlab.nn import freeze
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -104,8 +112,17 @@ def memory_formats(
     return torch.contiguous_format, torch.contiguous_format
 
 
-def build_model(norm: str, seed: int, device: torch.device, fmt: torch.memory_format) -> nn.Module:
+def build_model(
+    norm: str,
+    seed: int,
+    device: torch.device,
+    fmt: torch.memory_format,
+    *,
+    renorm_warmup: int = 0,
+) -> nn.Module:
     """LeNet-5 with weights fixed by `seed` alone (whatever the norm).
+
+    `renorm_warmup`: the training steps over which renorm's limits open (one epoch's in a run).
 
     On the CPU each ReLU + MaxPool2d(2) pair runs as one fused native pass
     (`fuse_relu_maxpool`): the same numbers, bit for bit, in less time per
@@ -116,7 +133,7 @@ def build_model(norm: str, seed: int, device: torch.device, fmt: torch.memory_fo
     torch's only by the order of float additions.
     """
     torch.manual_seed(seed)
-    model = LeNet5(norm).to(device=device, memory_format=fmt)
+    model = LeNet5(norm, renorm_warmup=renorm_warmup).to(device=device, memory_format=fmt)
     return use_native_conv(fuse_relu_maxpool(model)) if device.type == "cpu" else model
 
 
@@ -127,6 +144,46 @@ def build_optimizer(model: nn.Module, lr: float, *, capturable: bool = False) ->
         return torch.optim.Adam(model.parameters(), fused=True, **kwargs)
     except RuntimeError:  # fused Adam is missing for this device in this torch
         return torch.optim.Adam(model.parameters(), foreach=True, **kwargs)
+
+
+def freeze_norms(
+    model: nn.Module, optimizer: torch.optim.Optimizer, lr: float, *, capturable: bool = False
+) -> torch.optim.Adam:
+    """Freeze the model's batch norms in place; return Adam over the parameters left.
+
+    Frozen layers hold no parameters, so Adam is rebuilt over the rest, each
+    keeping its state (moments, step count): the same optimizer a resume loads
+    from a checkpoint saved after the switch.
+    """
+    freeze(model)
+    frozen = build_optimizer(model, lr, capturable=capturable)
+    for group in frozen.param_groups:
+        for p in group["params"]:
+            if p in optimizer.state:
+                frozen.state[p] = optimizer.state[p]
+    return frozen
+
+
+def restore_model(
+    checkpoint: dict[str, Any],
+    device: torch.device,
+    fmt: torch.memory_format,
+    *,
+    renorm_warmup: int = 0,
+) -> nn.Module:
+    """The model of a checkpoint `train_run` yielded, built as training built it.
+
+    A "frozen" run saved after its switch holds FrozenBatchNorm layers, so its
+    model is frozen before the weights load. `renorm_warmup` matters only to a
+    renorm model put back in training mode.
+    """
+    norm = checkpoint["norm"]
+    model = build_model(norm, checkpoint["seed"], device, fmt, renorm_warmup=renorm_warmup)
+    freeze_at = FREEZE_AFTER_EPOCHS.get(norm)
+    if freeze_at is not None and checkpoint["epochs_done"] > freeze_at:
+        freeze(model)
+    model.load_state_dict(checkpoint["model"])
+    return model
 
 
 def eager_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Step:
@@ -267,11 +324,14 @@ def train_run(
         memory_format=data_fmt,
         drop_single=False,  # eval uses running statistics: a batch of one is fine
     )
-    model = build_model(norm, seed, device, model_fmt)
+    model = build_model(norm, seed, device, model_fmt, renorm_warmup=len(train_loader))
     use_graph = cfg.cuda_graph and device.type == "cuda"
     optimizer = build_optimizer(model, cfg.lr, capturable=use_graph)
+    freeze_at = FREEZE_AFTER_EPOCHS.get(norm)  # the first epoch trained frozen (0-based)
     history: list[dict[str, float]] = []
     if checkpoint is not None:
+        if freeze_at is not None and checkpoint["epochs_done"] > freeze_at:
+            optimizer = freeze_norms(model, optimizer, cfg.lr, capturable=use_graph)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"])
@@ -282,6 +342,9 @@ def train_run(
 
     for epoch in range(len(history), cfg.epochs):  # 0-based here, 1-based in the results
         t0 = time.perf_counter()
+        if epoch == freeze_at:
+            optimizer = freeze_norms(model, optimizer, cfg.lr, capturable=use_graph)
+            step = CUDAGraphStep(model, optimizer) if use_graph else eager_step(model, optimizer)
         train_loader.set_epoch(epoch)
         desc = f"{norm} seed {seed} epoch {epoch + 1}/{cfg.epochs}"
         train_loss = train_epoch(step, model, train_loader, desc, make_bar)
