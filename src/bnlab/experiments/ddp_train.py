@@ -39,6 +39,7 @@ from bnlab.experiments.train import (
     build_model,
     build_optimizer,
     evaluate,
+    make_test_loader,
     memory_formats,
     terminal_bar,
 )
@@ -112,15 +113,7 @@ def ddp_epochs(
         device=device,
         memory_format=data_fmt,
     )
-    test_loader = DeviceLoader(
-        data.test_images,
-        data.test_labels,
-        batch_size=cfg.eval_batch_size,
-        shuffle=False,
-        device=device,
-        memory_format=data_fmt,
-        drop_single=False,
-    )
+    test_loader = make_test_loader(data, cfg, device, data_fmt)
     check_shards(train_loader, world, norm)
     model = build_model(norm, seed, device, model_fmt, renorm_warmup=len(train_loader))
     history: list[dict[str, float]] = []

@@ -293,6 +293,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def make_test_loader(
+    data: CIFAR10, cfg: Config, device: torch.device, fmt: torch.memory_format
+) -> DeviceLoader:
+    """The test split in evaluation batches, in order."""
+    return DeviceLoader(
+        data.test_images,
+        data.test_labels,
+        batch_size=cfg.eval_batch_size,
+        shuffle=False,
+        device=device,
+        memory_format=fmt,
+        drop_single=False,  # eval uses running statistics: a batch of one is fine
+    )
+
+
 def train_run(
     cfg: Config,
     norm: str,
@@ -315,15 +330,7 @@ def train_run(
     train_loader = DeviceLoader(
         *train, batch_size=cfg.batch_size, seed=seed, device=device, memory_format=data_fmt
     )
-    test_loader = DeviceLoader(
-        data.test_images,
-        data.test_labels,
-        batch_size=cfg.eval_batch_size,
-        shuffle=False,
-        device=device,
-        memory_format=data_fmt,
-        drop_single=False,  # eval uses running statistics: a batch of one is fine
-    )
+    test_loader = make_test_loader(data, cfg, device, data_fmt)
     model = build_model(norm, seed, device, model_fmt, renorm_warmup=len(train_loader))
     use_graph = cfg.cuda_graph and device.type == "cuda"
     optimizer = build_optimizer(model, cfg.lr, capturable=use_graph)
