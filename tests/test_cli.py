@@ -86,7 +86,7 @@ def test_batch_size_1_without_bn_is_allowed_by_the_parser():
     parser = bnlab.cli.build_parser()
     args = parser.parse_args(["train", "--norm", "none", "--batch-size", "1"])
     cfg = bnlab.cli.COMMANDS["train"][2](args)
-    bnlab.cli._check(cfg, args.command_parser)  # no SystemExit
+    bnlab.cli.check_config(cfg, args.command_parser)  # no SystemExit
     assert cfg.batch_size == 1 and cfg.norms == ("none",)
 
 

@@ -30,7 +30,7 @@ _DEFAULTS = Config()
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
+def int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -44,7 +44,7 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -55,32 +55,32 @@ def _positive_float(text: str) -> float:
 
 
 # argparse settings of the shared Config fields; default and help come from Config.
-_OPTIONS: dict[str, dict[str, Any]] = {
-    "epochs": {"type": _int_at_least(1), "metavar": "N"},
-    "lr": {"type": _positive_float},
-    "batch_size": {"type": _int_at_least(1), "metavar": "B"},
+OPTIONS: dict[str, dict[str, Any]] = {
+    "epochs": {"type": int_at_least(1), "metavar": "N"},
+    "lr": {"type": positive_float},
+    "batch_size": {"type": int_at_least(1), "metavar": "B"},
     "device": {"choices": ("auto", "cpu", "cuda")},
     "data_dir": {"metavar": "DIR"},
     "download": {"action": "store_true"},
     # at least 2: a batch of one image is dropped (batch norm cannot train on it)
-    "limit_train": {"type": _int_at_least(2), "metavar": "N"},
+    "limit_train": {"type": int_at_least(2), "metavar": "N"},
     "out": {"metavar": "DIR"},
     "resume": {"action": "store_true"},
-    "jobs": {"type": _int_at_least(0), "metavar": "J"},
-    "threads": {"type": _int_at_least(0), "metavar": "T"},
+    "jobs": {"type": int_at_least(0), "metavar": "J"},
+    "threads": {"type": int_at_least(0), "metavar": "T"},
     "channels_last": {"action": argparse.BooleanOptionalAction},
-    "eval_batch_size": {"type": _int_at_least(1), "metavar": "B"},
+    "eval_batch_size": {"type": int_at_least(1), "metavar": "B"},
     "cuda_graph": {"action": argparse.BooleanOptionalAction},
 }
 
 
-def _add_config_options(
+def add_config_options(
     parser: argparse.ArgumentParser,
     leave_out: tuple[str, ...] = (),
     helps: dict[str, str] | None = None,
 ) -> None:
     """The Config options but `leave_out`; `helps` replaces a field's help for this command."""
-    for name, kwargs in _OPTIONS.items():
+    for name, kwargs in OPTIONS.items():
         if name in leave_out:
             continue
         field = _FIELDS[name]
@@ -92,24 +92,24 @@ def _add_config_options(
         )
 
 
-def _config(args: argparse.Namespace, **fields: Any) -> Config:
+def config_from_args(args: argparse.Namespace, **fields: Any) -> Config:
     """The Config of the parsed options; an option a command does not offer keeps its default."""
-    given = {name: getattr(args, name) for name in _OPTIONS if hasattr(args, name)}
+    given = {name: getattr(args, name) for name in OPTIONS if hasattr(args, name)}
     return Config(**given, **fields)
 
 
 def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--norm", default="bn", choices=NORM_CHOICES, help="normalization layer")
     parser.add_argument(
-        "--seed", type=_int_at_least(0), default=0, help=_FIELDS["seeds"].metadata["help"]
+        "--seed", type=int_at_least(0), default=0, help=_FIELDS["seeds"].metadata["help"]
     )
     # One run: nothing to train at once, and it gets every thread.
-    _add_config_options(
+    add_config_options(
         parser, leave_out=("jobs",), helps={"threads": "torch threads (0: all of torch's)"}
     )
     parser.add_argument(
         "--nproc",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         metavar="N",
         help="train one model data-parallel in N processes on this machine (runs torchrun)",
     )
@@ -126,12 +126,12 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seeds",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=len(_DEFAULTS.seeds),
         metavar="K",
         help="run seeds 0..K-1 for every norm",
     )
-    _add_config_options(parser)
+    add_config_options(parser)
 
 
 # name -> (help, adds the arguments, turns them into a Config)
@@ -141,17 +141,17 @@ COMMANDS: dict[
     "train": (
         "train LeNet-5 with one normalization layer",
         _add_train,
-        lambda a: _config(a, norms=(a.norm,), seeds=(a.seed,)),
+        lambda a: config_from_args(a, norms=(a.norm,), seeds=(a.seed,)),
     ),
     "compare": (
         "train LeNet-5 with each normalization layer for several seeds, and compare",
         _add_compare,
-        lambda a: _config(a, norms=tuple(a.norms), seeds=tuple(range(a.seeds))),
+        lambda a: config_from_args(a, norms=tuple(a.norms), seeds=tuple(range(a.seeds))),
     ),
 }
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except an unset option's (its help says what unset means) and a flag's."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help, add_arguments, _) in COMMANDS.items():
-        command = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+        command = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
         add_arguments(command)
         command.set_defaults(command_parser=command)  # its errors show its own usage
     # Commands that run themselves rather than one comparison (they import this module).
@@ -174,14 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module in (("study", cli_study), ("diagnose", cli_diagnose)):
         command = sub.add_parser(
-            name, help=module.HELP, description=module.HELP, formatter_class=_HelpFormatter
+            name, help=module.HELP, description=module.HELP, formatter_class=HelpFormatter
         )
         module.add_arguments(command)
         command.set_defaults(command_parser=command, command_main=module.main)
     return parser
 
 
-def _check(cfg: Config, parser: argparse.ArgumentParser) -> None:
+def check_config(cfg: Config, parser: argparse.ArgumentParser) -> None:
     """Errors argparse cannot see alone: combinations, and the machine."""
     duplicated = sorted({n for n in cfg.norms if cfg.norms.count(n) > 1})
     if duplicated:
@@ -211,7 +211,7 @@ def _raise_stopped(signum: int, frame: Any) -> None:
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[None]:
+def stop_on_signals() -> Iterator[None]:
     """Turn SIGTERM (`kill`) and SIGHUP (a closed terminal) into an unwinding exception.
 
     Their default action ends the process on the spot; unwinding stops the
@@ -226,7 +226,7 @@ def _stop_on_signals() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     """Print to stderr, which may be a terminal that is gone (SIGHUP)."""
     with contextlib.suppress(OSError):
         print(text, file=sys.stderr)
@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.command_main(args, argv)
     sub = args.command_parser
     cfg = COMMANDS[args.command][2](args)
-    _check(cfg, sub)
+    check_config(cfg, sub)
 
     # Imported here: the experiment pulls in the data package and tqdm, which
     # parsing (and `--help`) does not need.
@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sub.error(str(e))
     command = shlex.join(["bnlab", *argv])
     try:
-        with _stop_on_signals():
+        with stop_on_signals():
             run_command(cfg, command=command, kind=args.command)
     except ExperimentError as e:
         sub.error(str(e))
@@ -286,13 +286,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         why = f"stopped by {e}" if isinstance(e, Stopped) else "interrupted"
         if not (Path(cfg.out) / RESULTS).is_file():  # stopped before the first save
-            _say(f"\n{why}; nothing was saved.")
+            say(f"\n{why}; nothing was saved.")
         else:
             again = command
             if args.out is None:
                 again += f" --out {shlex.quote(cfg.out)}"
             if not cfg.resume:
                 again += " --resume"
-            _say(f"\n{why}; every finished epoch is saved. Continue with:\n  {again}")
+            say(f"\n{why}; every finished epoch is saved. Continue with:\n  {again}")
         return 128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT)
     return 0

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bnlab.cli import _OPTIONS, _add_config_options, _int_at_least
+from bnlab.cli import OPTIONS, add_config_options, int_at_least
 
 HELP = (
     "diagnose the batch norms of every checkpoint in an experiment folder "
@@ -19,20 +19,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a run")
     parser.add_argument(
         "--batches",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=100,
         metavar="N",
         help="training batches to pool the population statistics over",
     )
     parser.add_argument(
         "--batch-size",
-        type=_int_at_least(2),
+        type=int_at_least(2),
         default=None,
         metavar="B",
         help="images per batch (unset: the batch size the run trained with)",
     )
     keep = ("data_dir", "device")  # of the experiment's options, the ones that matter here
-    _add_config_options(parser, leave_out=tuple(n for n in _OPTIONS if n not in keep))
+    add_config_options(parser, leave_out=tuple(n for n in OPTIONS if n not in keep))
 
 
 def main(args: argparse.Namespace, argv: Sequence[str]) -> int:

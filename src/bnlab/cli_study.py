@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.cli import (
-    _OPTIONS,
     NORM_CHOICES,
+    OPTIONS,
+    HelpFormatter,
     Stopped,
-    _add_config_options,
-    _check,
-    _config,
-    _HelpFormatter,
-    _int_at_least,
-    _positive_float,
-    _say,
-    _stop_on_signals,
+    add_config_options,
+    check_config,
+    config_from_args,
+    int_at_least,
+    positive_float,
+    say,
+    stop_on_signals,
 )
 from bnlab.experiments.config import Config
 from bnlab.experiments.studies.config import (
@@ -78,11 +78,11 @@ STUDIES = {
 
 # argparse settings of the studies' own fields; default and help come from the dataclasses.
 _STUDY_OPTIONS: dict[str, dict[str, Any]] = {
-    "batch_sizes": {"nargs": "+", "type": _int_at_least(2), "metavar": "B"},
+    "batch_sizes": {"nargs": "+", "type": int_at_least(2), "metavar": "B"},
     "lr_scaling": {"choices": LR_SCALINGS},
-    "eval_batch_sizes": {"nargs": "+", "type": _int_at_least(2), "metavar": "B"},
-    "precise_batches": {"type": _int_at_least(1), "metavar": "N"},
-    "lrs": {"nargs": "+", "type": _positive_float, "metavar": "LR"},
+    "eval_batch_sizes": {"nargs": "+", "type": int_at_least(2), "metavar": "B"},
+    "precise_batches": {"type": int_at_least(1), "metavar": "N"},
+    "lrs": {"nargs": "+", "type": positive_float, "metavar": "LR"},
 }
 
 
@@ -116,17 +116,17 @@ def _add_study(parser: argparse.ArgumentParser, command: _Command) -> None:
         )
     parser.add_argument(
         "--seeds",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=len(base.seeds),
         metavar="K",
         help="run seeds 0..K-1 in every cell",
     )
-    _add_config_options(parser, leave_out=command.varies)
+    add_config_options(parser, leave_out=command.varies)
     # the study's training defaults, where they are not the experiment's
     parser.set_defaults(
         **{
             name: _default(getattr(base, name))
-            for name in _OPTIONS
+            for name in OPTIONS
             if name not in command.varies and getattr(base, name) != getattr(Config(), name)
         }
     )
@@ -137,7 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="study", required=True, metavar="STUDY")
     for name, command in STUDIES.items():
         study = sub.add_parser(
-            name, help=command.help, description=command.help, formatter_class=_HelpFormatter
+            name, help=command.help, description=command.help, formatter_class=HelpFormatter
         )
         _add_study(study, command)
         study.set_defaults(study_parser=study)  # its errors show its own usage
@@ -147,8 +147,8 @@ def study_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Study
     """The study the parsed options describe; argparse errors for what it cannot check alone."""
     command = STUDIES[args.study]
     norms = (args.norm,) if command.study is EvalModeStudy else tuple(args.norms)
-    base = _config(args, norms=norms, seeds=tuple(range(args.seeds)))
-    _check(base, parser)
+    base = config_from_args(args, norms=norms, seeds=tuple(range(args.seeds)))
+    check_config(base, parser)
     own = {}
     for f in dataclasses.fields(command.study):
         if f.name == "base":
@@ -191,7 +191,7 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     out = study.base.out
     command = shlex.join(["bnlab", *argv])
     try:
-        with _stop_on_signals():
+        with stop_on_signals():
             run(study, command=command)
     except ExperimentError as e:
         parser.error(str(e))
@@ -201,13 +201,13 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except KeyboardInterrupt as e:
         why = f"stopped by {e}" if isinstance(e, Stopped) else "interrupted"
         if not (Path(out) / RESULTS).is_file():
-            _say(f"\n{why}; nothing was saved.")
+            say(f"\n{why}; nothing was saved.")
         else:
             again = command
             if args.out is None:
                 again += f" --out {shlex.quote(out)}"
             if not study.base.resume:
                 again += " --resume"
-            _say(f"\n{why}; every finished epoch is saved. Continue with:\n  {again}")
+            say(f"\n{why}; every finished epoch is saved. Continue with:\n  {again}")
         return 128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT)
     return 0

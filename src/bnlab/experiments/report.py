@@ -19,11 +19,11 @@ def count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def _acc(mean: float, std: float | None) -> str:
+def accuracy_cell(mean: float, std: float | None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -34,7 +34,7 @@ def summary_table(results: dict[str, Any]) -> str:
     epochs = results["config"]["epochs"]
     rows = []
     for norm, s in results["summary"].items():
-        acc = _acc(s["final_acc_mean"], s["final_acc_std"])
+        acc = accuracy_cell(s["final_acc_mean"], s["final_acc_std"])
         seconds = s["seconds_mean"]
         rows.append([norm, acc, str(s["runs"]), f"{seconds / epochs:.1f}", f"{seconds:.1f}"])
     header = [
@@ -44,7 +44,7 @@ def summary_table(results: dict[str, Any]) -> str:
         "seconds / epoch",
         "seconds / run",
     ]
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def epoch_table(results: dict[str, Any]) -> str:
@@ -61,14 +61,14 @@ def epoch_table(results: dict[str, Any]) -> str:
             ]
             row.append(f"{statistics.fmean(accs):.2f}" if accs else "")
         rows.append(row)
-    return _table(["epoch", *norms], rows)
+    return markdown_table(["epoch", *norms], rows)
 
 
 def write_report(results: dict[str, Any], out: Path) -> None:
     cfg, env = results["config"], results["environment"]
     data = env.get("data") or {}
-    settings = _table(["setting", "value"], [[k, f"`{v!r}`"] for k, v in cfg.items()])
-    environment = _table(
+    settings = markdown_table(["setting", "value"], [[k, f"`{v!r}`"] for k, v in cfg.items()])
+    environment = markdown_table(
         ["", ""],
         [
             ["bnlab", f"{env['bnlab']} (commit {env['git_commit'] or 'unknown'})"],

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from bnlab.data import CIFAR10, DeviceLoader
 from bnlab.experiments.config import Config
-from bnlab.experiments.report import _acc, count
+from bnlab.experiments.report import accuracy_cell, count
 from bnlab.experiments.results import checkpoint_path, load_checkpoint
 from bnlab.experiments.studies.cells import RUNS, cell, cell_runs, cell_summary
 from bnlab.experiments.studies.config import EvalModeStudy
@@ -175,7 +175,7 @@ def run_eval_mode_study(
             plot=plot_name(NAME),
             report=_report(run.results),
         )
-    log("\n" + _table(run.results))
+    log("\n" + markdown_table(run.results))
     log(f"\nwrote {run.out}/: results.json, metrics.csv, report.md, {plot_name(NAME)}, runs/")
     return run.results
 
@@ -185,7 +185,7 @@ def _csv(results: dict[str, Any]) -> str:
     return csv_text(columns, [[r[c] for c in columns] for r in results["evaluations"]])
 
 
-def _table(results: dict[str, Any]) -> str:
+def markdown_table(results: dict[str, Any]) -> str:
     return grid_table(
         results["summary"],
         row="eval_batch_size",
@@ -215,7 +215,7 @@ def _figure(results: dict[str, Any]) -> Figure:
 
 def _report(results: dict[str, Any]) -> str:
     cfg = results["config"]
-    training = ", ".join(_acc(s["final_acc_mean"], s["final_acc_std"]) for s in results["training"])
+    training = ", ".join(accuracy_cell(s["final_acc_mean"], s["final_acc_std"]) for s in results["training"])
     intro = (
         f"LeNet-5 with `{cfg['norms'][0]}` trained on {images_text(cfg)} training images for "
         f"{count(cfg['epochs'], 'epoch')} (Adam, lr {cfg['lr']}, batch {cfg['batch_size']}; seeds "
@@ -228,6 +228,6 @@ def _report(results: dict[str, Any]) -> str:
         results,
         title="Train/eval x track_running_stats: what each cell does to a trained model",
         intro=intro,
-        body=f"## Test accuracy (%)\n\n{_table(results)}",
+        body=f"## Test accuracy (%)\n\n{markdown_table(results)}",
         plot=plot_name(NAME),
     )

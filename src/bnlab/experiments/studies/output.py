@@ -18,7 +18,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from bnlab.experiments.report import REPORT, _acc, _table, count
+from bnlab.experiments.report import REPORT, accuracy_cell, count, markdown_table
 from bnlab.experiments.results import CSV_COLUMNS, METRICS, RESULTS, write_text
 from bnlab.experiments.studies.plots import save_png
 
@@ -63,20 +63,20 @@ def grid_table(
     """Accuracy mean ± std as a Markdown table: a row per value of `row`, a column per `column`."""
     rows = list(dict.fromkeys(r[row] for r in summary))
     columns = list(dict.fromkeys(r[column] for r in summary))
-    cells = {(r[row], r[column]): _acc(r[mean], r[std]) for r in summary}
+    cells = {(r[row], r[column]): accuracy_cell(r[mean], r[std]) for r in summary}
     body = [[f"{value:g}"] + [cells.get((value, c), "") for c in columns] for value in rows]
-    return _table([row_label, *columns], body)
+    return markdown_table([row_label, *columns], body)
 
 
 def report_text(results: dict[str, Any], *, title: str, intro: str, body: str, plot: str) -> str:
     """report.md: title, command and time, `intro`, `body` (tables), the plot, settings, environment."""
     env = results["environment"]
     data = env.get("data") or {}
-    settings = _table(
+    settings = markdown_table(
         ["setting", "value"],
         [[k, f"`{v!r}`"] for k, v in {**results["study"], **results["config"]}.items()],
     )
-    environment = _table(
+    environment = markdown_table(
         ["", ""],
         [
             ["bnlab", f"{env['bnlab']} (commit {env['git_commit'] or 'unknown'})"],
