@@ -30,6 +30,20 @@ def make_batches(per_batch: int, seed: int = 0) -> dict[str, tuple[np.ndarray, n
     }
 
 
+def make_learnable_batches(
+    per_batch: int, seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Like :func:`make_batches`, but the label sets the brightness: a model can learn it."""
+    rng = np.random.default_rng(seed)
+    batches = {}
+    for name in BATCHES:
+        labels = rng.integers(0, 10, per_batch)
+        noise = rng.integers(-40, 41, (per_batch, 3, 32, 32))
+        images = (30 + 20 * labels[:, None, None, None] + noise).clip(0, 255).astype(np.uint8)
+        batches[name] = (images, labels)
+    return batches
+
+
 def write_bin_layout(folder: Path, batches: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, (images, labels) in batches.items():

@@ -8,7 +8,6 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,7 +15,8 @@ import bnlab.cli
 from bnlab.cli import main
 from bnlab.experiments.config import Config
 
-from ._cifar_writers import BATCHES, write_bin_layout
+from ._cifar_writers import make_learnable_batches, use_tiny_batches, write_bin_layout
+from ._cli import error_of
 
 PER_BATCH = 64  # images per tiny batch file: 320 training images, 64 test images
 
@@ -27,26 +27,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch) -> Path:
     """A tiny CIFAR-10 in the official bin layout; the label sets the brightness, so it is learnable."""
-    import bnlab.data.cifar10
-
-    monkeypatch.setattr(bnlab.data.cifar10, "_RECORDS_PER_BATCH", PER_BATCH)
-    rng = np.random.default_rng(0)
-    batches = {}
-    for name in BATCHES:
-        labels = rng.integers(0, 10, PER_BATCH)
-        images = (
-            30 + 20 * labels[:, None, None, None] + rng.integers(-40, 41, (PER_BATCH, 3, 32, 32))
-        )
-        batches[name] = (images.clip(0, 255).astype(np.uint8), labels)
+    use_tiny_batches(monkeypatch, PER_BATCH)
+    batches = make_learnable_batches(PER_BATCH)
     write_bin_layout(tmp_path / "data" / "cifar-10-batches-bin", batches)
     return tmp_path / "data"
-
-
-def error_of(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

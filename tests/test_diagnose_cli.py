@@ -11,6 +11,7 @@ from bnlab.experiments.diagnose_runs import find_checkpoints
 from bnlab.experiments.outdir import ExperimentError
 
 from ._cifar_writers import make_batches, use_tiny_batches, write_bin_layout
+from ._cli import error_of
 
 PER_BATCH = 64  # 320 training images, 64 test images
 
@@ -22,13 +23,6 @@ def data_dir(tmp_path, monkeypatch) -> Path:
     use_tiny_batches(monkeypatch, PER_BATCH)
     write_bin_layout(tmp_path / "data" / "cifar-10-batches-bin", make_batches(PER_BATCH))
     return tmp_path / "data"
-
-
-def error_of(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    return capsys.readouterr().err
 
 
 def test_a_section_per_checkpoint(data_dir, tmp_path, capsys):

@@ -17,14 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bnlab.experiments.ddp_train import shard
 
-from ._cifar_writers import BATCHES, write_bin_layout
+from ._cifar_writers import make_learnable_batches, write_bin_layout
 
 PER_BATCH = 200  # images per batch file
 LIMIT = 640  # training images: 10 steps of 64 per epoch
@@ -49,13 +48,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
 def place(tmp_path_factory) -> Path:
     """A folder with the script and a learnable tiny CIFAR-10 (the label sets the brightness)."""
     root = tmp_path_factory.mktemp("ddp")
-    rng = np.random.default_rng(0)
-    batches = {}
-    for name in BATCHES:
-        labels = rng.integers(0, 10, PER_BATCH)
-        noise = rng.integers(-40, 41, (PER_BATCH, 3, 32, 32))
-        images = (30 + 20 * labels[:, None, None, None] + noise).clip(0, 255).astype(np.uint8)
-        batches[name] = (images, labels)
+    batches = make_learnable_batches(PER_BATCH)
     write_bin_layout(root / "data" / "cifar-10-batches-bin", batches)
     (root / "bnlab_tiny.py").write_text(PROGRAM)
     return root

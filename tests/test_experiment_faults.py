@@ -18,10 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from ._cifar_writers import BATCHES, write_bin_layout
+from ._cifar_writers import make_learnable_batches, write_bin_layout
 
 PER_BATCH = 600  # images per batch file: 3000 training images, an epoch well under a second
 EPOCHS = 3
@@ -43,13 +42,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
 def data_dir(tmp_path_factory) -> Path:
     """A learnable tiny CIFAR-10: the label sets the brightness."""
     root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    batches = {}
-    for name in BATCHES:
-        labels = rng.integers(0, 10, PER_BATCH)
-        noise = rng.integers(-40, 41, (PER_BATCH, 3, 32, 32))
-        images = (30 + 20 * labels[:, None, None, None] + noise).clip(0, 255).astype(np.uint8)
-        batches[name] = (images, labels)
+    batches = make_learnable_batches(PER_BATCH)
     write_bin_layout(root / "cifar-10-batches-bin", batches)
     return root
 

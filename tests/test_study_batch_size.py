@@ -15,6 +15,7 @@ from bnlab.experiments.studies import BatchSizeStudy, run_batch_size_study
 from bnlab.experiments.studies.batch_size import scaled_lr
 
 from ._cifar_writers import make_batches, use_tiny_batches, write_bin_layout
+from ._cli import error_of
 from .test_experiment_train import tiny_cifar
 
 PER_BATCH = 64  # 320 training images, 64 test images
@@ -27,13 +28,6 @@ def data_dir(tmp_path, monkeypatch) -> Path:
     use_tiny_batches(monkeypatch, PER_BATCH)
     write_bin_layout(tmp_path / "data" / "cifar-10-batches-bin", make_batches(PER_BATCH))
     return tmp_path / "data"
-
-
-def error_of(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    return capsys.readouterr().err
 
 
 def quiet(line: str) -> None:

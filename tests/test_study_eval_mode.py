@@ -15,18 +15,12 @@ from bnlab.experiments.studies import EvalModeStudy, run_eval_mode_study
 from bnlab.experiments.studies.eval_mode import MODES, without_running_stats
 
 from ._cifar_writers import make_batches, use_tiny_batches, write_bin_layout
+from ._cli import error_of
 from .test_experiment_train import tiny_cifar
 
 PER_BATCH = 64  # 320 training images, 64 test images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def error_of(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    return capsys.readouterr().err
 
 
 def quiet(line: str) -> None:

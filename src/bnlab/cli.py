@@ -115,22 +115,28 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_compare(parser: argparse.ArgumentParser) -> None:
+def add_norms_option(parser: argparse.ArgumentParser, norms: Sequence[str]) -> None:
+    """--norms NORM [NORM ...], defaulting to ``norms``."""
     parser.add_argument(
         "--norms",
         nargs="+",
-        default=list(_DEFAULTS.norms),
+        default=list(norms),
         choices=NORM_CHOICES,
         metavar="NORM",
         help=f"{_FIELDS['norms'].metadata['help']}: {', '.join(NORM_CHOICES)}",
     )
+
+
+def add_seeds_option(parser: argparse.ArgumentParser, seeds: int, where: str) -> None:
+    """--seeds K: seeds 0..K-1 ``where`` (for every norm, in every cell)."""
     parser.add_argument(
-        "--seeds",
-        type=int_at_least(1),
-        default=len(_DEFAULTS.seeds),
-        metavar="K",
-        help="run seeds 0..K-1 for every norm",
+        "--seeds", type=int_at_least(1), default=seeds, metavar="K", help=f"run seeds 0..K-1 {where}"
     )
+
+
+def _add_compare(parser: argparse.ArgumentParser) -> None:
+    add_norms_option(parser, _DEFAULTS.norms)
+    add_seeds_option(parser, len(_DEFAULTS.seeds), "for every norm")
     add_config_options(parser)
 
 

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.cli import (
-    NORM_CHOICES,
     OPTIONS,
     HelpFormatter,
     Stopped,
     add_config_options,
+    add_norms_option,
+    add_seeds_option,
     check_config,
     config_from_args,
     int_at_least,
@@ -106,21 +107,8 @@ def _add_study(parser: argparse.ArgumentParser, command: _Command) -> None:
             "--norm", default=base.norms[0], choices=EVAL_MODE_NORMS, help="the norm to train"
         )
     else:
-        parser.add_argument(
-            "--norms",
-            nargs="+",
-            default=list(base.norms),
-            choices=NORM_CHOICES,
-            metavar="NORM",
-            help=f"normalization layers to compare: {', '.join(NORM_CHOICES)}",
-        )
-    parser.add_argument(
-        "--seeds",
-        type=int_at_least(1),
-        default=len(base.seeds),
-        metavar="K",
-        help="run seeds 0..K-1 in every cell",
-    )
+        add_norms_option(parser, base.norms)
+    add_seeds_option(parser, len(base.seeds), "in every cell")
     add_config_options(parser, leave_out=command.varies)
     # the study's training defaults, where they are not the experiment's
     parser.set_defaults(
