@@ -47,7 +47,7 @@ BAD = {
     "running buffer too short": ("running_mean", lambda t: t[:1], ValueError),
     "integer input": ("x", lambda t: t.long(), TypeError),
     "transposed input": ("x", lambda t: t.transpose(2, 3), ValueError),
-    "half input": ("x", lambda t: t.half(), TypeError),
+    "complex input": ("x", lambda t: t.to(torch.complex64), TypeError),
 }
 
 
@@ -93,6 +93,27 @@ def test_backward_checks_dy_and_statistics():
         _cpu_native.backward(dy, a["x"], a["weight"], stats[0], True)  # one row, not two
     dx, dw, db = _cpu_native.backward(dy, a["x"], a["weight"], stats, True)
     assert dx.shape == a["x"].shape and dw.shape == db.shape == (C,)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_input_takes_float32_parameters(dtype):
+    """The kernels compute 16-bit input in float32: parameters in x's own dtype would be
+    read as float32 (twice their length), so they raise."""
+    a = _good()
+    x = a["x"].to(dtype)
+    y, _, _ = _cpu_native.forward_train(x, a["weight"], a["bias"], 1e-5)
+    assert y.dtype == dtype
+    with pytest.raises(TypeError, match=r"weight must be a contiguous torch\.float32"):
+        _cpu_native.forward_train(x, a["weight"].to(dtype), None, 1e-5)
+    with pytest.raises(TypeError, match=r"bias must be a contiguous torch\.float32"):
+        _cpu_native.forward_eval(x, None, a["bias"].to(dtype), a["running_mean"],
+                                 a["running_var"], 1e-5)  # fmt: skip
+
+
+def test_unknown_dtype_code_is_refused_by_the_kernels():
+    """The last line of defence: the module itself refuses a dtype code it does not know."""
+    with pytest.raises(ValueError, match="unknown dtype code"):
+        _cpu_native._kernels().plan(4, 3, 5, 9, 1)
 
 
 def test_eval_needs_both_buffers():

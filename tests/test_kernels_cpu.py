@@ -118,7 +118,9 @@ def test_backends_implement_the_protocol_whole():
 def test_backend_selection():
     assert kernels.select(torch.randn(4, 3)) is CPU
     assert kernels.select(torch.randn(4, 3, dtype=F64)) is CPU
-    assert kernels.select(torch.randn(4, 3).half()) is REF
+    assert kernels.select(torch.randn(4, 3).half()) is CPU
+    assert kernels.select(torch.randn(4, 3).bfloat16()) is CPU
+    assert kernels.select(torch.randn(4, 3, dtype=torch.complex64)) is REF
     assert kernels.select(torch.randn(0, 3)) is REF
     assert kernels.available() == ["cpu", "reference"]
 
@@ -330,30 +332,95 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize(
-    "shape, fmt",
-    [
-        ((16, 6, 32, 32), None),  # whole channels per thread
-        ((16, 3, 48, 48), None),  # channels split across threads
-        ((64, 16, 16, 16), "cl"),  # periodic rows
-        ((2048, 96), None),
-    ],
-    ids=["channel-split", "element-split", "channels-last", "NC"],
-)
-def test_one_and_two_threads_agree(shape, fmt, restore_threads):
-    """Threads change only the order of float64 additions of float32 partial sums."""
+# Each split of the work over two threads (cpu_kernels.cpp's split_of), with a
+# shape that takes it: (shape, memory format, the split at 2 threads).
+SPLITS = {
+    "planes-by-channel": ((16, 6, 32, 32), None, "planes by channel"),
+    "planes-by-element": ((16, 3, 48, 48), None, "planes by element"),
+    "wide-7x7-planes": ((16, 96, 7, 7), None, "planes by channel"),
+    "rows-by-row": ((64, 16, 16, 16), "cl", "rows by row"),
+    "rows-by-row-tail": ((13109, 5), None, "rows by row"),
+    "rows-by-column": ((64, 2048), None, "rows by column"),
+    "rows-by-column-inner3": ((64, 512, 3), None, "rows by column"),
+    "rows-by-column-cl": ((8, 1024, 3, 3), "cl", "rows by column"),
+}
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _split_tolerance(dtype: torch.dtype, scale: float) -> float:
+    """Error bound against the float64 truth for results stored in ``dtype``.
+
+    16-bit results are float32 values rounded once: half an ulp (eps/2
+    relative) plus the float32 computation's error, far below the other
+    half. float32 results: sums of up to 16 float32 terms per lane before
+    the float64 carry, then a few float32 operations: 2^-18 relative is 4×
+    that worst case. float64: the same sums in another order.
+    """
+    if dtype in HALF:
+        return torch.finfo(dtype).eps * scale
+    return (2**-18 if dtype == F32 else 1e-12) * scale
+
+
+def _close_to_truth(name, got, truth, dtype):
+    scale = max(1.0, truth.abs().max().item())
+    err = (got.double() - truth).abs().max().item()
+    assert err <= _split_tolerance(dtype, scale), (name, dtype, err, scale)
+
+
+@pytest.mark.parametrize("case", list(SPLITS))
+def test_each_split_is_chosen_where_it_pays(case):
+    shape, fmt, split = SPLITS[case]
     x = _make(shape, fmt, F32)
-    w, b = _params(shape[1], F32)
-    dy = _make(shape, fmt, F32)
-    results = []
+    assert _cpu_native.plan(x, threads=2) == (split, 2)
+    # One thread owns everything: planes go channel by channel.
+    if split.startswith("planes"):
+        assert _cpu_native.plan(x, threads=1) == ("planes by channel", 1)
+
+
+def test_small_calls_run_on_one_thread():
+    assert _cpu_native.plan(torch.randn(64, 6, 8, 8), threads=16) == ("planes by channel", 1)
+    assert _cpu_native.plan(torch.randn(64, 120), threads=16)[1] == 1
+
+
+@pytest.mark.parametrize("case", list(SPLITS))
+@pytest.mark.parametrize("dtype", [F64, F32, *HALF], ids=str)
+def test_every_split_and_dtype_matches_the_float64_truth(case, dtype, restore_threads):
+    """Each split, on one thread and two, in every dtype: forward, backward, eval.
+
+    Statistics come back in float64, the parameter gradients in the compute
+    dtype; both are checked against the truth at float32's bound.
+    """
+    shape, fmt, _ = SPLITS[case]
+    x = _make(shape, fmt, dtype)
+    dy = _make(shape, fmt, dtype, mean=0.5, std=1.0)
+    param = _cpu_native.compute_dtype(dtype)
+    w, b = _params(shape[1], param)
+    rm, rv = _buffers(shape[1], F32)
+    x64, dy64, w64, b64 = x.double(), dy.double(), w.double(), b.double()
+    mean, var = reference.batch_stats(x64)
+    invstd = torch.rsqrt(var + 1e-5)
+    y_truth = reference.normalize(x64, mean, invstd, w64, b64)
+    dx_truth, dw_truth, db_truth = reference.backward(dy64, x64, w64, mean, invstd, True)
+    eval_invstd = torch.rsqrt(rv.double() + 1e-5)
+    eval_truth = reference.normalize(x64, rm.double(), eval_invstd, w64, b64)
+    wide = F64 if dtype == F64 else F32
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        y, stats, var = _cpu_native.forward_train(x, w, b, 1e-5)
-        dx, dw, db = CPU.backward(dy, x, w, stats, True)
-        results.append((y, stats, var, dx, dw, db))
-    for a, b_ in zip(*results, strict=True):
-        scale = max(1.0, b_.abs().max().item())
-        torch.testing.assert_close(a, b_, atol=4 * 2**-24 * scale, rtol=0)
+        y, stats, _ = _cpu_native.forward_train(x, w, b, 1e-5)
+        dx, dw, db = _cpu_native.backward(dy, x, w, stats, True)
+        y_eval, _ = _cpu_native.forward_eval(x, w, b, rm, rv, 1e-5)
+        assert y.dtype == dx.dtype == y_eval.dtype == dtype and dw.dtype == param
+        assert y.stride() == dx.stride() == y_eval.stride() == x.stride()
+        for name, got, truth, kind in (
+            ("y", y, y_truth, dtype),
+            ("dx", dx, dx_truth, dtype),
+            ("eval y", y_eval, eval_truth, dtype),
+            ("mean", stats[0], mean, wide),
+            ("invstd", stats[1], invstd, wide),
+            ("dweight", dw, dw_truth, wide),
+            ("dbias", db, db_truth, wide),
+        ):
+            _close_to_truth(f"{name}, {threads} threads", got, truth, kind)
 
 
 # ---- without the native kernels -----------------------------------------------------------

@@ -8,9 +8,12 @@ and size against them before handing over a pointer. A mismatch raises
 :class:`Mismatch` (a ``TypeError`` and a ``ValueError``) before anything is
 written; :mod:`bnlab.kernels.cpu` catches it to convert what it may.
 
-Statistics are float64: ``stats`` (2, C) holds the rows mean and invstd (the
-backend contract's layout), var is separate; weight, bias, dy and the outputs
-have x's dtype; running buffers are float32 or float64, the two alike.
+x is float32, float64, bfloat16 or float16 (``DTYPE_CODES``). Statistics are
+float64: ``stats`` (2, C) holds the rows mean and invstd (the backend
+contract's layout), var is separate; dy, y and dx have x's dtype; weight,
+bias and their gradients have x's compute dtype (``compute_dtype``: float32
+for the 16-bit types, as torch keeps their parameters); running buffers are
+float32 or float64, the two alike.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from torch import Tensor
 from . import _build
 
 _F32, _F64 = torch.float32, torch.float64
+# The kernels' dtype codes (DtypeCode in cpu_kernels.cpp).
+DTYPE_CODES = {_F32: 0, _F64: 1, torch.bfloat16: 2, torch.float16: 3}
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 _F64_CPU = torch.empty(0, dtype=_F64)  # new_empty from it: no keyword parsing per call
 
@@ -51,9 +56,17 @@ def geometry(x: Tensor) -> tuple[int, int, int] | None:
     return None
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute a ``dtype`` input in: float64 for float64, else float32."""
+    return _F64 if dtype is _F64 else _F32
+
+
 def _input(x: Tensor) -> tuple[int, int, int]:
-    if not x.is_cpu or (x.dtype is not _F32 and x.dtype is not _F64):
-        raise Mismatch(f"native batch norm: x must be a float32/float64 CPU tensor, got {x.dtype} on {x.device}")
+    if not x.is_cpu or x.dtype not in DTYPE_CODES:
+        raise Mismatch(
+            "native batch norm: x must be a float32/float64/bfloat16/float16 CPU tensor, "
+            f"got {x.dtype} on {x.device}"
+        )
     g = geometry(x) if x.dim() >= 2 and x.numel() > 0 else None
     if g is None:
         raise Mismatch(
@@ -115,14 +128,15 @@ def forward_train(
     """(y, stats, var) with batch statistics, var biased; moves the running buffers when
     given. Statistics not wanted (``want_stats``, ``want_var``) come back as None."""
     outer, c, inner = _input(x)
-    w, b = _vector(weight, "weight", x.dtype, c), _vector(bias, "bias", x.dtype, c)
+    param = compute_dtype(x.dtype)
+    w, b = _vector(weight, "weight", param, c), _vector(bias, "bias", param, c)
     rm, rv, running_is_double = _running(running_mean, running_var, c)
     y = torch.empty_like(x)
     stats, var, (mean_p, var_p, invstd_p) = _statistics(c, want_stats, want_var)
     _kernels().forward_train(
         x.data_ptr(), y.data_ptr(), w, b, mean_p, var_p, invstd_p,
         rm, rv, running_is_double, float(momentum), float(eps),
-        x.dtype is _F64, outer, c, inner, torch.get_num_threads(),
+        DTYPE_CODES[x.dtype], outer, c, inner, torch.get_num_threads(),
     )  # fmt: skip
     return y, stats, var
 
@@ -138,7 +152,8 @@ def forward_eval(
 ) -> tuple[Tensor, Tensor | None]:
     """(y, stats) normalized with the running buffers, which are only read."""
     outer, c, inner = _input(x)
-    w, b = _vector(weight, "weight", x.dtype, c), _vector(bias, "bias", x.dtype, c)
+    param = compute_dtype(x.dtype)
+    w, b = _vector(weight, "weight", param, c), _vector(bias, "bias", param, c)
     if running_mean is None or running_var is None:
         raise Mismatch("native batch norm: evaluation needs running_mean and running_var")
     rm, rv, running_is_double = _running(running_mean, running_var, c)
@@ -147,7 +162,7 @@ def forward_eval(
     _kernels().forward_eval(
         x.data_ptr(), y.data_ptr(), w, b, mean_p, var_p, invstd_p,
         rm, rv, running_is_double, float(eps),
-        x.dtype is _F64, outer, c, inner, torch.get_num_threads(),
+        DTYPE_CODES[x.dtype], outer, c, inner, torch.get_num_threads(),
     )  # fmt: skip
     return y, stats
 
@@ -159,23 +174,33 @@ def backward(
     stats: Tensor,
     batch_stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias), all in x's dtype; dy must have x's dtype and strides."""
+    """(dx, dweight, dbias): dx in x's dtype, the others in its compute dtype; dy must have
+    x's dtype and strides."""
     outer, c, inner = _input(x)
     if not dy.is_cpu or dy.dtype is not x.dtype or dy.shape != x.shape or dy.stride() != x.stride():
         raise Mismatch(
             f"native batch norm: dy ({dy.dtype}, size {list(dy.shape)}, strides {dy.stride()}) "
             f"must be laid out like x ({x.dtype}, size {list(x.shape)}, strides {x.stride()})"
         )
-    w = _vector(weight, "weight", x.dtype, c)
+    param = compute_dtype(x.dtype)
+    w = _vector(weight, "weight", param, c)
     if stats.dim() != 2:
         raise Mismatch(f"native batch norm: stats must be (2, {c}), got size {list(stats.shape)}")
     m = _vector(stats, "stats", _F64, 2 * c)
     s = m + 8 * c  # the invstd row
     dx = torch.empty_like(x)
-    dweight, dbias = x.new_empty(c), x.new_empty(c)
+    dweight, dbias = x.new_empty(c, dtype=param), x.new_empty(c, dtype=param)
     _kernels().backward(
         dy.data_ptr(), x.data_ptr(), dx.data_ptr(), w, m, s,
         dweight.data_ptr(), dbias.data_ptr(), bool(batch_stats),
-        x.dtype is _F64, outer, c, inner, torch.get_num_threads(),
+        DTYPE_CODES[x.dtype], outer, c, inner, torch.get_num_threads(),
     )  # fmt: skip
     return dx, dweight, dbias
+
+
+def plan(x: Tensor, threads: int | None = None) -> tuple[str, int]:
+    """(split, team): how the training passes share out ``x`` over ``threads``
+    (default: torch's), e.g. ("planes by channel", 2). For tests and benchmarks."""
+    outer, c, inner = _input(x)
+    threads = torch.get_num_threads() if threads is None else threads
+    return _kernels().plan(outer, c, inner, DTYPE_CODES[x.dtype], threads)

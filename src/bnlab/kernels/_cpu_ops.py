@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _build, cpu, reference
+from ._cpu_native import compute_dtype
 
 _F64 = torch.float64
 
@@ -76,15 +77,15 @@ def _(x, weight, bias, running_mean, running_var, eps):
 def cpu_backward(
     dy: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor, batch_stats: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias); dweight and dbias in x's dtype."""
+    """(dx, dweight, dbias); dweight and dbias in x's compute dtype (float32 for 16-bit x)."""
     if _build.native() is None:
         dx, dweight, dbias = reference.REFERENCE.backward(dy, x, weight, stats, batch_stats)
-        return dx, dweight.to(x.dtype), dbias.to(x.dtype)
+        return dx, dweight.to(compute_dtype(x.dtype)), dbias.to(compute_dtype(x.dtype))
     dx, dweight, dbias = cpu.eager_backward(dy, x, weight, stats, batch_stats)
     return _restride(dx, x), dweight, dbias
 
 
 @cpu_backward.register_fake
 def _(dy, x, weight, stats, batch_stats):
-    c = x.shape[1]
-    return torch.empty_like(x), x.new_empty((c,)), x.new_empty((c,))
+    c, param = x.shape[1], compute_dtype(x.dtype)
+    return torch.empty_like(x), x.new_empty((c,), dtype=param), x.new_empty((c,), dtype=param)

@@ -1,4 +1,4 @@
-"""The CPU backend: fused native kernels for float32 and float64 tensors.
+"""The CPU backend: fused native kernels for float32, float64, bfloat16 and float16 tensors.
 
 Same contract as the reference backend (:mod:`bnlab.kernels.protocol`),
 computed by ``cpu_kernels.cpp`` through the checked calls of
@@ -11,10 +11,12 @@ computed by ``cpu_kernels.cpp`` through the checked calls of
 
 This module fits the arguments to what the kernels read: x contiguous,
 channels_last or channels_last_3d (other strides are copied to contiguous
-first), weight and bias in x's dtype, statistics in float64 (wider than the
-reference's float32 for float32 input, so backward keeps full precision
-when |mean| >> std). Running buffers the kernels cannot write in place
-(another dtype, strided, a momentum per channel) move by the reference rule.
+first), weight and bias in x's compute dtype (float32 for bfloat16 and
+float16 input, whose parameters torch keeps in float32 too), statistics in
+float64 (wider than the reference's float32, so backward keeps full
+precision when |mean| >> std). Running buffers the kernels cannot write in
+place (a 16-bit dtype, strided, a momentum per channel) move by the
+reference rule.
 
 Under ``torch.compile`` the same calls run behind the custom ops of
 :mod:`bnlab.kernels._cpu_ops`, which the compiler can trace.
@@ -26,8 +28,9 @@ import torch
 from torch import Tensor
 
 from . import _build, _cpu_native, reference
+from ._cpu_native import DTYPE_CODES, compute_dtype
 
-_F32, _F64 = torch.float32, torch.float64
+_F64 = torch.float64
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -72,7 +75,8 @@ def eager_forward_train(
         except _cpu_native.Mismatch:
             pass
     x = _dense(x)
-    y, stats, var = _cpu_native.forward_train(x, _as(weight, x.dtype), _as(bias, x.dtype), eps)
+    param = compute_dtype(x.dtype)
+    y, stats, var = _cpu_native.forward_train(x, _as(weight, param), _as(bias, param), eps)
     if running_mean is not None:
         reference.update_running_stats(
             running_mean, running_var, stats[0], var, momentum, x.numel() // x.size(1)
@@ -84,9 +88,9 @@ def eager_forward_eval(x, weight, bias, running_mean, running_var, eps, want_sta
     try:
         return _cpu_native.forward_eval(x, weight, bias, running_mean, running_var, eps, want_stats)
     except _cpu_native.Mismatch:
-        x = _dense(x)
+        x, param = _dense(x), compute_dtype(x.dtype)
         return _cpu_native.forward_eval(
-            x, _as(weight, x.dtype), _as(bias, x.dtype),
+            x, _as(weight, param), _as(bias, param),
             _as(running_mean, _F64), _as(running_var, _F64), eps, want_stats,
         )  # fmt: skip
 
@@ -98,7 +102,8 @@ def eager_backward(dy, x, weight, stats, batch_stats):
         x = _dense(x)
         if dy.dtype != x.dtype or dy.stride() != x.stride():
             dy = torch.empty_like(x).copy_(dy)
-        return _cpu_native.backward(dy, x, _as(weight, x.dtype), _as(stats, _F64), batch_stats)
+        weight = _as(weight, compute_dtype(x.dtype))
+        return _cpu_native.backward(dy, x, weight, _as(stats, _F64), batch_stats)
 
 
 class CPUBackend:
@@ -107,12 +112,13 @@ class CPUBackend:
     name = "cpu"
 
     def supports(self, x: Tensor) -> bool:
-        """Float32/float64 CPU tensors with at least one element, when the kernels can be built.
+        """Float32/float64/bfloat16/float16 CPU tensors with at least one element, when the
+        kernels can be built.
 
         Under ``torch.compile`` this is decided without building anything: the
         custom ops fall back to the reference formulas at run time if they must.
         """
-        if not (x.is_cpu and (x.dtype is _F32 or x.dtype is _F64) and x.numel() > 0):
+        if not (x.is_cpu and x.dtype in DTYPE_CODES and x.numel() > 0):
             return False
         if torch.compiler.is_compiling():
             return _build.ENABLED
@@ -155,7 +161,8 @@ class CPUBackend:
         return x.numel() // x.size(1), stats[0], var
 
     def backward_reduce(self, dy, x, stats):
-        """The sums of the evaluation-mode backward (float64 carry, x's dtype); its dx is discarded."""
+        """The sums of the evaluation-mode backward (float64 carry, x's compute dtype); its dx
+        is discarded."""
         _, sum_dy_xhat, sum_dy = self.backward(dy, x, None, stats, False)
         return sum_dy, sum_dy_xhat
 
@@ -170,10 +177,11 @@ class CPUBackend:
         a = invstd if weight is None else invstd * weight.to(_F64)
         k = -a * invstd * mean_dy_xhat.to(_F64)
         c = -a * mean_dy.to(_F64)
+        param = compute_dtype(x.dtype)
         dx, _ = self.forward_eval(
-            x, k.to(x.dtype), c.to(x.dtype), mean, torch.ones_like(mean), 0.0, False
+            x, k.to(param), c.to(param), mean, torch.ones_like(mean), 0.0, False
         )
-        return dx.addcmul_(dy, a.to(x.dtype).view([1, -1] + [1] * (x.dim() - 2)))
+        return dx.addcmul_(dy, a.to(param).view([1, -1] + [1] * (x.dim() - 2)))
 
 
 CPU = CPUBackend()

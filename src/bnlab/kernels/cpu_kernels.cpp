@@ -1,14 +1,29 @@
-// Batch norm CPU kernels: fused passes over dense float32/float64 tensors.
+// Batch norm CPU kernels: fused passes over dense float32, float64, bfloat16
+// and float16 tensors.
 //
 // Every supported layout is one geometry: memory holds x as (outer, C, inner),
 // contiguous. NCHW is (N, C, H*W); channels_last and (N, C) are (rows, C, 1).
 // Two traversals cover all of them:
 //
-//   planes    inner >= kPlaneMin: runs of `inner` values of one channel.
+//   planes    inner >= kPlaneMin, or at least a vector when the period is
+//             too wide for rows: runs of `inner` values of one channel.
 //   periodic  short inner (channels_last, (N, C)): the channel of flat index
 //             e is (e % P) / inner with period P = C*inner, so memory is read
 //             as rows of width W = lcm(P, 16) whose column j always holds
 //             channel (j % P) / inner, and every row is whole vectors.
+//
+// and each is split over threads by its geometry (plan_of):
+//
+//   planes by channel   every thread owns whole channels (many channels).
+//   planes by element   equal element ranges, sums combined after a barrier
+//                       (few channels, large planes: one image, conv1).
+//   rows by row         equal row ranges, per-column sums combined (many
+//                       rows of a narrow period: channels_last, (N, C)).
+//   rows by column      every thread owns whole channels' columns of all
+//                       rows (few rows of a wide period: (32, 4096),
+//                       channels_last with 2048 channels).
+// When a thread owns whole channels, a channel's second pass follows its
+// first while its data is still in cache, and no barrier is needed.
 //
 // Passes (n values per channel, xhat = (x - mean)*invstd):
 //   forward   sums of (x - K) and (x - K)^2, K a shift near the channel's mean;
@@ -16,14 +31,16 @@
 //   backward  dbeta = sum dy, dgamma = sum dy*xhat; then
 //               batch statistics:   dx = gamma*invstd/n * (n*dy - dbeta - xhat*dgamma)
 //               running statistics: dx = gamma*invstd * dy
-// When every thread owns whole channels, a channel's second pass follows its
-// first while its data is still in cache.
+//
+// Types: x, y, dy, dx are stored as S (float, double, bfloat16 or float16,
+// see bnlab_half.h) and computed in T (float for the 16-bit types, else S);
+// weight, bias and their gradients are T, statistics float64.
 //
 // Numerics: with the shift, var = E[(x-K)^2] - E[x-K]^2 does not cancel.
-// Sums are built in the input's precision for at most kBlock additions per
-// vector lane, then carried in float64. Elementwise passes run in the input's
-// dtype, with the mean split as mh (in T) + ml (the float64 rest, folded into
-// per-channel constants) so x - mean stays accurate when |mean| >> std.
+// Sums are built in T for at most kBlock additions per vector lane, then
+// carried in float64. Elementwise passes run in T, with the mean split as
+// mh (in T) + ml (the float64 rest, folded into per-channel constants) so
+// x - mean stays accurate when |mean| >> std.
 //
 // Threads: OpenMP (the runtime torch uses), as many as the caller passes
 // (torch.get_num_threads()); small inputs run on fewer.
@@ -36,9 +53,10 @@
 // which on some machines costs more than the pass itself.
 //
 // The Python functions take data pointers and sizes, never tensors, so this
-// file needs only the Python headers (and bnlab_native.h, the helpers it
-// shares with the experiment's kernels) and compiles in a few seconds.
+// file needs only the Python headers (and bnlab_native.h / bnlab_half.h, the
+// helpers it shares with the experiment's kernels) and compiles in seconds.
 
+#include "bnlab_half.h"
 #include "bnlab_native.h"
 
 #include <cmath>
@@ -53,14 +71,14 @@
 
 namespace {
 
-constexpr int kLanes = 16;           // elements per vector, float and double alike
+constexpr int kLanes = 16;           // elements per vector, whatever the type
 constexpr int kBlock = 16;           // additions per lane before partial sums go to float64
 constexpr int64_t kPlaneMin = 64;    // inner >= this: plane traversal
 constexpr int64_t kMaxWidth = 4096;  // widest periodic row
 constexpr int64_t kAlign = 16;       // thread ranges start at multiples of this
-
-typedef Vec<float, kLanes>::v vf;
-typedef Vec<double, kLanes>::v vd;
+// Rows by column: each thread's share of a row is at least this many bytes,
+// so the strided reads still stream.
+constexpr int64_t kColumnShareBytes = 1024;
 
 // Outputs larger than this are written around the caches (non-temporal
 // stores). A pass writing that much reads at least as much, so little of the
@@ -71,24 +89,36 @@ typedef Vec<double, kLanes>::v vd;
 // shapes (16-26 MB outputs) measure the choice.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
-template <typename T>
-inline void store_out(T* p, typename Vec<T, kLanes>::v v, bool stream) {
-#if defined(__AVX__)
-    if (stream && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
-        const __m256i* from = reinterpret_cast<const __m256i*>(&v);
-        __m256i* to = reinterpret_cast<__m256i*>(p);
-        for (size_t k = 0; k < sizeof(v) / sizeof(__m256i); ++k)
-            _mm256_stream_si256(to + k, _mm256_load_si256(from + k));
-        return;
-    }
-#endif
-    store<kLanes>(p, v);
+typedef Vec<double, kLanes>::v vd;
+
+template <typename S>
+using Compute = typename Elem<S>::T;
+template <typename S>
+using VecOf = typename Elem<Compute<S>>::V;  // a vector of S's compute type
+
+// ---- memory --------------------------------------------------------------------------------
+
+template <typename S>
+inline VecOf<S> ld(const S* p) {
+    return Elem<S>::load(p);
+}
+template <typename S>
+inline void store_out(S* p, VecOf<S> v, bool stream) {
+    Elem<S>::store(p, v, stream);
+}
+template <typename S>
+inline Compute<S> up(S s) {
+    return Elem<S>::up(s);
+}
+template <typename S>
+inline S down(Compute<S> t) {
+    return Elem<S>::down(t);
 }
 
 template <typename T>
-inline vd to_double(typename Vec<T, kLanes>::v v);
+inline vd to_double(typename Elem<T>::V v);
 template <>
-inline vd to_double<float>(vf v) {
+inline vd to_double<float>(f32x16 v) {
     return __builtin_convertvector(v, vd);
 }
 template <>
@@ -111,13 +141,18 @@ int64_t gcd(int64_t a, int64_t b) {
     return a;
 }
 
+// ---- geometry and the thread plan ----------------------------------------------------------
+
 // The shape of one call: memory is (outer, C, inner), contiguous.
 struct Geometry {
     int64_t outer, C, inner;
     int64_t numel() const { return outer * C * inner; }
     int64_t n() const { return outer * inner; }  // values per channel
-    bool planes() const { return inner >= kPlaneMin; }
     int64_t period() const { return C * inner; }
+    // Planes when a channel's runs are long, or at least a vector long where
+    // a periodic row would be too wide to be whole vectors (wide-channel,
+    // small-spatial NCHW such as ResNet's 7x7 stages).
+    bool planes() const { return inner >= kPlaneMin || (inner >= kLanes && period() > kMaxWidth); }
     // Width of a periodic row: a multiple of the period, whole vectors when affordable.
     int64_t width() const {
         int64_t p = period();
@@ -126,9 +161,20 @@ struct Geometry {
     }
 };
 
-// Whole channels per thread, when that balances: every thread the same number, or many.
-inline bool channel_split(const Geometry& g, int T) {
-    return g.planes() && (g.C % T == 0 || g.C >= 8 * T);
+enum Split { kByChannel, kByElement, kByRow, kByColumn };
+const char* const kSplitNames[] = {"planes by channel", "planes by element", "rows by row",
+                                   "rows by column"};
+
+// How a team of T threads shares the work of g (elements of `bytes` each).
+Split split_of(const Geometry& g, int64_t bytes, int T) {
+    if (g.planes()) {
+        // Whole channels per thread when that balances: every thread the same number, or many.
+        return g.C % T == 0 || g.C >= 8 * T ? kByChannel : kByElement;
+    }
+    // Columns map to channels one to one only when a row is one period.
+    const int64_t W = g.width();
+    const bool one_period = W == g.period();
+    return one_period && g.C >= T && W * bytes >= kColumnShareBytes * T ? kByColumn : kByRow;
 }
 
 // Fresh outputs are first touched here; on Linux, huge pages make that several
@@ -149,16 +195,16 @@ void advise_huge_pages(void* p, int64_t bytes) {
 // ---- per-channel coefficients -------------------------------------------------
 
 // The shift K of channel c: the mean of its first few values, in T.
-template <typename T>
-T shift_of(const T* x, const Geometry& g, int64_t c) {
+template <typename S>
+Compute<S> shift_of(const S* x, const Geometry& g, int64_t c) {
     double s = 0.0;
     int k = 0;
     if (g.inner >= 8) {
-        for (; k < 8; ++k) s += x[c * g.inner + k];
+        for (; k < 8; ++k) s += up(x[c * g.inner + k]);
     } else {
-        for (; k < 8 && k < g.outer; ++k) s += x[k * g.period() + c * g.inner];
+        for (; k < 8 && k < g.outer; ++k) s += up(x[k * g.period() + c * g.inner]);
     }
-    return static_cast<T>(s / k);
+    return static_cast<Compute<S>>(s / k);
 }
 
 // The mean is used as mh (the nearest T) and ml = mean - mh (float64, tiny):
@@ -250,7 +296,7 @@ void finish_stats(int64_t c, double n, double K, double s1, double s2, double ep
 // b) keep two independent addition chains in flight.
 template <typename T>
 struct Sums {
-    typedef typename Vec<T, kLanes>::v V;
+    typedef typename Elem<T>::V V;
     V a1, a2, b1, b2;
     vd d1, d2;
     double r1, r2;  // runs shorter than one vector
@@ -275,21 +321,21 @@ struct Sums {
 // Lanes [16 - rem, 16) one, the others zero: the new part of a run's last,
 // overlapping vector.
 template <typename T>
-inline typename Vec<T, kLanes>::v tail_ones(int64_t rem) {
+inline typename Elem<T>::V tail_ones(int64_t rem) {
     alignas(64) static const T table[2 * kLanes] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                                                     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-    return load<kLanes>(table + rem);
+    return Elem<T>::load(table + rem);
 }
 
 // ---- passes over contiguous runs (plane traversal) --------------------------------
 
 // Shifted sums of one run: s1 += sum(x - K), s2 += sum((x - K)^2).
-template <typename T>
-void shifted_sums(const T* x, int64_t len, T K, Sums<T>& s) {
-    typedef typename Vec<T, kLanes>::v V;
+template <typename S, typename T = Compute<S>>
+void shifted_sums(const S* x, int64_t len, T K, Sums<T>& s) {
+    typedef VecOf<S> V;
     int64_t i = 0;
     for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
-        V d = load<kLanes>(x + i) - K, e = load<kLanes>(x + i + kLanes) - K;
+        V d = ld(x + i) - K, e = ld(x + i + kLanes) - K;
         s.a1 += d;
         s.a2 += d * d;
         s.b1 += e;
@@ -297,18 +343,18 @@ void shifted_sums(const T* x, int64_t len, T K, Sums<T>& s) {
         s.step();
     }
     if (i + kLanes <= len) {
-        V d = load<kLanes>(x + i) - K;
+        V d = ld(x + i) - K;
         s.a1 += d;
         s.a2 += d * d;
         i += kLanes;
     }
     if (i < len && len >= kLanes) {
-        V d = (load<kLanes>(x + len - kLanes) - K) * tail_ones<T>(len - i);
+        V d = (ld(x + len - kLanes) - K) * tail_ones<T>(len - i);
         s.b1 += d;
         s.b2 += d * d;
     } else {
         for (; i < len; ++i) {
-            double d = static_cast<double>(x[i] - K);
+            double d = static_cast<double>(up(x[i]) - K);
             s.r1 += d;
             s.r2 += d * d;
         }
@@ -317,33 +363,34 @@ void shifted_sums(const T* x, int64_t len, T K, Sums<T>& s) {
 }
 
 // Gradient sums of one run: s1 += sum(dy), s2 += sum(dy*(x - mh)).
-template <typename T>
-void grad_sums(const T* dy, const T* x, int64_t len, T mh, Sums<T>& s) {
-    typedef typename Vec<T, kLanes>::v V;
+template <typename S, typename T = Compute<S>>
+void grad_sums(const S* dy, const S* x, int64_t len, T mh, Sums<T>& s) {
+    typedef VecOf<S> V;
     int64_t i = 0;
     for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
-        V g = load<kLanes>(dy + i), h = load<kLanes>(dy + i + kLanes);
+        V g = ld(dy + i), h = ld(dy + i + kLanes);
         s.a1 += g;
-        s.a2 += g * (load<kLanes>(x + i) - mh);
+        s.a2 += g * (ld(x + i) - mh);
         s.b1 += h;
-        s.b2 += h * (load<kLanes>(x + i + kLanes) - mh);
+        s.b2 += h * (ld(x + i + kLanes) - mh);
         s.step();
     }
     if (i + kLanes <= len) {
-        V g = load<kLanes>(dy + i);
+        V g = ld(dy + i);
         s.a1 += g;
-        s.a2 += g * (load<kLanes>(x + i) - mh);
+        s.a2 += g * (ld(x + i) - mh);
         i += kLanes;
     }
     if (i < len && len >= kLanes) {
         const int64_t last = len - kLanes;
-        V g = load<kLanes>(dy + last) * tail_ones<T>(len - i);
+        V g = ld(dy + last) * tail_ones<T>(len - i);
         s.b1 += g;
-        s.b2 += g * (load<kLanes>(x + last) - mh);
+        s.b2 += g * (ld(x + last) - mh);
     } else {
         for (; i < len; ++i) {
-            s.r1 += static_cast<double>(dy[i]);
-            s.r2 += static_cast<double>(dy[i] * (x[i] - mh));
+            const T g = up(dy[i]);
+            s.r1 += static_cast<double>(g);
+            s.r2 += static_cast<double>(g * (up(x[i]) - mh));
         }
     }
     s.step();
@@ -352,46 +399,45 @@ void grad_sums(const T* dy, const T* x, int64_t len, T mh, Sums<T>& s) {
 // out[i] = f(i) over one run, f giving a vector at i (or a value, scalar). A
 // ragged end recomputes an overlapping vector; when streaming, the run goes
 // value by value up to a 64-byte boundary, then in whole vectors written
-// around the caches (each a full line, never rewritten), then value by value.
-template <typename T, typename Vector, typename Scalar>
-inline void elementwise_run(T* out, int64_t len, bool stream, Vector f, Scalar f1) {
+// around the caches (never rewritten), then value by value.
+template <typename S, typename Vector, typename Scalar>
+inline void elementwise_run(S* out, int64_t len, bool stream, Vector f, Scalar f1) {
     if (stream) {
         int64_t i = 0;
-        for (; i < len && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0; ++i) out[i] = f1(i);
+        for (; i < len && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0; ++i)
+            out[i] = down<S>(f1(i));
         for (; i + kLanes <= len; i += kLanes) store_out(out + i, f(i), true);
-        for (; i < len; ++i) out[i] = f1(i);
+        for (; i < len; ++i) out[i] = down<S>(f1(i));
         return;
     }
     if (len < kLanes) {
-        for (int64_t i = 0; i < len; ++i) out[i] = f1(i);
+        for (int64_t i = 0; i < len; ++i) out[i] = down<S>(f1(i));
         return;
     }
     for (int64_t i = 0;; i += kLanes) {
         if (i > len - kLanes) i = len - kLanes;
-        store<kLanes>(out + i, f(i));
+        store_out(out + i, f(i), false);
         if (i == len - kLanes) break;
     }
 }
 
 // y = (x - mh)*s + b over one run.
-template <typename T>
-void normalize_run(const T* x, T* y, int64_t len, Affine<T> c, bool stream) {
-    typedef typename Vec<T, kLanes>::v V;
+template <typename S, typename T = Compute<S>>
+void normalize_run(const S* x, S* y, int64_t len, Affine<T> c, bool stream) {
+    typedef VecOf<S> V;
     elementwise_run(
-        y, len, stream, [&](int64_t i) { return V((load<kLanes>(x + i) - c.mh) * c.s + c.b); },
-        [&](int64_t i) { return (x[i] - c.mh) * c.s + c.b; });
+        y, len, stream, [&](int64_t i) { return V((ld(x + i) - c.mh) * c.s + c.b); },
+        [&](int64_t i) { return (up(x[i]) - c.mh) * c.s + c.b; });
 }
 
 // dx = a*dy - k*(x - mh) + c0 over one run.
-template <typename T>
-void grad_run(const T* dy, const T* x, T* dx, int64_t len, GradCoef<T> q, bool stream) {
-    typedef typename Vec<T, kLanes>::v V;
+template <typename S, typename T = Compute<S>>
+void grad_run(const S* dy, const S* x, S* dx, int64_t len, GradCoef<T> q, bool stream) {
+    typedef VecOf<S> V;
     elementwise_run(
         dx, len, stream,
-        [&](int64_t i) {
-            return V(load<kLanes>(dy + i) * q.a + (q.c0 - (load<kLanes>(x + i) - q.mh) * q.k));
-        },
-        [&](int64_t i) { return dy[i] * q.a + (q.c0 - (x[i] - q.mh) * q.k); });
+        [&](int64_t i) { return V(ld(dy + i) * q.a + (q.c0 - (ld(x + i) - q.mh) * q.k)); },
+        [&](int64_t i) { return up(dy[i]) * q.a + (q.c0 - (up(x[i]) - q.mh) * q.k); });
 }
 
 // fn(channel, offset, length) for the pieces of planes inside elements [e0, e1).
@@ -412,25 +458,31 @@ inline void for_plane_pieces(const Geometry& g, int64_t e0, int64_t e1, F fn) {
 // coefficients and partial sums stay in registers. Wide rows (kWideRow bytes
 // or more) are streamed one after the other instead, which memory serves
 // faster than many short strided runs; their sums go through per-column
-// partial sums in T that are carried into float64 every kBlock rows.
+// partial sums in T that are carried into float64 every kBlock rows. Every
+// sweep covers the rows [r0, r1) and columns [j0, j1) of its thread.
 
 constexpr int64_t kBlockBytes = 16384;
 constexpr int64_t kWideRow = 2048;
 
-template <typename T>
+template <typename S>
 bool wide_rows(int64_t W) {
-    return W * int64_t(sizeof(T)) >= kWideRow;
+    return W * int64_t(sizeof(S)) >= kWideRow;
 }
 
 template <typename T>
 constexpr int kUnroll = sizeof(T) == 4 ? 4 : 2;  // vectors of columns per sweep
 
-template <typename T>
+template <typename S>
 int64_t rows_per_block(int64_t W) {
-    if (wide_rows<T>(W)) return 1;
-    int64_t r = kBlockBytes / (W * int64_t(sizeof(T)));
+    if (wide_rows<S>(W)) return 1;
+    int64_t r = kBlockBytes / (W * int64_t(sizeof(S)));
     return r < 1 ? 1 : (r > kBlock ? kBlock : r);
 }
+
+// A rectangle of a periodic array: rows [r0, r1), columns [j0, j1).
+struct Block {
+    int64_t r0, r1, j0, j1;
+};
 
 // The channel of each column of a periodic row of width W (a multiple of the
 // period): column j holds channel (j % P) / inner. Counted, not divided.
@@ -447,35 +499,35 @@ std::vector<int64_t> column_channels(const Geometry& g, int64_t W) {
     return chan;
 }
 
-// Per-column copies of a per-channel value.
+// Per-column copies of a per-channel value, for the columns [j0, j1) (the others zero).
 template <typename T, typename F>
-std::vector<T> columns(const std::vector<int64_t>& chan, F per_channel) {
+std::vector<T> columns(const std::vector<int64_t>& chan, int64_t j0, int64_t j1, F per_channel) {
     std::vector<T> out(chan.size());
-    for (size_t j = 0; j < chan.size(); ++j) out[j] = per_channel(chan[j]);
+    for (int64_t j = j0; j < j1; ++j) out[j] = per_channel(chan[j]);
     return out;
 }
 
-// Calls sweep.template run<U>(rb, re, j) over all rows [r0, r1) and whole
-// vectors of columns, then sweep.scalar(rb, re, j) for the columns left over.
-template <typename T, typename Sweep>
-void for_column_blocks(int64_t r0, int64_t r1, int64_t W, const Sweep& sweep) {
-    constexpr int U = kUnroll<T>;
-    const int64_t WU = W / (U * kLanes) * (U * kLanes), Wv = W / kLanes * kLanes;
-    const int64_t RB = rows_per_block<T>(W);
-    for (int64_t rb = r0; rb < r1; rb += RB) {
-        const int64_t re = min64(r1, rb + RB);
-        int64_t j = 0;
-        for (; j < WU; j += U * kLanes) sweep.template run<U>(rb, re, j);
-        for (; j < Wv; j += kLanes) sweep.template run<1>(rb, re, j);
-        for (; j < W; ++j) sweep.scalar(rb, re, j);
+// Calls sweep.template run<U>(rb, re, j) over the block's rows and whole
+// vectors of its columns, then sweep.scalar(rb, re, j) for the columns left over.
+template <typename S, typename Sweep>
+void for_column_blocks(const Block& k, int64_t W, const Sweep& sweep) {
+    constexpr int U = kUnroll<Compute<S>>;
+    const int64_t RB = rows_per_block<S>(W);
+    for (int64_t rb = k.r0; rb < k.r1; rb += RB) {
+        const int64_t re = min64(k.r1, rb + RB);
+        int64_t j = k.j0;
+        for (; j + U * kLanes <= k.j1; j += U * kLanes) sweep.template run<U>(rb, re, j);
+        for (; j + kLanes <= k.j1; j += kLanes) sweep.template run<1>(rb, re, j);
+        for (; j < k.j1; ++j) sweep.scalar(rb, re, j);
     }
 }
 
 // acc1[j] += sum_r (x[r, j] - K[j]), acc2[j] += sum_r (x[r, j] - K[j])^2.
-template <typename T>
+template <typename S>
 struct ColumnSums {
-    typedef typename Vec<T, kLanes>::v V;
-    const T* x;
+    typedef Compute<S> T;
+    typedef VecOf<S> V;
+    const S* x;
     int64_t W;
     const T* K;
     double *acc1, *acc2;
@@ -483,13 +535,13 @@ struct ColumnSums {
     inline void run(int64_t rb, int64_t re, int64_t j) const {
         V k[U], a1[U], a2[U];
         for (int u = 0; u < U; ++u) {
-            k[u] = load<kLanes>(K + j + u * kLanes);
+            k[u] = Elem<T>::load(K + j + u * kLanes);
             a1[u] = V{};
             a2[u] = V{};
         }
         for (int64_t r = rb; r < re; ++r)
             for (int u = 0; u < U; ++u) {
-                V d = load<kLanes>(x + r * W + j + u * kLanes) - k[u];
+                V d = ld(x + r * W + j + u * kLanes) - k[u];
                 a1[u] += d;
                 a2[u] += d * d;
             }
@@ -502,7 +554,7 @@ struct ColumnSums {
     }
     inline void scalar(int64_t rb, int64_t re, int64_t j) const {
         for (int64_t r = rb; r < re; ++r) {
-            double d = static_cast<double>(x[r * W + j] - K[j]);
+            double d = static_cast<double>(up(x[r * W + j]) - K[j]);
             acc1[j] += d;
             acc2[j] += d * d;
         }
@@ -515,22 +567,22 @@ struct ColumnSums {
 // p2 (arrays of W), carried into acc1, acc2 every kBlock rows. Columns past
 // the last whole vector go to add_scalar(r, j, acc1 + j, acc2 + j).
 template <typename T, typename Add, typename AddScalar>
-void stream_rows(int64_t r0, int64_t r1, int64_t W, double* acc1, double* acc2, Add add,
+void stream_rows(const Block& k, int64_t W, double* acc1, double* acc2, Add add,
                  AddScalar add_scalar) {
     std::vector<T> p1(W), p2(W);
-    const int64_t Wv = W / kLanes * kLanes;
-    for (int64_t rb = r0; rb < r1; rb += kBlock) {
-        const int64_t re = min64(r1, rb + kBlock);
+    const int64_t jv = k.j0 + (k.j1 - k.j0) / kLanes * kLanes;  // end of the whole vectors
+    for (int64_t rb = k.r0; rb < k.r1; rb += kBlock) {
+        const int64_t re = min64(k.r1, rb + kBlock);
         int64_t r = rb;
         for (; r + 4 <= re; r += 4)
-            for (int64_t j = 0; j < Wv; j += kLanes)
+            for (int64_t j = k.j0; j < jv; j += kLanes)
                 add(std::integral_constant<int, 4>{}, r, j, p1.data() + j, p2.data() + j);
         for (; r < re; ++r)
-            for (int64_t j = 0; j < Wv; j += kLanes)
+            for (int64_t j = k.j0; j < jv; j += kLanes)
                 add(std::integral_constant<int, 1>{}, r, j, p1.data() + j, p2.data() + j);
         for (r = rb; r < re; ++r)
-            for (int64_t j = Wv; j < W; ++j) add_scalar(r, j, acc1 + j, acc2 + j);
-        for (int64_t j = 0; j < Wv; ++j) {
+            for (int64_t j = jv; j < k.j1; ++j) add_scalar(r, j, acc1 + j, acc2 + j);
+        for (int64_t j = k.j0; j < jv; ++j) {
             acc1[j] += static_cast<double>(p1[j]);
             acc2[j] += static_cast<double>(p2[j]);
             p1[j] = p2[j] = T(0);
@@ -538,35 +590,37 @@ void stream_rows(int64_t r0, int64_t r1, int64_t W, double* acc1, double* acc2, 
     }
 }
 
-template <typename T>
-void periodic_sums(const ColumnSums<T>& s, int64_t r0, int64_t r1) {
-    typedef typename Vec<T, kLanes>::v V;
-    if (!wide_rows<T>(s.W)) return for_column_blocks<T>(r0, r1, s.W, s);
+template <typename S>
+void periodic_sums(const ColumnSums<S>& s, const Block& k) {
+    typedef Compute<S> T;
+    typedef VecOf<S> V;
+    if (!wide_rows<S>(s.W)) return for_column_blocks<S>(k, s.W, s);
     stream_rows<T>(
-        r0, r1, s.W, s.acc1, s.acc2,
+        k, s.W, s.acc1, s.acc2,
         [&](auto rows, int64_t r, int64_t j, T* p1, T* p2) {
-            const V k = load<kLanes>(s.K + j);
+            const V kv = Elem<T>::load(s.K + j);
             V a1 = V{}, a2 = V{};
             for (int i = 0; i < decltype(rows)::value; ++i) {
-                V d = load<kLanes>(s.x + (r + i) * s.W + j) - k;
+                V d = ld(s.x + (r + i) * s.W + j) - kv;
                 a1 += d;
                 a2 += d * d;
             }
-            store<kLanes>(p1, V(load<kLanes>(p1) + a1));
-            store<kLanes>(p2, V(load<kLanes>(p2) + a2));
+            Elem<T>::store(p1, V(Elem<T>::load(p1) + a1), false);
+            Elem<T>::store(p2, V(Elem<T>::load(p2) + a2), false);
         },
         [&](int64_t r, int64_t j, double* a1, double* a2) {
-            double d = static_cast<double>(s.x[r * s.W + j] - s.K[j]);
+            double d = static_cast<double>(up(s.x[r * s.W + j]) - s.K[j]);
             *a1 += d;
             *a2 += d * d;
         });
 }
 
 // acc1[j] += sum_r dy[r, j], acc2[j] += sum_r dy[r, j]*(x[r, j] - MH[j]).
-template <typename T>
+template <typename S>
 struct ColumnGradSums {
-    typedef typename Vec<T, kLanes>::v V;
-    const T *dy, *x;
+    typedef Compute<S> T;
+    typedef VecOf<S> V;
+    const S *dy, *x;
     int64_t W;
     const T* MH;
     double *acc1, *acc2;
@@ -574,16 +628,16 @@ struct ColumnGradSums {
     inline void run(int64_t rb, int64_t re, int64_t j) const {
         V mh[U], a1[U], a2[U];
         for (int u = 0; u < U; ++u) {
-            mh[u] = load<kLanes>(MH + j + u * kLanes);
+            mh[u] = Elem<T>::load(MH + j + u * kLanes);
             a1[u] = V{};
             a2[u] = V{};
         }
         for (int64_t r = rb; r < re; ++r)
             for (int u = 0; u < U; ++u) {
                 const int64_t e = r * W + j + u * kLanes;
-                V g = load<kLanes>(dy + e);
+                V g = ld(dy + e);
                 a1[u] += g;
-                a2[u] += g * (load<kLanes>(x + e) - mh[u]);
+                a2[u] += g * (ld(x + e) - mh[u]);
             }
         for (int u = 0; u < U; ++u) {
             double* p1 = acc1 + j + u * kLanes;
@@ -595,51 +649,55 @@ struct ColumnGradSums {
     inline void scalar(int64_t rb, int64_t re, int64_t j) const {
         for (int64_t r = rb; r < re; ++r) {
             const int64_t e = r * W + j;
-            acc1[j] += static_cast<double>(dy[e]);
-            acc2[j] += static_cast<double>(dy[e] * (x[e] - MH[j]));
+            const T g = up(dy[e]);
+            acc1[j] += static_cast<double>(g);
+            acc2[j] += static_cast<double>(g * (up(x[e]) - MH[j]));
         }
     }
 };
 
-template <typename T>
-void periodic_grad_sums(const ColumnGradSums<T>& s, int64_t r0, int64_t r1) {
-    typedef typename Vec<T, kLanes>::v V;
-    if (!wide_rows<T>(s.W)) return for_column_blocks<T>(r0, r1, s.W, s);
+template <typename S>
+void periodic_grad_sums(const ColumnGradSums<S>& s, const Block& k) {
+    typedef Compute<S> T;
+    typedef VecOf<S> V;
+    if (!wide_rows<S>(s.W)) return for_column_blocks<S>(k, s.W, s);
     stream_rows<T>(
-        r0, r1, s.W, s.acc1, s.acc2,
+        k, s.W, s.acc1, s.acc2,
         [&](auto rows, int64_t r, int64_t j, T* p1, T* p2) {
-            const V mh = load<kLanes>(s.MH + j);
+            const V mh = Elem<T>::load(s.MH + j);
             V a1 = V{}, a2 = V{};
             for (int i = 0; i < decltype(rows)::value; ++i) {
                 const int64_t e = (r + i) * s.W + j;
-                V g = load<kLanes>(s.dy + e);
+                V g = ld(s.dy + e);
                 a1 += g;
-                a2 += g * (load<kLanes>(s.x + e) - mh);
+                a2 += g * (ld(s.x + e) - mh);
             }
-            store<kLanes>(p1, V(load<kLanes>(p1) + a1));
-            store<kLanes>(p2, V(load<kLanes>(p2) + a2));
+            Elem<T>::store(p1, V(Elem<T>::load(p1) + a1), false);
+            Elem<T>::store(p2, V(Elem<T>::load(p2) + a2), false);
         },
         [&](int64_t r, int64_t j, double* a1, double* a2) {
             const int64_t e = r * s.W + j;
-            *a1 += static_cast<double>(s.dy[e]);
-            *a2 += static_cast<double>(s.dy[e] * (s.x[e] - s.MH[j]));
+            const T g = up(s.dy[e]);
+            *a1 += static_cast<double>(g);
+            *a2 += static_cast<double>(g * (up(s.x[e]) - s.MH[j]));
         });
 }
 
-// Affine coefficients per column, and y = (x - mh)*s + b over rows.
-template <typename T>
+// Affine coefficients per column (of [j0, j1)), and y = (x - mh)*s + b over rows.
+template <typename S>
 struct ColumnNormalize {
-    typedef typename Vec<T, kLanes>::v V;
+    typedef Compute<S> T;
+    typedef VecOf<S> V;
     std::vector<T> mh, s, b;
-    const T* x;
-    T* y;
+    const S* x;
+    S* y;
     int64_t W;
     bool stream;
-    ColumnNormalize(const std::vector<int64_t>& chan, const std::vector<Affine<T>>& per,
-                    const T* x_, T* y_, bool stream_)
-        : mh(columns<T>(chan, [&](int64_t c) { return per[c].mh; })),
-          s(columns<T>(chan, [&](int64_t c) { return per[c].s; })),
-          b(columns<T>(chan, [&](int64_t c) { return per[c].b; })),
+    ColumnNormalize(const std::vector<int64_t>& chan, int64_t j0, int64_t j1,
+                    const std::vector<Affine<T>>& per, const S* x_, S* y_, bool stream_)
+        : mh(columns<T>(chan, j0, j1, [&](int64_t c) { return per[c].mh; })),
+          s(columns<T>(chan, j0, j1, [&](int64_t c) { return per[c].s; })),
+          b(columns<T>(chan, j0, j1, [&](int64_t c) { return per[c].b; })),
           x(x_),
           y(y_),
           W(int64_t(chan.size())),
@@ -648,39 +706,41 @@ struct ColumnNormalize {
     inline void run(int64_t rb, int64_t re, int64_t j) const {
         V vmh[U], vs[U], vb[U];
         for (int u = 0; u < U; ++u) {
-            vmh[u] = load<kLanes>(mh.data() + j + u * kLanes);
-            vs[u] = load<kLanes>(s.data() + j + u * kLanes);
-            vb[u] = load<kLanes>(b.data() + j + u * kLanes);
+            vmh[u] = Elem<T>::load(mh.data() + j + u * kLanes);
+            vs[u] = Elem<T>::load(s.data() + j + u * kLanes);
+            vb[u] = Elem<T>::load(b.data() + j + u * kLanes);
         }
         for (int64_t r = rb; r < re; ++r)
             for (int u = 0; u < U; ++u) {
                 const int64_t e = r * W + j + u * kLanes;
-                store_out(y + e, V((load<kLanes>(x + e) - vmh[u]) * vs[u] + vb[u]), stream);
+                store_out(y + e, V((ld(x + e) - vmh[u]) * vs[u] + vb[u]), stream);
             }
     }
     inline void scalar(int64_t rb, int64_t re, int64_t j) const {
         for (int64_t r = rb; r < re; ++r) {
             const int64_t e = r * W + j;
-            y[e] = (x[e] - mh[j]) * s[j] + b[j];
+            y[e] = down<S>((up(x[e]) - mh[j]) * s[j] + b[j]);
         }
     }
 };
 
-// Gradient coefficients per column, and dx = a*dy - k*(x - mh) + c0 over rows.
-template <typename T>
+// Gradient coefficients per column (of [j0, j1)), and dx = a*dy - k*(x - mh) + c0 over rows.
+template <typename S>
 struct ColumnGrad {
-    typedef typename Vec<T, kLanes>::v V;
+    typedef Compute<S> T;
+    typedef VecOf<S> V;
     std::vector<T> mh, a, k, c0;
-    const T *dy, *x;
-    T* dx;
+    const S *dy, *x;
+    S* dx;
     int64_t W;
     bool stream;
-    ColumnGrad(const std::vector<int64_t>& chan, const std::vector<GradCoef<T>>& per,
-               const T* dy_, const T* x_, T* dx_, bool stream_)
-        : mh(columns<T>(chan, [&](int64_t c) { return per[c].mh; })),
-          a(columns<T>(chan, [&](int64_t c) { return per[c].a; })),
-          k(columns<T>(chan, [&](int64_t c) { return per[c].k; })),
-          c0(columns<T>(chan, [&](int64_t c) { return per[c].c0; })),
+    ColumnGrad(const std::vector<int64_t>& chan, int64_t j0, int64_t j1,
+               const std::vector<GradCoef<T>>& per, const S* dy_, const S* x_, S* dx_,
+               bool stream_)
+        : mh(columns<T>(chan, j0, j1, [&](int64_t c) { return per[c].mh; })),
+          a(columns<T>(chan, j0, j1, [&](int64_t c) { return per[c].a; })),
+          k(columns<T>(chan, j0, j1, [&](int64_t c) { return per[c].k; })),
+          c0(columns<T>(chan, j0, j1, [&](int64_t c) { return per[c].c0; })),
           dy(dy_),
           x(x_),
           dx(dx_),
@@ -690,42 +750,42 @@ struct ColumnGrad {
     inline void run(int64_t rb, int64_t re, int64_t j) const {
         V vmh[U], va[U], vk[U], vc[U];
         for (int u = 0; u < U; ++u) {
-            vmh[u] = load<kLanes>(mh.data() + j + u * kLanes);
-            va[u] = load<kLanes>(a.data() + j + u * kLanes);
-            vk[u] = load<kLanes>(k.data() + j + u * kLanes);
-            vc[u] = load<kLanes>(c0.data() + j + u * kLanes);
+            vmh[u] = Elem<T>::load(mh.data() + j + u * kLanes);
+            va[u] = Elem<T>::load(a.data() + j + u * kLanes);
+            vk[u] = Elem<T>::load(k.data() + j + u * kLanes);
+            vc[u] = Elem<T>::load(c0.data() + j + u * kLanes);
         }
         for (int64_t r = rb; r < re; ++r)
             for (int u = 0; u < U; ++u) {
                 const int64_t e = r * W + j + u * kLanes;
-                V t = load<kLanes>(x + e) - vmh[u];
-                store_out(dx + e, V(load<kLanes>(dy + e) * va[u] + (vc[u] - t * vk[u])), stream);
+                V t = ld(x + e) - vmh[u];
+                store_out(dx + e, V(ld(dy + e) * va[u] + (vc[u] - t * vk[u])), stream);
             }
     }
     inline void scalar(int64_t rb, int64_t re, int64_t j) const {
         for (int64_t r = rb; r < re; ++r) {
             const int64_t e = r * W + j;
-            dx[e] = dy[e] * a[j] + (c0[j] - (x[e] - mh[j]) * k[j]);
+            dx[e] = down<S>(up(dy[e]) * a[j] + (c0[j] - (up(x[e]) - mh[j]) * k[j]));
         }
     }
 };
 
 // ---- forward, batch statistics -------------------------------------------------------
 
-template <typename T>
-void forward_train(const T* x, T* y, const T* w, const T* b, const Stats& stats, const Running& run,
+template <typename S, typename T = Compute<S>>
+void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats, const Running& run,
                    double eps, const Geometry& g, int threads) {
     const int64_t C = g.C, inner = g.inner, numel = g.numel();
     const double n = static_cast<double>(g.n());
     const int team = team_size(numel, threads);
-    const bool stream = numel * int64_t(sizeof(T)) > kStreamBytes;
+    const bool stream = numel * int64_t(sizeof(S)) > kStreamBytes;
     std::vector<T> K(C);
     for (int64_t c = 0; c < C; ++c) K[c] = shift_of(x, g, c);
 
     if (g.planes()) {
         std::vector<double> partial;  // (threads, 2, C): element split only
         parallel(team, [&](const int t, const int T_) {
-            if (channel_split(g, T_)) {
+            if (split_of(g, sizeof(S), T_) == kByChannel) {
                 int64_t c0, c1;
                 split(C, t, T_, 1, &c0, &c1);
                 for (int64_t c = c0; c < c1; ++c) {
@@ -774,17 +834,38 @@ void forward_train(const T* x, T* y, const T* w, const T* b, const Stats& stats,
     // Periodic rows of width W, then the last numel % W elements one by one.
     const int64_t W = g.width(), rows = numel / W, tail = rows * W;
     const std::vector<int64_t> chan = column_channels(g, W);
-    const std::vector<T> KW = columns<T>(chan, [&](int64_t c) { return K[c]; });
+    const std::vector<T> KW = columns<T>(chan, 0, W, [&](int64_t c) { return K[c]; });
     std::vector<double> partial;
     std::vector<Affine<T>> per(C);
-    ColumnNormalize<T>* norm = nullptr;
+    ColumnNormalize<S>* norm = nullptr;
     parallel(team, [&](const int t, const int T_) {
+        if (split_of(g, sizeof(S), T_) == kByColumn) {
+            // A row is one period (rows = outer, no tail): this thread's
+            // channels own the columns [c0*inner, c1*inner) of every row.
+            int64_t c0, c1;
+            split(C, t, T_, inner == 1 ? kAlign : 1, &c0, &c1);
+            const Block k{0, rows, c0 * inner, c1 * inner};
+            std::vector<double> acc(size_t(2 * W), 0.0);
+            periodic_sums(ColumnSums<S>{x, W, KW.data(), acc.data(), acc.data() + W}, k);
+            for (int64_t c = c0; c < c1; ++c) {
+                double s1 = 0, s2 = 0;
+                for (int64_t j = c * inner; j < (c + 1) * inner; ++j) {
+                    s1 += acc[j];
+                    s2 += acc[W + j];
+                }
+                finish_stats(c, n, K[c], s1, s2, eps, run, stats);
+                per[c] = affine_of(stats.mean[c], stats.invstd[c], w, b, c);
+            }
+            for_column_blocks<S>(k, W, ColumnNormalize<S>(chan, k.j0, k.j1, per, x, y, stream));
+            return;
+        }
 #pragma omp single
         partial.assign(size_t(T_) * 2 * W, 0.0);
         double* acc = partial.data() + int64_t(t) * 2 * W;
         int64_t r0, r1;
         split(rows, t, T_, 1, &r0, &r1);
-        periodic_sums(ColumnSums<T>{x, W, KW.data(), acc, acc + W}, r0, r1);
+        const Block k{r0, r1, 0, W};
+        periodic_sums(ColumnSums<S>{x, W, KW.data(), acc, acc + W}, k);
 #pragma omp barrier
 #pragma omp single
         {
@@ -796,7 +877,7 @@ void forward_train(const T* x, T* y, const T* w, const T* b, const Stats& stats,
                 }
             for (int64_t e = tail; e < numel; ++e) {
                 const int64_t c = chan[e - tail];
-                const double d = static_cast<double>(x[e] - K[c]);
+                const double d = static_cast<double>(up(x[e]) - K[c]);
                 s1[c] += d;
                 s2[c] += d * d;
             }
@@ -804,14 +885,14 @@ void forward_train(const T* x, T* y, const T* w, const T* b, const Stats& stats,
                 finish_stats(c, n, K[c], s1[c], s2[c], eps, run, stats);
                 per[c] = affine_of(stats.mean[c], stats.invstd[c], w, b, c);
             }
-            norm = new ColumnNormalize<T>(chan, per, x, y, stream);
+            norm = new ColumnNormalize<S>(chan, 0, W, per, x, y, stream);
         }
-        for_column_blocks<T>(r0, r1, W, *norm);
+        for_column_blocks<S>(k, W, *norm);
     });
     delete norm;
     for (int64_t e = tail; e < numel; ++e) {
         const Affine<T>& a = per[chan[e - tail]];
-        y[e] = (x[e] - a.mh) * a.s + a.b;
+        y[e] = down<S>((up(x[e]) - a.mh) * a.s + a.b);
     }
 }
 
@@ -828,14 +909,16 @@ void running_stats(const R* rm, const R* rv, int64_t C, double eps, const Stats&
     }
 }
 
-template <typename T>
-void normalize(const T* x, T* y, const T* w, const T* b, const double* mean, const double* invstd,
+// One pass: y = (x - mean)*invstd*gamma + beta. Nothing to reduce, so every
+// geometry splits into equal ranges (of elements or rows).
+template <typename S, typename T = Compute<S>>
+void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, const double* invstd,
                const Geometry& g, int threads) {
     const int64_t C = g.C, numel = g.numel();
     std::vector<Affine<T>> per(C);
     for (int64_t c = 0; c < C; ++c) per[c] = affine_of(mean[c], invstd[c], w, b, c);
     const int team = team_size(numel, threads);
-    const bool stream = numel * int64_t(sizeof(T)) > kStreamBytes;
+    const bool stream = numel * int64_t(sizeof(S)) > kStreamBytes;
     if (g.planes()) {
         parallel(team, [&](const int t, const int T_) {
             int64_t e0, e1;
@@ -848,27 +931,27 @@ void normalize(const T* x, T* y, const T* w, const T* b, const double* mean, con
     }
     const int64_t W = g.width(), rows = numel / W, tail = rows * W;
     const std::vector<int64_t> chan = column_channels(g, W);
-    const ColumnNormalize<T> norm(chan, per, x, y, stream);
+    const ColumnNormalize<S> norm(chan, 0, W, per, x, y, stream);
     parallel(team, [&](const int t, const int T_) {
         int64_t r0, r1;
         split(rows, t, T_, 1, &r0, &r1);
-        for_column_blocks<T>(r0, r1, W, norm);
+        for_column_blocks<S>(Block{r0, r1, 0, W}, W, norm);
     });
     for (int64_t e = tail; e < numel; ++e) {
         const Affine<T>& a = per[chan[e - tail]];
-        y[e] = (x[e] - a.mh) * a.s + a.b;
+        y[e] = down<S>((up(x[e]) - a.mh) * a.s + a.b);
     }
 }
 
 // ---- backward ------------------------------------------------------------------------------
 
-template <typename T>
-void backward(const T* dy, const T* x, T* dx, const T* w, const double* mean, const double* invstd,
+template <typename S, typename T = Compute<S>>
+void backward(const S* dy, const S* x, S* dx, const T* w, const double* mean, const double* invstd,
               T* dw, T* db, bool batch_stats, const Geometry& g, int threads) {
     const int64_t C = g.C, inner = g.inner, numel = g.numel();
     const double n = static_cast<double>(g.n());
     const int team = team_size(numel, threads);
-    const bool stream = numel * int64_t(sizeof(T)) > kStreamBytes;
+    const bool stream = numel * int64_t(sizeof(S)) > kStreamBytes;
     // mh first (the sums need it); the rest once the sums are known. The sums
     // give sum dy*(x - mh); sum dy*(x - mean) is that minus ml*sum dy.
     std::vector<GradCoef<T>> coef(C);
@@ -884,7 +967,7 @@ void backward(const T* dy, const T* x, T* dx, const T* w, const double* mean, co
     if (g.planes()) {
         std::vector<double> partial;
         parallel(team, [&](const int t, const int T_) {
-            if (channel_split(g, T_)) {
+            if (split_of(g, sizeof(S), T_) == kByChannel) {
                 int64_t c0, c1;
                 split(C, t, T_, 1, &c0, &c1);
                 for (int64_t c = c0; c < c1; ++c) {
@@ -932,16 +1015,35 @@ void backward(const T* dy, const T* x, T* dx, const T* w, const double* mean, co
 
     const int64_t W = g.width(), rows = numel / W, tail = rows * W;
     const std::vector<int64_t> chan = column_channels(g, W);
-    const std::vector<T> MH = columns<T>(chan, [&](int64_t c) { return coef[c].mh; });
+    const std::vector<T> MH = columns<T>(chan, 0, W, [&](int64_t c) { return coef[c].mh; });
     std::vector<double> partial;
-    ColumnGrad<T>* grad = nullptr;
+    ColumnGrad<S>* grad = nullptr;
     parallel(team, [&](const int t, const int T_) {
+        if (split_of(g, sizeof(S), T_) == kByColumn) {  // as in forward_train
+            int64_t c0, c1;
+            split(C, t, T_, inner == 1 ? kAlign : 1, &c0, &c1);
+            const Block k{0, rows, c0 * inner, c1 * inner};
+            std::vector<double> acc(size_t(2 * W), 0.0);
+            periodic_grad_sums(ColumnGradSums<S>{dy, x, W, MH.data(), acc.data(), acc.data() + W},
+                               k);
+            for (int64_t c = c0; c < c1; ++c) {
+                double sdy = 0, sdyx = 0;
+                for (int64_t j = c * inner; j < (c + 1) * inner; ++j) {
+                    sdy += acc[j];
+                    sdyx += acc[W + j];
+                }
+                finish(c, sdy, sdyx);
+            }
+            for_column_blocks<S>(k, W, ColumnGrad<S>(chan, k.j0, k.j1, coef, dy, x, dx, stream));
+            return;
+        }
 #pragma omp single
         partial.assign(size_t(T_) * 2 * W, 0.0);
         double* acc = partial.data() + int64_t(t) * 2 * W;
         int64_t r0, r1;
         split(rows, t, T_, 1, &r0, &r1);
-        periodic_grad_sums(ColumnGradSums<T>{dy, x, W, MH.data(), acc, acc + W}, r0, r1);
+        const Block k{r0, r1, 0, W};
+        periodic_grad_sums(ColumnGradSums<S>{dy, x, W, MH.data(), acc, acc + W}, k);
 #pragma omp barrier
 #pragma omp single
         {
@@ -953,28 +1055,50 @@ void backward(const T* dy, const T* x, T* dx, const T* w, const double* mean, co
                 }
             for (int64_t e = tail; e < numel; ++e) {
                 const int64_t c = chan[e - tail];
-                sdy[c] += static_cast<double>(dy[e]);
-                sdyx[c] += static_cast<double>(dy[e] * (x[e] - coef[c].mh));
+                const T g_ = up(dy[e]);
+                sdy[c] += static_cast<double>(g_);
+                sdyx[c] += static_cast<double>(g_ * (up(x[e]) - coef[c].mh));
             }
             for (int64_t c = 0; c < C; ++c) finish(c, sdy[c], sdyx[c]);
-            grad = new ColumnGrad<T>(chan, coef, dy, x, dx, stream);
+            grad = new ColumnGrad<S>(chan, 0, W, coef, dy, x, dx, stream);
         }
-        for_column_blocks<T>(r0, r1, W, *grad);
+        for_column_blocks<S>(k, W, *grad);
     });
     delete grad;
     for (int64_t e = tail; e < numel; ++e) {
         const GradCoef<T>& q = coef[chan[e - tail]];
-        dx[e] = dy[e] * q.a + (q.c0 - (x[e] - q.mh) * q.k);
+        dx[e] = down<S>(up(dy[e]) * q.a + (q.c0 - (up(x[e]) - q.mh) * q.k));
     }
 }
 
 // ---- Python functions ----------------------------------------------------------------------
 //
 // Arguments are ints (data pointers, sizes, flags; None for an absent tensor)
-// and floats. Pointers refer to contiguous memory of the dtype the flags say:
-// x, y, dy, dx, weight, bias, dweight, dbias in T (float64 if is_double, else
-// float32); running buffers in float64 if running_is_double, else float32;
-// mean, var and invstd (in or out) in float64.
+// and floats. Pointers refer to contiguous memory of the types the dtype code
+// says (kDtypes): x, y, dy, dx in S; weight, bias, dweight, dbias in S's
+// compute type (float32 for the 16-bit types); running buffers in float64 if
+// running_is_double, else float32; mean, var and invstd (in or out) in float64.
+
+// Dtype codes, in the order of bnlab.kernels._cpu_native.DTYPE_CODES.
+enum DtypeCode { kFloat32, kFloat64, kBFloat16, kFloat16, kDtypes };
+constexpr int64_t kElementBytes[kDtypes] = {4, 8, 2, 2};
+
+bool valid_dtype(int64_t code) {
+    if (code >= 0 && code < kDtypes) return true;
+    PyErr_Format(PyExc_ValueError, "unknown dtype code %lld", static_cast<long long>(code));
+    return false;
+}
+
+// f(S{}) for the storage type S of a valid dtype code.
+template <typename F>
+void with_storage(int64_t code, F f) {
+    switch (code) {
+        case kFloat32: return f(float{});
+        case kFloat64: return f(double{});
+        case kBFloat16: return f(bf16{});
+        default: return f(f16{});
+    }
+}
 
 inline Stats stats_of(PyObject* const* a) {
     return Stats{static_cast<double*>(ptr(a[0])), static_cast<double*>(ptr(a[1])),
@@ -988,47 +1112,35 @@ inline Stats scratch_stats(std::vector<double>& scratch, int64_t C) {
 }
 
 // forward_train(x, y, weight, bias, mean, var, invstd, running_mean, running_var,
-//               running_is_double, momentum, eps, is_double, outer, C, inner, threads)
+//               running_is_double, momentum, eps, dtype, outer, C, inner, threads)
 // mean, var (biased), invstd: (C,) outputs, or all three None, or var alone
-// None. The running
-// buffers, when given, move by r <- (1 - momentum)*r + momentum*s (unbiased variance).
+// None. The running buffers, when given, move by
+// r <- (1 - momentum)*r + momentum*s (unbiased variance).
 PyObject* py_forward_train(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     if (!check_nargs(nargs, 17, "forward_train")) return nullptr;
     void *x = ptr(a[0]), *y = ptr(a[1]), *w = ptr(a[2]), *b = ptr(a[3]);
     Stats stats = stats_of(a + 4);
     const Running run{ptr(a[7]), ptr(a[8]), int(i64(a[9])), f64(a[10])};
     const double eps = f64(a[11]);
-    const bool is_double = i64(a[12]) != 0;
+    const int64_t dtype = i64(a[12]);
     const Geometry g{i64(a[13]), i64(a[14]), i64(a[15])};
     const int threads = int(i64(a[16]));
-    if (PyErr_Occurred()) return nullptr;
+    if (PyErr_Occurred() || !valid_dtype(dtype)) return nullptr;
     std::vector<double> scratch;
     if (!stats.mean || !stats.invstd) stats = scratch_stats(scratch, g.C);
     MaybeReleaseGil gil(g.numel());
-    if (is_double) {
-        advise_huge_pages(y, g.numel() * 8);
-        forward_train(static_cast<const double*>(x), static_cast<double*>(y),
-                      static_cast<const double*>(w), static_cast<const double*>(b), stats, run,
-                      eps, g, threads);
-    } else {
-        advise_huge_pages(y, g.numel() * 4);
-        forward_train(static_cast<const float*>(x), static_cast<float*>(y),
-                      static_cast<const float*>(w), static_cast<const float*>(b), stats, run, eps,
-                      g, threads);
-    }
+    with_storage(dtype, [&](auto tag) {
+        typedef decltype(tag) S;
+        typedef Compute<S> T;
+        advise_huge_pages(y, g.numel() * int64_t(sizeof(S)));
+        forward_train(static_cast<const S*>(x), static_cast<S*>(y), static_cast<const T*>(w),
+                      static_cast<const T*>(b), stats, run, eps, g, threads);
+    });
     Py_RETURN_NONE;
 }
 
-template <typename T>
-void normalize_call(void* x, void* y, void* w, void* b, const Stats& stats, const Geometry& g,
-                    int threads) {
-    advise_huge_pages(y, g.numel() * int64_t(sizeof(T)));
-    normalize(static_cast<const T*>(x), static_cast<T*>(y), static_cast<const T*>(w),
-              static_cast<const T*>(b), stats.mean, stats.invstd, g, threads);
-}
-
 // forward_eval(x, y, weight, bias, mean, var, invstd, running_mean, running_var,
-//              running_is_double, eps, is_double, outer, C, inner, threads)
+//              running_is_double, eps, dtype, outer, C, inner, threads)
 // Normalizes with the running statistics; mean, var, invstd: (C,) outputs, or
 // all three None, or var alone None.
 PyObject* py_forward_eval(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
@@ -1038,10 +1150,10 @@ PyObject* py_forward_eval(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     void *rm = ptr(a[7]), *rv = ptr(a[8]);
     const bool running_is_double = i64(a[9]) != 0;
     const double eps = f64(a[10]);
-    const bool is_double = i64(a[11]) != 0;
+    const int64_t dtype = i64(a[11]);
     const Geometry g{i64(a[12]), i64(a[13]), i64(a[14])};
     const int threads = int(i64(a[15]));
-    if (PyErr_Occurred()) return nullptr;
+    if (PyErr_Occurred() || !valid_dtype(dtype)) return nullptr;
     std::vector<double> scratch;
     if (!stats.mean || !stats.invstd) stats = scratch_stats(scratch, g.C);
     MaybeReleaseGil gil(g.numel());
@@ -1051,14 +1163,17 @@ PyObject* py_forward_eval(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     else
         running_stats(static_cast<const float*>(rm), static_cast<const float*>(rv), g.C, eps,
                       stats);
-    if (is_double)
-        normalize_call<double>(x, y, w, b, stats, g, threads);
-    else
-        normalize_call<float>(x, y, w, b, stats, g, threads);
+    with_storage(dtype, [&](auto tag) {
+        typedef decltype(tag) S;
+        typedef Compute<S> T;
+        advise_huge_pages(y, g.numel() * int64_t(sizeof(S)));
+        normalize(static_cast<const S*>(x), static_cast<S*>(y), static_cast<const T*>(w),
+                  static_cast<const T*>(b), stats.mean, stats.invstd, g, threads);
+    });
     Py_RETURN_NONE;
 }
 
-// backward(dy, x, dx, weight, mean, invstd, dweight, dbias, batch_stats, is_double, outer, C,
+// backward(dy, x, dx, weight, mean, invstd, dweight, dbias, batch_stats, dtype, outer, C,
 //          inner, threads)
 PyObject* py_backward(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     if (!check_nargs(nargs, 14, "backward")) return nullptr;
@@ -1067,30 +1182,45 @@ PyObject* py_backward(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     const double* invstd = static_cast<const double*>(ptr(a[5]));
     void *dw = ptr(a[6]), *db = ptr(a[7]);
     const bool batch_stats = i64(a[8]) != 0;
-    const bool is_double = i64(a[9]) != 0;
+    const int64_t dtype = i64(a[9]);
     const Geometry g{i64(a[10]), i64(a[11]), i64(a[12])};
     const int threads = int(i64(a[13]));
-    if (PyErr_Occurred()) return nullptr;
+    if (PyErr_Occurred() || !valid_dtype(dtype)) return nullptr;
     MaybeReleaseGil gil(g.numel());
-    if (is_double) {
-        advise_huge_pages(dx, g.numel() * 8);
-        backward(static_cast<const double*>(dy), static_cast<const double*>(x),
-                 static_cast<double*>(dx), static_cast<const double*>(w), mean, invstd,
-                 static_cast<double*>(dw), static_cast<double*>(db), batch_stats, g, threads);
-    } else {
-        advise_huge_pages(dx, g.numel() * 4);
-        backward(static_cast<const float*>(dy), static_cast<const float*>(x),
-                 static_cast<float*>(dx), static_cast<const float*>(w), mean, invstd,
-                 static_cast<float*>(dw), static_cast<float*>(db), batch_stats, g, threads);
-    }
+    with_storage(dtype, [&](auto tag) {
+        typedef decltype(tag) S;
+        typedef Compute<S> T;
+        advise_huge_pages(dx, g.numel() * int64_t(sizeof(S)));
+        backward(static_cast<const S*>(dy), static_cast<const S*>(x), static_cast<S*>(dx),
+                 static_cast<const T*>(w), mean, invstd, static_cast<T*>(dw), static_cast<T*>(db),
+                 batch_stats, g, threads);
+    });
     Py_RETURN_NONE;
 }
+
+// plan(outer, C, inner, dtype, threads) -> (split, team): how the training
+// passes share out a call of this geometry (the tests and benchmarks ask).
+PyObject* py_plan(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
+    if (!check_nargs(nargs, 5, "plan")) return nullptr;
+    const Geometry g{i64(a[0]), i64(a[1]), i64(a[2])};
+    const int64_t dtype = i64(a[3]);
+    const int threads = int(i64(a[4]));
+    if (PyErr_Occurred() || !valid_dtype(dtype)) return nullptr;
+    if (g.outer < 1 || g.C < 1 || g.inner < 1 || threads < 1) {
+        PyErr_SetString(PyExc_ValueError, "plan: sizes and threads must be positive");
+        return nullptr;
+    }
+    const int team = team_size(g.numel(), threads);
+    return Py_BuildValue("(si)", kSplitNames[split_of(g, kElementBytes[dtype], team)], team);
+}
+
 PyMethodDef methods[] = {
     {"forward_train", fastcall<py_forward_train>(), METH_FASTCALL,
      "Batch statistics, running-stat update and normalize, fused."},
     {"forward_eval", fastcall<py_forward_eval>(), METH_FASTCALL,
      "Normalize with running statistics."},
     {"backward", fastcall<py_backward>(), METH_FASTCALL, "Gradients of x, weight and bias."},
+    {"plan", fastcall<py_plan>(), METH_FASTCALL, "How a call's work is split over threads."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_bnlab_bn_cpu", "bnlab's batch norm CPU kernels",
