@@ -47,11 +47,19 @@ def update_running_stats(
     momentum: float | Tensor,
     n: int,
 ) -> None:
-    """r ← (1 − m)·r + m·s in place, with the unbiased variance var·n/(n − 1)."""
+    """r ← (1 − m)·r + m·s in place, with the unbiased variance var·n/(n − 1).
+
+    16-bit buffers are updated in float32 and rounded once: updated in their
+    own dtype, each of the product, the cast and the sum would round.
+    """
     with torch.no_grad():
         unbiased_var = var * (n / (n - 1))
-        running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
-        running_var.mul_(1 - momentum).add_(momentum * unbiased_var.to(running_var.dtype))
+        for buffer, stat in ((running_mean, mean), (running_var, unbiased_var)):
+            if buffer.dtype.itemsize >= 4:
+                buffer.mul_(1 - momentum).add_(momentum * stat.to(buffer.dtype))
+            else:
+                wide = buffer.float().mul_(1 - momentum)
+                buffer.copy_(wide.add_(momentum * stat.float()))
 
 
 def normalize(
