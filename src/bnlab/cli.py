@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from bnlab.experiments.config import Config
+from bnlab.experiments.config import AMP_DTYPES, Config
 from bnlab.models import NORMS
 
 NORM_CHOICES = tuple(NORMS)
@@ -71,6 +71,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "channels_last": {"action": argparse.BooleanOptionalAction},
     "eval_batch_size": {"type": int_at_least(1), "metavar": "B"},
     "cuda_graph": {"action": argparse.BooleanOptionalAction},
+    "amp": {"choices": tuple(AMP_DTYPES)},
 }
 
 
@@ -130,7 +131,11 @@ def add_norms_option(parser: argparse.ArgumentParser, norms: Sequence[str]) -> N
 def add_seeds_option(parser: argparse.ArgumentParser, seeds: int, where: str) -> None:
     """--seeds K: seeds 0..K-1 ``where`` (for every norm, in every cell)."""
     parser.add_argument(
-        "--seeds", type=int_at_least(1), default=seeds, metavar="K", help=f"run seeds 0..K-1 {where}"
+        "--seeds",
+        type=int_at_least(1),
+        default=seeds,
+        metavar="K",
+        help=f"run seeds 0..K-1 {where}",
     )
 
 
@@ -200,6 +205,12 @@ def check_config(cfg: Config, parser: argparse.ArgumentParser) -> None:
         )
     if cfg.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available (this torch or machine has no GPU)")
+    on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.amp != "off" and on_cuda:
+        parser.error(
+            f"--amp {cfg.amp}: autocast is for the CPU, and these runs would train on CUDA "
+            f"(--device {cfg.device}); add --device cpu, or leave out --amp"
+        )
     if cfg.resume and cfg.out is None:
         parser.error("--resume needs --out DIR, the folder of the runs to continue")
 

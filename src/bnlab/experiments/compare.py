@@ -34,7 +34,14 @@ from bnlab.experiments.outdir import (
     data_place,
     default_out,
 )
-from bnlab.experiments.report import CURVES, PartialReports, count, summary_table, write_outputs
+from bnlab.experiments.report import (
+    CURVES,
+    PartialReports,
+    count,
+    precision_text,
+    summary_table,
+    write_outputs,
+)
 from bnlab.experiments.results import checkpoint_path, load_checkpoint, summarize, write_results
 from bnlab.experiments.runner import EpochDone, Plan, Task, plan, run_here, runs_at_once
 from bnlab.experiments.train import EpochResult, resolve_device
@@ -185,6 +192,7 @@ def _header(
         f"({environment.device_name(device)}), "
         + (f"{at_once} at once, " if at_once > 1 else "")
         + f"{count(how.threads, 'thread')} each, {n_train} training images"
+        + ("" if cfg.amp == "off" else f"; {precision_text(cfg.amp)}")
     ]
     if cfg.limit_train is not None and cfg.limit_train > n_images:
         lines.append(

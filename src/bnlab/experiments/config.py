@@ -15,6 +15,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 
 def _setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
@@ -50,6 +52,11 @@ class Config:
     channels_last: bool | None = _setting(None, "NHWC images and weights (unset: as measured)")
     eval_batch_size: int = _setting(1000, "batch size for the test set (no gradients)")
     cuda_graph: bool = _setting(True, "on CUDA, replay the training step as a CUDA graph")
+    amp: str = _setting(
+        "off",
+        "run the model's forward (training and evaluation) under CPU autocast: bf16 "
+        "(bfloat16) or fp16 (float16); parameters, loss and Adam stay float32",
+    )
     # output
     out: str | None = _setting(None, "output folder (unset: runs/<command>-<timestamp>)")
     resume: bool = _setting(False, "continue the runs found in --out")
@@ -67,6 +74,13 @@ class Config:
             **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
         )
 
+
+# --amp's choices: the dtype CPU autocast runs the forward in (None: float32 throughout).
+AMP_DTYPES: dict[str, torch.dtype | None] = {
+    "off": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 # Settings a resume may change: where and how this command runs, not what it computes.
 FREE_ON_RESUME = ("out", "resume", "download", "jobs")

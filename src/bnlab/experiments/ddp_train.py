@@ -21,6 +21,7 @@ loop freezes mid-run are refused: freezing changes the parameters DDP holds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +37,7 @@ from bnlab.experiments.outdir import ExperimentError
 from bnlab.experiments.train import (
     EpochResult,
     MakeBar,
+    amp_context,
     build_model,
     build_optimizer,
     evaluate,
@@ -102,6 +104,8 @@ def ddp_epochs(
     batch's mean loss at every step) to a one-process checkpoint.
     """
     check_norm(norm)
+    amp_context(cfg, device)  # refuses a setting it cannot run before anything is built
+    precision = functools.partial(amp_context, cfg, device)
     rank, world = dist.get_rank(), dist.get_world_size()
     model_fmt, data_fmt = memory_formats(cfg, norm, device)
     n_train = len(data.train_images) if cfg.limit_train is None else cfg.limit_train
@@ -137,7 +141,9 @@ def ddp_epochs(
         try:
             for x, y in train_loader:
                 part = shard(len(y), world, rank)
-                loss_sum = F.cross_entropy(ddp(x[part]), y[part], reduction="sum")
+                with precision():
+                    logits = ddp(x[part])
+                loss_sum = F.cross_entropy(logits.float(), y[part], reduction="sum")
                 optimizer.zero_grad(set_to_none=True)
                 (loss_sum * (world / len(y))).backward()
                 optimizer.step()
@@ -152,7 +158,7 @@ def ddp_epochs(
         steps = (totals.cpu().double() / torch.tensor(sizes, dtype=torch.float64)).tolist()
         train_loss = totals.sum().item() / sum(sizes)
         t1 = time.perf_counter()
-        test_acc = evaluate(model, test_loader) if rank == 0 else float("nan")
+        test_acc = evaluate(model, test_loader, precision) if rank == 0 else float("nan")
         t2 = time.perf_counter()
         result = EpochResult(epoch + 1, train_loss, test_acc, t1 - t0, t2 - t1, t2 - t0)
         history.append(dataclasses.asdict(result))

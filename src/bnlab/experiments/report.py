@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bnlab.experiments.config import AMP_DTYPES
 from bnlab.experiments.plots import plot_curves
 from bnlab.experiments.results import write_text
 
@@ -17,6 +18,15 @@ CURVES = "curves.png"
 def count(n: int, noun: str) -> str:
     """'1 run', '2 runs'."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def precision_text(amp: str) -> str:
+    """How the runs computed, in words, for the `amp` setting."""
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return "float32 throughout"
+    name = str(dtype).removeprefix("torch.")
+    return f"the forward under CPU autocast to {name} (--amp {amp}; loss and Adam in float32)"
 
 
 def accuracy_cell(mean: float, std: float | None) -> str:
@@ -91,8 +101,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
 Command: `{env.get("command") or "(not recorded)"}`
 
 Adam (lr {cfg["lr"]}), cross-entropy, batch {cfg["batch_size"]}, {count(cfg["epochs"], "epoch")},
-{"all" if cfg["limit_train"] is None else f"the first {cfg['limit_train']}"} training images;
-test accuracy on the whole test set. One run per norm and seed (seeds {cfg["seeds"]}).
+{"all" if cfg["limit_train"] is None else f"the first {cfg['limit_train']}"} training images,
+{precision_text(cfg.get("amp", "off"))}; test accuracy on the whole test set. One run per norm and seed (seeds {cfg["seeds"]}).
 
 ## Final test accuracy
 

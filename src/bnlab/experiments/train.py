@@ -13,6 +13,12 @@ Speed, with the method unchanged (Adam, cross-entropy, batch 64, same data order
   the narrow convolution parts on bnlab's direct kernels;
 - on CUDA the training step is captured once and replayed as a CUDA graph.
 
+Precision (`cfg.amp`): "off" runs everything in float32; "bf16" and "fp16" run
+the model's forward, in training and in evaluation, under CPU autocast
+(`amp_context`), so the convolutions, the linear layers and the norm layers
+after them compute in that dtype while the parameters, the loss and Adam stay
+float32.
+
 Determinism: the seed fixes the initial weights (torch is seeded right before the
 model is built, and norm layers draw no random numbers, so "bn", "torch-bn" and
 "none" start from the same conv/linear weights) and the data order (a function
@@ -29,7 +35,9 @@ rebuilds the same way before loading it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -42,7 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bnlab.data import CIFAR10, DeviceLoader
-from bnlab.experiments.config import Config
+from bnlab.experiments.config import AMP_DTYPES, Config
 from bnlab.models import LeNet5
 from bnlab.models.fused import fuse_relu_maxpool
 from bnlab.models.lenet import FREEZE_AFTER_EPOCHS
@@ -50,6 +58,8 @@ from bnlab.models.native_conv import use_native_conv
 from bnlab.nn import freeze
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Makes the context the model's forward runs in (a fresh one per use, as autocast's is).
+Precision = Callable[[], contextlib.AbstractContextManager[object]]
 
 
 class Bar(Protocol):
@@ -85,6 +95,27 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def amp_context(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """The context the model's forward runs in: CPU autocast at `cfg.amp`'s dtype, or nothing.
+
+    Only the forward goes in it: autocast leaves the parameters float32 and
+    casts copies per operation, and the loss is taken in float32 outside it.
+    Autocast is for the CPU only here (the experiment's CUDA step is a captured
+    graph), so another device is refused rather than silently run in float32.
+    """
+    if cfg.amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {cfg.amp!r}")
+    dtype = AMP_DTYPES[cfg.amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    if device.type != "cpu":
+        raise ValueError(
+            f"amp {cfg.amp!r} runs the forward under CPU autocast, but this run trains on "
+            f"{device}: train on the CPU, or leave amp off"
+        )
+    return torch.autocast("cpu", dtype=dtype)
 
 
 def memory_formats(
@@ -186,11 +217,20 @@ def restore_model(
     return model
 
 
-def eager_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Step:
-    """The plain training step; returns the batch's mean loss, detached (no sync)."""
+def eager_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    precision: Precision = contextlib.nullcontext,
+) -> Step:
+    """The plain training step; returns the batch's mean loss, detached (no sync).
+
+    The forward runs in `precision()` (see `amp_context`); the loss is float32 whatever it gives.
+    """
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(model(x), y)
+        with precision():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -277,14 +317,17 @@ def train_epoch(
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DeviceLoader) -> float:
-    """Accuracy on `loader`, in percent."""
+def evaluate(
+    model: nn.Module, loader: DeviceLoader, precision: Precision = contextlib.nullcontext
+) -> float:
+    """Accuracy on `loader`, in percent; the forward runs in `precision()`, as in training."""
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=loader.device)
     seen = 0
-    for x, y in loader:
-        correct += (model(x).argmax(1) == y).sum()
-        seen += len(y)
+    with precision():
+        for x, y in loader:
+            correct += (model(x).argmax(1) == y).sum()
+            seen += len(y)
     return 100.0 * correct.item() / seen
 
 
@@ -324,6 +367,8 @@ def train_run(
     the generator. `make_bar` makes each epoch's progress bar.
     """
     device = resolve_device(cfg.device)
+    amp_context(cfg, device)  # refuses a setting it cannot run before anything is built
+    precision = functools.partial(amp_context, cfg, device)
     model_fmt, data_fmt = memory_formats(cfg, norm, device)
     n_train = len(data.train_images) if cfg.limit_train is None else cfg.limit_train
     train = data.train_images[:n_train], data.train_labels[:n_train]
@@ -345,19 +390,23 @@ def train_run(
         if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
         history = list(checkpoint["history"])[: checkpoint["epochs_done"]]
-    step = CUDAGraphStep(model, optimizer) if use_graph else eager_step(model, optimizer)
+    step = CUDAGraphStep(model, optimizer) if use_graph else eager_step(model, optimizer, precision)
 
     for epoch in range(len(history), cfg.epochs):  # 0-based here, 1-based in the results
         t0 = time.perf_counter()
         if epoch == freeze_at:
             optimizer = freeze_norms(model, optimizer, cfg.lr, capturable=use_graph)
-            step = CUDAGraphStep(model, optimizer) if use_graph else eager_step(model, optimizer)
+            step = (
+                CUDAGraphStep(model, optimizer)
+                if use_graph
+                else eager_step(model, optimizer, precision)
+            )
         train_loader.set_epoch(epoch)
         desc = f"{norm} seed {seed} epoch {epoch + 1}/{cfg.epochs}"
         train_loss = train_epoch(step, model, train_loader, desc, make_bar)
         _sync(device)
         t1 = time.perf_counter()
-        test_acc = evaluate(model, test_loader)
+        test_acc = evaluate(model, test_loader, precision)
         t2 = time.perf_counter()
         result = EpochResult(epoch + 1, train_loss, test_acc, t1 - t0, t2 - t1, t2 - t0)
         history.append(dataclasses.asdict(result))

@@ -7,8 +7,14 @@ of the window's maximum, at the same (first) position. The native kernels
 torch makes two forward (ReLU, the pool) and three backward (the pool
 gradient's zero fill and scatter, ReLU's mask). The forward keeps no indices:
 the backward finds each window's winner again from the saved input and output.
-Other inputs (CUDA, half precision, other strides, graph capture, no
+Other inputs (CUDA, float16 and bfloat16, other strides, graph capture, no
 compiler) take the torch ops.
+
+Under CPU autocast this needs no check of its own, unlike the convolution:
+autocast leaves ReLU and pooling in their input's dtype, so a float32 input
+gives float32 on either path, and the bfloat16 or float16 that autocast's
+layers hand on is a dtype the kernels do not take, which sends it to the
+torch ops by the dtype check alone.
 """
 
 from __future__ import annotations

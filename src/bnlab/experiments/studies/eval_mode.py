@@ -45,7 +45,7 @@ from bnlab.experiments.studies.output import (
 )
 from bnlab.experiments.studies.plots import sweep_figure
 from bnlab.experiments.studies.session import study_run
-from bnlab.experiments.train import memory_formats, resolve_device, restore_model
+from bnlab.experiments.train import amp_context, memory_formats, resolve_device, restore_model
 from bnlab.toolkit import precise_bn
 
 KIND = "study eval-mode"
@@ -92,8 +92,23 @@ def evaluate_modes(
     eval_batch_sizes: tuple[int, ...],
     precise_batches: int | None,
 ) -> list[dict[str, Any]]:
-    """The checkpoint's model in every mode at every test batch size: a row each."""
+    """The checkpoint's model in every mode at every test batch size: a row each.
+
+    The forwards run in the precision the model trained in (`cfg.amp`).
+    """
     device = resolve_device(cfg.device)
+    with amp_context(cfg, device):
+        return _mode_rows(checkpoint, cfg, data, device, eval_batch_sizes, precise_batches)
+
+
+def _mode_rows(
+    checkpoint: dict[str, Any],
+    cfg: Config,
+    data: CIFAR10,
+    device: torch.device,
+    eval_batch_sizes: tuple[int, ...],
+    precise_batches: int | None,
+) -> list[dict[str, Any]]:
     model_fmt, data_fmt = memory_formats(cfg, checkpoint["norm"], device)
     n = len(data.train_images) if cfg.limit_train is None else cfg.limit_train
     train = DeviceLoader(
@@ -215,7 +230,9 @@ def _figure(results: dict[str, Any]) -> Figure:
 
 def _report(results: dict[str, Any]) -> str:
     cfg = results["config"]
-    training = ", ".join(accuracy_cell(s["final_acc_mean"], s["final_acc_std"]) for s in results["training"])
+    training = ", ".join(
+        accuracy_cell(s["final_acc_mean"], s["final_acc_std"]) for s in results["training"]
+    )
     intro = (
         f"LeNet-5 with `{cfg['norms'][0]}` trained on {images_text(cfg)} training images for "
         f"{count(cfg['epochs'], 'epoch')} (Adam, lr {cfg['lr']}, batch {cfg['batch_size']}; seeds "
