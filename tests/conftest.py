@@ -9,6 +9,7 @@ import torch
 from hypothesis import settings
 
 import bnlab.nn
+from bnlab import small_calls
 
 settings.register_profile("bnlab", deadline=None, max_examples=40)
 settings.load_profile("bnlab")
@@ -44,3 +45,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def bnlab_kernels_only(monkeypatch):
+    """Every call on bnlab's own path: small graph-recording calls would otherwise run on
+    torch's kernel (bnlab.small_calls), and a test of bnlab's numerics would test torch's."""
+    monkeypatch.setattr(small_calls, "ENABLED", False)

@@ -17,9 +17,12 @@ import bnlab.nn
 from bnlab import kernels
 from bnlab.kernels import _build, _cpu_native, cpu, reference
 
-pytestmark = pytest.mark.skipif(
-    _build.native() is None, reason="native CPU kernels unavailable (no C++ compiler?)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        _build.native() is None, reason="native CPU kernels unavailable (no C++ compiler?)"
+    ),
+    pytest.mark.usefixtures("bnlab_kernels_only"),
+]
 
 F32, F64 = torch.float32, torch.float64
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}

@@ -22,7 +22,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from . import _compat, kernels
+from . import _compat, kernels, small_calls
 from .kernels import reference
 
 
@@ -188,22 +188,18 @@ def _without_lone_tangents(x, weight, bias, running_mean, running_var):
     return tuple(None if t is None else fwAD.unpack_dual(t).primal for t in (running_mean, running_var))
 
 
-def _records(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
-    """Whether the call needs the autograd function: a graph to record, forward-mode
-    tangents, a functorch transform, or a tracer that must see one op."""
-    return (
-        (
-            torch.is_grad_enabled()
-            and (
-                x.requires_grad
-                or (weight is not None and weight.requires_grad)
-                or (bias is not None and bias.requires_grad)
-            )
-        )
-        or _compat.forward_ad_active()
-        or _compat.transforms_active()
-        or torch.jit.is_tracing()
+def _graph(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether autograd records this call: grad mode on and an input that requires grad."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
     )
+
+
+def _transformed() -> bool:
+    """Whether a functorch transform or a tracer is active (forward AD is checked apart)."""
+    return _compat.transforms_active() or torch.jit.is_tracing()
 
 
 def batch_norm(
@@ -219,19 +215,34 @@ def batch_norm(
     """y from :class:`BatchNormFunction`; its arguments checked by the caller.
 
     Without anything to record, the backend op is called directly: the same
-    op and results without the autograd function's per-call cost.
+    op and results without the autograd function's per-call cost. A small
+    call that records a graph, or normalizes with running statistics, runs on
+    torch's kernel (:mod:`bnlab.small_calls`).
     """
     if torch.compiler.is_compiling():
         return _BatchNormGraph.apply(
             x, weight, bias, running_mean, running_var, training, momentum, eps
         )[0]
-    if _compat.forward_ad_active():
+    forward_ad = _compat.forward_ad_active()
+    if forward_ad:
         running_mean, running_var = _without_lone_tangents(x, weight, bias, running_mean, running_var)
-    if _records(x, weight, bias):
+    graph = _graph(x, weight, bias)
+    if graph or forward_ad or _transformed():
+        # The function records the graph, tangents and batching rules. A small
+        # graph of plain eager autograd is cheaper on torch's kernel.
+        if (
+            graph
+            and not (forward_ad or _transformed())
+            and small_calls.use_torch_kernel(x, weight, bias, running_mean, running_var, momentum)
+        ):
+            return torch.batch_norm(
+                x, weight, bias, running_mean, running_var, training, momentum, eps, False
+            )
         return _apply(x, weight, bias, running_mean, running_var, training, momentum, eps)[0]
-    backend = kernels.select(x)
     if training:
-        return backend.forward_train(
+        return kernels.select(x).forward_train(
             x, weight, bias, eps, running_mean, running_var, momentum, False
         )[0]
-    return backend.forward_eval(x, weight, bias, running_mean, running_var, eps, False)[0]
+    if small_calls.use_torch_kernel(x, weight, bias, running_mean, running_var, momentum):
+        return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
+    return kernels.select(x).forward_eval(x, weight, bias, running_mean, running_var, eps, False)[0]

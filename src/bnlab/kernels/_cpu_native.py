@@ -27,7 +27,6 @@ _F32, _F64 = torch.float32, torch.float64
 # The kernels' dtype codes (DtypeCode in cpu_kernels.cpp).
 DTYPE_CODES = {_F32: 0, _F64: 1, torch.bfloat16: 2, torch.float16: 3}
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-_F64_CPU = torch.empty(0, dtype=_F64)  # new_empty from it: no keyword parsing per call
 
 
 class Mismatch(TypeError, ValueError):
@@ -47,7 +46,8 @@ def geometry(x: Tensor) -> tuple[int, int, int] | None:
     Contiguous (N, C, *) is (N, C, ∏spatial); channels_last(_3d) and (N, C)
     are (N·∏spatial, C, 1).
     """
-    n, c = x.shape[:2]
+    shape = x.shape
+    n, c = shape[0], shape[1]
     if x.is_contiguous():
         return n, c, x.numel() // (n * c)
     fmt = _CHANNELS_LAST.get(x.dim())
@@ -62,7 +62,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _input(x: Tensor) -> tuple[int, int, int]:
-    if not x.is_cpu or x.dtype not in DTYPE_CODES:
+    if x.dtype not in DTYPE_CODES or not x.is_cpu:
         raise Mismatch(
             "native batch norm: x must be a float32/float64/bfloat16/float16 CPU tensor, "
             f"got {x.dtype} on {x.device}"
@@ -92,7 +92,7 @@ def _vector(t: Tensor | None, name: str, dtype: torch.dtype, c: int) -> int | No
 def _running(rm: Tensor | None, rv: Tensor | None, c: int) -> tuple[int | None, int | None, bool]:
     if rm is None and rv is None:
         return None, None, False
-    if rm is None or rv is None or rm.dtype is not rv.dtype or rm.dtype not in (_F32, _F64):
+    if rm is None or rv is None or rm.dtype is not rv.dtype or not (rm.dtype is _F32 or rm.dtype is _F64):
         raise Mismatch(
             "native batch norm: running_mean and running_var must be given together, "
             "both float32 or both float64"
@@ -106,8 +106,8 @@ def _statistics(c: int, want: bool, want_var: bool) -> tuple[Tensor | None, Tens
 
     The kernels keep what is not wanted in scratch memory.
     """
-    stats = _F64_CPU.new_empty((2, c)) if want else None
-    var = _F64_CPU.new_empty(c) if want and want_var else None
+    stats = torch.empty(2, c, dtype=_F64) if want else None
+    var = torch.empty(c, dtype=_F64) if want and want_var else None
     if stats is None:
         return None, None, (None, None, None)
     p = stats.data_ptr()

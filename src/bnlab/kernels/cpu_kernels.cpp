@@ -79,6 +79,10 @@ constexpr int64_t kAlign = 16;       // thread ranges start at multiples of this
 // Rows by column: each thread's share of a row is at least this many bytes,
 // so the strided reads still stream.
 constexpr int64_t kColumnShareBytes = 1024;
+// ... and the thread takes it a panel of columns at a time, all rows of a
+// panel within this many bytes (a share of a core's L2 cache), so the pass
+// that follows the sums reads the panel from cache.
+constexpr int64_t kPanelBytes = int64_t(256) << 10;
 
 // Outputs larger than this are written around the caches (non-temporal
 // stores). A pass writing that much reads at least as much, so little of the
@@ -174,7 +178,11 @@ Split split_of(const Geometry& g, int64_t bytes, int T) {
     // Columns map to channels one to one only when a row is one period.
     const int64_t W = g.width();
     const bool one_period = W == g.period();
-    return one_period && g.C >= T && W * bytes >= kColumnShareBytes * T ? kByColumn : kByRow;
+    // ... and only for few rows: a panel of 16 vectors of columns must take
+    // all rows within kPanelBytes, or the strided reads would not stream.
+    const bool few_rows = g.outer * 16 * kLanes * bytes <= kPanelBytes;
+    return one_period && few_rows && g.C >= T && W * bytes >= kColumnShareBytes * T ? kByColumn
+                                                                                     : kByRow;
 }
 
 // Fresh outputs are first touched here; on Linux, huge pages make that several
@@ -194,17 +202,26 @@ void advise_huge_pages(void* p, int64_t bytes) {
 
 // ---- per-channel coefficients -------------------------------------------------
 
-// The shift K of channel c: the mean of its first few values, in T.
+// The shifts K of all channels: each the mean of its channel's first few
+// values (its first 8, or its value in each of the first 8 rows when runs are
+// shorter: read row by row, so wide rows are read whole), in T.
 template <typename S>
-Compute<S> shift_of(const S* x, const Geometry& g, int64_t c) {
-    double s = 0.0;
-    int k = 0;
+std::vector<Compute<S>> shifts(const S* x, const Geometry& g) {
+    typedef Compute<S> T;
+    std::vector<T> K(g.C, T(0));
     if (g.inner >= 8) {
-        for (; k < 8; ++k) s += up(x[c * g.inner + k]);
-    } else {
-        for (; k < 8 && k < g.outer; ++k) s += up(x[k * g.period() + c * g.inner]);
+        for (int64_t c = 0; c < g.C; ++c) {
+            T s = 0;
+            for (int k = 0; k < 8; ++k) s += up(x[c * g.inner + k]);
+            K[c] = s / T(8);
+        }
+        return K;
     }
-    return static_cast<Compute<S>>(s / k);
+    const int64_t rows = min64(8, g.outer);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < g.C; ++c) K[c] += up(x[r * g.period() + c * g.inner]);
+    for (int64_t c = 0; c < g.C; ++c) K[c] /= T(rows);
+    return K;
 }
 
 // The mean is used as mh (the nearest T) and ml = mean - mh (float64, tiny):
@@ -250,7 +267,7 @@ GradCoef<T> grad_coef(double mean, double invstd, const T* w, int64_t c, double 
     return q;
 }
 
-// Per-channel statistics, float64 outputs (var may be null: not wanted).
+// Per-channel statistics, float64 outputs (the callers give scratch for what is not wanted).
 struct Stats {
     double *mean, *var, *invstd;
 };
@@ -264,29 +281,51 @@ struct Running {
 };
 
 template <typename R>
-void update_running(R* rm, R* rv, int64_t c, double mean, double var, double n, double m) {
-    double unbiased = n > 1 ? var * (n / (n - 1)) : var;
-    rm[c] = static_cast<R>((1.0 - m) * static_cast<double>(rm[c]) + m * mean);
-    rv[c] = static_cast<R>((1.0 - m) * static_cast<double>(rv[c]) + m * unbiased);
+void update_running(R* rm, R* rv, int64_t c0, int64_t c1, const Stats& stats, double n,
+                    double m) {
+    const double unbias = n > 1 ? n / (n - 1) : 1.0;
+    for (int64_t c = c0; c < c1; ++c) {
+        rm[c] = static_cast<R>((1.0 - m) * static_cast<double>(rm[c]) + m * stats.mean[c]);
+        rv[c] = static_cast<R>((1.0 - m) * static_cast<double>(rv[c]) + m * stats.var[c] * unbias);
+    }
 }
 
-// Statistics of channel c from its shifted sums.
-void finish_stats(int64_t c, double n, double K, double s1, double s2, double eps,
-                  const Running& run, const Stats& stats) {
-    double d = s1 / n;
-    double var = s2 / n - d * d;
-    if (var < 0) var = 0;
-    double mean = K + d;
-    stats.mean[c] = mean;
-    if (stats.var) stats.var[c] = var;
-    stats.invstd[c] = 1.0 / std::sqrt(var + eps);
+// Channel c's statistics from its shifted sums (K its shift).
+inline void channel_stats(int64_t c, double n, double K, double s1, double s2, double eps,
+                          const Stats& stats) {
+    const double d = s1 / n;
+    const double var = s2 / n - d * d;
+    stats.var[c] = var < 0 ? 0 : var;
+    stats.mean[c] = K + d;
+    stats.invstd[c] = 1.0 / std::sqrt(stats.var[c] + eps);
+}
+
+inline void move_running(int64_t c0, int64_t c1, double n, const Running& run, const Stats& stats) {
     if (!run.mean) return;
     if (run.is_double)
-        update_running(static_cast<double*>(run.mean), static_cast<double*>(run.var), c, mean, var,
-                       n, run.momentum);
+        update_running(static_cast<double*>(run.mean), static_cast<double*>(run.var), c0, c1,
+                       stats, n, run.momentum);
     else
-        update_running(static_cast<float*>(run.mean), static_cast<float*>(run.var), c, mean, var,
+        update_running(static_cast<float*>(run.mean), static_cast<float*>(run.var), c0, c1, stats,
                        n, run.momentum);
+}
+
+// Statistics of channels [c0, c1) from their shifted sums s1[c], s2[c]
+// (indexed by channel), and the running buffers' move: loops over channels
+// without branches, so wide layers finish in vector instructions.
+template <typename T>
+void finish_stats(int64_t c0, int64_t c1, double n, const T* K, const double* s1,
+                  const double* s2, double eps, const Running& run, const Stats& stats) {
+    for (int64_t c = c0; c < c1; ++c) channel_stats(c, n, K[c], s1[c], s2[c], eps, stats);
+    move_running(c0, c1, n, run, stats);
+}
+
+// One channel's statistics from its two sums, and its running buffers' move.
+template <typename T>
+void finish_channel(int64_t c, double n, const T* K, double s1, double s2, double eps,
+                    const Running& run, const Stats& stats) {
+    channel_stats(c, n, K[c], s1, s2, eps, stats);
+    move_running(c, c + 1, n, run, stats);
 }
 
 // ---- sums ------------------------------------------------------------------------------
@@ -396,22 +435,30 @@ void grad_sums(const S* dy, const S* x, int64_t len, T mh, Sums<T>& s) {
     s.step();
 }
 
+// Runs shorter than this are never written around the caches: their first
+// and last lines would be partial, which non-temporal stores handle badly.
+constexpr int64_t kStreamRunBytes = 4096;
+
 // out[i] = f(i) over one run, f giving a vector at i (or a value, scalar). A
-// ragged end recomputes an overlapping vector; when streaming, the run goes
-// value by value up to a 64-byte boundary, then in whole vectors written
-// around the caches (never rewritten), then value by value.
+// ragged end recomputes an overlapping vector. When streaming, the whole
+// vectors from the first 64-byte boundary on are written around the caches
+// (each line whole, once); the vectors before and after them overlap them
+// and take ordinary stores.
 template <typename S, typename Vector, typename Scalar>
 inline void elementwise_run(S* out, int64_t len, bool stream, Vector f, Scalar f1) {
-    if (stream) {
-        int64_t i = 0;
-        for (; i < len && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0; ++i)
-            out[i] = down<S>(f1(i));
-        for (; i + kLanes <= len; i += kLanes) store_out(out + i, f(i), true);
-        for (; i < len; ++i) out[i] = down<S>(f1(i));
-        return;
-    }
     if (len < kLanes) {
         for (int64_t i = 0; i < len; ++i) out[i] = down<S>(f1(i));
+        return;
+    }
+    if (stream && len * int64_t(sizeof(S)) >= kStreamRunBytes) {
+        // Aligned to a line, or to a vector where a vector is less (16-bit types):
+        // at most kLanes - 1 values in, so the first vector covers them.
+        constexpr int64_t line = 64 < kLanes * sizeof(S) ? 64 : kLanes * sizeof(S);
+        store_out(out, f(0), false);
+        const int64_t in = int64_t(reinterpret_cast<uintptr_t>(out) & (line - 1)) / sizeof(S);
+        int64_t i = in ? line / int64_t(sizeof(S)) - in : 0;
+        for (; i + kLanes <= len; i += kLanes) store_out(out + i, f(i), true);
+        if (i < len) store_out(out + len - kLanes, f(len - kLanes), false);
         return;
     }
     for (int64_t i = 0;; i += kLanes) {
@@ -484,6 +531,18 @@ struct Block {
     int64_t r0, r1, j0, j1;
 };
 
+// Rows by column: a thread takes its channels a panel at a time, a panel
+// being as many columns as keep all its rows (of `bytes` per value, summed
+// over the tensors read) within kPanelBytes (see its definition).
+
+int64_t panel_channels(const Geometry& g, int64_t rows, int64_t bytes) {
+    int64_t columns = kPanelBytes / (rows * bytes);
+    if (columns < 4 * kLanes) columns = 4 * kLanes;
+    int64_t channels = columns / g.inner;
+    if (g.inner == 1) channels = channels / kAlign * kAlign;  // whole vectors
+    return channels < 1 ? 1 : channels;
+}
+
 // The channel of each column of a periodic row of width W (a multiple of the
 // period): column j holds channel (j % P) / inner. Counted, not divided.
 std::vector<int64_t> column_channels(const Geometry& g, int64_t W) {
@@ -499,20 +558,21 @@ std::vector<int64_t> column_channels(const Geometry& g, int64_t W) {
     return chan;
 }
 
-// Per-column copies of a per-channel value, for the columns [j0, j1) (the others zero).
+// Per-column copies of a per-channel value.
 template <typename T, typename F>
-std::vector<T> columns(const std::vector<int64_t>& chan, int64_t j0, int64_t j1, F per_channel) {
+std::vector<T> columns(const std::vector<int64_t>& chan, F per_channel) {
     std::vector<T> out(chan.size());
-    for (int64_t j = j0; j < j1; ++j) out[j] = per_channel(chan[j]);
+    for (size_t j = 0; j < chan.size(); ++j) out[j] = per_channel(chan[j]);
     return out;
 }
 
-// Calls sweep.template run<U>(rb, re, j) over the block's rows and whole
-// vectors of its columns, then sweep.scalar(rb, re, j) for the columns left over.
+// Calls sweep.template run<U>(rb, re, j) over the block's rows, RB rows at a
+// time (default: by the row's width), and whole vectors of its columns, then
+// sweep.scalar(rb, re, j) for the columns left over.
 template <typename S, typename Sweep>
-void for_column_blocks(const Block& k, int64_t W, const Sweep& sweep) {
+void for_column_blocks(const Block& k, int64_t W, const Sweep& sweep, int64_t RB = 0) {
     constexpr int U = kUnroll<Compute<S>>;
-    const int64_t RB = rows_per_block<S>(W);
+    if (RB <= 0) RB = rows_per_block<S>(W);
     for (int64_t rb = k.r0; rb < k.r1; rb += RB) {
         const int64_t re = min64(k.r1, rb + RB);
         int64_t j = k.j0;
@@ -683,25 +743,30 @@ void periodic_grad_sums(const ColumnGradSums<S>& s, const Block& k) {
         });
 }
 
-// Affine coefficients per column (of [j0, j1)), and y = (x - mh)*s + b over rows.
+// Affine coefficients per column, and y = (x - mh)*s + b over rows. The
+// coefficients of columns [j0, j1) are set by set(), as their channels' statistics come.
 template <typename S>
 struct ColumnNormalize {
     typedef Compute<S> T;
     typedef VecOf<S> V;
+    const std::vector<int64_t>& chan;
     std::vector<T> mh, s, b;
     const S* x;
     S* y;
     int64_t W;
     bool stream;
-    ColumnNormalize(const std::vector<int64_t>& chan, int64_t j0, int64_t j1,
-                    const std::vector<Affine<T>>& per, const S* x_, S* y_, bool stream_)
-        : mh(columns<T>(chan, j0, j1, [&](int64_t c) { return per[c].mh; })),
-          s(columns<T>(chan, j0, j1, [&](int64_t c) { return per[c].s; })),
-          b(columns<T>(chan, j0, j1, [&](int64_t c) { return per[c].b; })),
-          x(x_),
-          y(y_),
-          W(int64_t(chan.size())),
-          stream(stream_) {}
+    ColumnNormalize(const std::vector<int64_t>& chan_, const S* x_, S* y_, bool stream_)
+        : chan(chan_), mh(chan_.size()), s(chan_.size()), b(chan_.size()), x(x_), y(y_),
+          W(int64_t(chan_.size())), stream(stream_) {}
+    ColumnNormalize& set(int64_t j0, int64_t j1, const std::vector<Affine<T>>& per) {
+        for (int64_t j = j0; j < j1; ++j) {
+            const Affine<T>& a = per[chan[j]];
+            mh[j] = a.mh;
+            s[j] = a.s;
+            b[j] = a.b;
+        }
+        return *this;
+    }
     template <int U>
     inline void run(int64_t rb, int64_t re, int64_t j) const {
         V vmh[U], vs[U], vb[U];
@@ -724,28 +789,31 @@ struct ColumnNormalize {
     }
 };
 
-// Gradient coefficients per column (of [j0, j1)), and dx = a*dy - k*(x - mh) + c0 over rows.
+// Gradient coefficients per column, and dx = a*dy - k*(x - mh) + c0 over
+// rows; set() as in ColumnNormalize.
 template <typename S>
 struct ColumnGrad {
     typedef Compute<S> T;
     typedef VecOf<S> V;
+    const std::vector<int64_t>& chan;
     std::vector<T> mh, a, k, c0;
     const S *dy, *x;
     S* dx;
     int64_t W;
     bool stream;
-    ColumnGrad(const std::vector<int64_t>& chan, int64_t j0, int64_t j1,
-               const std::vector<GradCoef<T>>& per, const S* dy_, const S* x_, S* dx_,
-               bool stream_)
-        : mh(columns<T>(chan, j0, j1, [&](int64_t c) { return per[c].mh; })),
-          a(columns<T>(chan, j0, j1, [&](int64_t c) { return per[c].a; })),
-          k(columns<T>(chan, j0, j1, [&](int64_t c) { return per[c].k; })),
-          c0(columns<T>(chan, j0, j1, [&](int64_t c) { return per[c].c0; })),
-          dy(dy_),
-          x(x_),
-          dx(dx_),
-          W(int64_t(chan.size())),
-          stream(stream_) {}
+    ColumnGrad(const std::vector<int64_t>& chan_, const S* dy_, const S* x_, S* dx_, bool stream_)
+        : chan(chan_), mh(chan_.size()), a(chan_.size()), k(chan_.size()), c0(chan_.size()),
+          dy(dy_), x(x_), dx(dx_), W(int64_t(chan_.size())), stream(stream_) {}
+    ColumnGrad& set(int64_t j0, int64_t j1, const std::vector<GradCoef<T>>& per) {
+        for (int64_t j = j0; j < j1; ++j) {
+            const GradCoef<T>& q = per[chan[j]];
+            mh[j] = q.mh;
+            a[j] = q.a;
+            k[j] = q.k;
+            c0[j] = q.c0;
+        }
+        return *this;
+    }
     template <int U>
     inline void run(int64_t rb, int64_t re, int64_t j) const {
         V vmh[U], va[U], vk[U], vc[U];
@@ -779,8 +847,7 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
     const double n = static_cast<double>(g.n());
     const int team = team_size(numel, threads);
     const bool stream = numel * int64_t(sizeof(S)) > kStreamBytes;
-    std::vector<T> K(C);
-    for (int64_t c = 0; c < C; ++c) K[c] = shift_of(x, g, c);
+    const std::vector<T> K = shifts(x, g);
 
     if (g.planes()) {
         std::vector<double> partial;  // (threads, 2, C): element split only
@@ -794,7 +861,7 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                         shifted_sums(x + (o * C + c) * inner, inner, K[c], sums);
                     double s1 = 0, s2 = 0;
                     sums.add_to(&s1, &s2);
-                    finish_stats(c, n, K[c], s1, s2, eps, run, stats);
+                    finish_channel(c, n, K.data(), s1, s2, eps, run, stats);
                     const Affine<T> a = affine_of(stats.mean[c], stats.invstd[c], w, b, c);
                     for (int64_t o = 0; o < g.outer; ++o) {
                         const int64_t off = (o * C + c) * inner;
@@ -820,7 +887,7 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                         s1 += partial[u * 2 * C + c];
                         s2 += partial[u * 2 * C + C + c];
                     }
-                    finish_stats(c, n, K[c], s1, s2, eps, run, stats);
+                    finish_channel(c, n, K.data(), s1, s2, eps, run, stats);
                 }
                 for_plane_pieces(g, e0, e1, [&](int64_t c, int64_t off, int64_t len) {
                     normalize_run(x + off, y + off, len,
@@ -834,29 +901,41 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
     // Periodic rows of width W, then the last numel % W elements one by one.
     const int64_t W = g.width(), rows = numel / W, tail = rows * W;
     const std::vector<int64_t> chan = column_channels(g, W);
-    const std::vector<T> KW = columns<T>(chan, 0, W, [&](int64_t c) { return K[c]; });
+    const std::vector<T> KW = columns<T>(chan, [&](int64_t c) { return K[c]; });
     std::vector<double> partial;
     std::vector<Affine<T>> per(C);
     ColumnNormalize<S>* norm = nullptr;
     parallel(team, [&](const int t, const int T_) {
         if (split_of(g, sizeof(S), T_) == kByColumn) {
             // A row is one period (rows = outer, no tail): this thread's
-            // channels own the columns [c0*inner, c1*inner) of every row.
+            // channels own the columns [c0*inner, c1*inner) of every row,
+            // taken a panel at a time so the second pass finds it in cache.
             int64_t c0, c1;
             split(C, t, T_, inner == 1 ? kAlign : 1, &c0, &c1);
-            const Block k{0, rows, c0 * inner, c1 * inner};
             std::vector<double> acc(size_t(2 * W), 0.0);
-            periodic_sums(ColumnSums<S>{x, W, KW.data(), acc.data(), acc.data() + W}, k);
-            for (int64_t c = c0; c < c1; ++c) {
-                double s1 = 0, s2 = 0;
-                for (int64_t j = c * inner; j < (c + 1) * inner; ++j) {
-                    s1 += acc[j];
-                    s2 += acc[W + j];
+            ColumnNormalize<S> norm(chan, x, y, stream);
+            const int64_t pc = panel_channels(g, rows, sizeof(S));
+            for (int64_t p0 = c0; p0 < c1; p0 += pc) {
+                const int64_t p1 = min64(c1, p0 + pc);
+                const Block k{0, rows, p0 * inner, p1 * inner};
+                for_column_blocks<S>(
+                    k, W, ColumnSums<S>{x, W, KW.data(), acc.data(), acc.data() + W}, kBlock);
+                if (inner == 1) {  // a column is a channel
+                    finish_stats(p0, p1, n, K.data(), acc.data(), acc.data() + W, eps, run, stats);
+                } else {
+                    for (int64_t c = p0; c < p1; ++c) {
+                        double s1 = 0, s2 = 0;
+                        for (int64_t j = c * inner; j < (c + 1) * inner; ++j) {
+                            s1 += acc[j];
+                            s2 += acc[W + j];
+                        }
+                        finish_channel(c, n, K.data(), s1, s2, eps, run, stats);
+                    }
                 }
-                finish_stats(c, n, K[c], s1, s2, eps, run, stats);
-                per[c] = affine_of(stats.mean[c], stats.invstd[c], w, b, c);
+                for (int64_t c = p0; c < p1; ++c)
+                    per[c] = affine_of(stats.mean[c], stats.invstd[c], w, b, c);
+                for_column_blocks<S>(k, W, norm.set(k.j0, k.j1, per), kBlock);
             }
-            for_column_blocks<S>(k, W, ColumnNormalize<S>(chan, k.j0, k.j1, per, x, y, stream));
             return;
         }
 #pragma omp single
@@ -881,11 +960,10 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                 s1[c] += d;
                 s2[c] += d * d;
             }
-            for (int64_t c = 0; c < C; ++c) {
-                finish_stats(c, n, K[c], s1[c], s2[c], eps, run, stats);
+            finish_stats(0, C, n, K.data(), s1.data(), s2.data(), eps, run, stats);
+            for (int64_t c = 0; c < C; ++c)
                 per[c] = affine_of(stats.mean[c], stats.invstd[c], w, b, c);
-            }
-            norm = new ColumnNormalize<S>(chan, 0, W, per, x, y, stream);
+            norm = &(new ColumnNormalize<S>(chan, x, y, stream))->set(0, W, per);
         }
         for_column_blocks<S>(k, W, *norm);
     });
@@ -931,8 +1009,19 @@ void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, con
     }
     const int64_t W = g.width(), rows = numel / W, tail = rows * W;
     const std::vector<int64_t> chan = column_channels(g, W);
-    const ColumnNormalize<S> norm(chan, 0, W, per, x, y, stream);
+    ColumnNormalize<S> norm(chan, x, y, stream);
+    norm.set(0, W, per);
     parallel(team, [&](const int t, const int T_) {
+        if (split_of(g, sizeof(S), T_) == kByColumn) {  // whole channels' panels, as in training
+            int64_t c0, c1;
+            split(C, t, T_, g.inner == 1 ? kAlign : 1, &c0, &c1);
+            const int64_t pc = panel_channels(g, rows, sizeof(S));
+            for (int64_t p0 = c0; p0 < c1; p0 += pc) {
+                const int64_t p1 = min64(c1, p0 + pc);
+                for_column_blocks<S>(Block{0, rows, p0 * g.inner, p1 * g.inner}, W, norm, kBlock);
+            }
+            return;
+        }
         int64_t r0, r1;
         split(rows, t, T_, 1, &r0, &r1);
         for_column_blocks<S>(Block{r0, r1, 0, W}, W, norm);
@@ -1015,26 +1104,32 @@ void backward(const S* dy, const S* x, S* dx, const T* w, const double* mean, co
 
     const int64_t W = g.width(), rows = numel / W, tail = rows * W;
     const std::vector<int64_t> chan = column_channels(g, W);
-    const std::vector<T> MH = columns<T>(chan, 0, W, [&](int64_t c) { return coef[c].mh; });
+    const std::vector<T> MH = columns<T>(chan, [&](int64_t c) { return coef[c].mh; });
     std::vector<double> partial;
     ColumnGrad<S>* grad = nullptr;
     parallel(team, [&](const int t, const int T_) {
         if (split_of(g, sizeof(S), T_) == kByColumn) {  // as in forward_train
             int64_t c0, c1;
             split(C, t, T_, inner == 1 ? kAlign : 1, &c0, &c1);
-            const Block k{0, rows, c0 * inner, c1 * inner};
             std::vector<double> acc(size_t(2 * W), 0.0);
-            periodic_grad_sums(ColumnGradSums<S>{dy, x, W, MH.data(), acc.data(), acc.data() + W},
-                               k);
-            for (int64_t c = c0; c < c1; ++c) {
-                double sdy = 0, sdyx = 0;
-                for (int64_t j = c * inner; j < (c + 1) * inner; ++j) {
-                    sdy += acc[j];
-                    sdyx += acc[W + j];
+            ColumnGrad<S> grad_cols(chan, dy, x, dx, stream);
+            const int64_t pc = panel_channels(g, rows, 2 * sizeof(S));  // dy and x
+            for (int64_t p0 = c0; p0 < c1; p0 += pc) {
+                const int64_t p1 = min64(c1, p0 + pc);
+                const Block k{0, rows, p0 * inner, p1 * inner};
+                for_column_blocks<S>(
+                    k, W, ColumnGradSums<S>{dy, x, W, MH.data(), acc.data(), acc.data() + W},
+                    kBlock);
+                for (int64_t c = p0; c < p1; ++c) {
+                    double sdy = 0, sdyx = 0;
+                    for (int64_t j = c * inner; j < (c + 1) * inner; ++j) {
+                        sdy += acc[j];
+                        sdyx += acc[W + j];
+                    }
+                    finish(c, sdy, sdyx);
                 }
-                finish(c, sdy, sdyx);
+                for_column_blocks<S>(k, W, grad_cols.set(k.j0, k.j1, coef), kBlock);
             }
-            for_column_blocks<S>(k, W, ColumnGrad<S>(chan, k.j0, k.j1, coef, dy, x, dx, stream));
             return;
         }
 #pragma omp single
@@ -1060,7 +1155,7 @@ void backward(const S* dy, const S* x, S* dx, const T* w, const double* mean, co
                 sdyx[c] += static_cast<double>(g_ * (up(x[e]) - coef[c].mh));
             }
             for (int64_t c = 0; c < C; ++c) finish(c, sdy[c], sdyx[c]);
-            grad = new ColumnGrad<S>(chan, 0, W, coef, dy, x, dx, stream);
+            grad = &(new ColumnGrad<S>(chan, dy, x, dx, stream))->set(0, W, coef);
         }
         for_column_blocks<S>(k, W, *grad);
     });
@@ -1105,10 +1200,18 @@ inline Stats stats_of(PyObject* const* a) {
                  static_cast<double*>(ptr(a[2]))};
 }
 
-// The statistics in `scratch`, for a caller that wants y alone (None for mean or invstd).
-inline Stats scratch_stats(std::vector<double>& scratch, int64_t C) {
-    scratch.resize(size_t(3 * C));
-    return Stats{scratch.data(), scratch.data() + C, scratch.data() + 2 * C};
+// The statistics with scratch memory where the caller wants none: all three
+// when mean or invstd is None (y alone), else var when it is None.
+inline Stats with_scratch(Stats stats, std::vector<double>& scratch, int64_t C) {
+    if (!stats.mean || !stats.invstd) {
+        scratch.resize(size_t(3 * C));
+        return Stats{scratch.data(), scratch.data() + C, scratch.data() + 2 * C};
+    }
+    if (!stats.var) {
+        scratch.resize(size_t(C));
+        stats.var = scratch.data();
+    }
+    return stats;
 }
 
 // forward_train(x, y, weight, bias, mean, var, invstd, running_mean, running_var,
@@ -1127,7 +1230,7 @@ PyObject* py_forward_train(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     const int threads = int(i64(a[16]));
     if (PyErr_Occurred() || !valid_dtype(dtype)) return nullptr;
     std::vector<double> scratch;
-    if (!stats.mean || !stats.invstd) stats = scratch_stats(scratch, g.C);
+    stats = with_scratch(stats, scratch, g.C);
     MaybeReleaseGil gil(g.numel());
     with_storage(dtype, [&](auto tag) {
         typedef decltype(tag) S;
@@ -1155,7 +1258,7 @@ PyObject* py_forward_eval(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     const int threads = int(i64(a[15]));
     if (PyErr_Occurred() || !valid_dtype(dtype)) return nullptr;
     std::vector<double> scratch;
-    if (!stats.mean || !stats.invstd) stats = scratch_stats(scratch, g.C);
+    stats = with_scratch(stats, scratch, g.C);
     MaybeReleaseGil gil(g.numel());
     if (running_is_double)
         running_stats(static_cast<const double*>(rm), static_cast<const double*>(rv), g.C, eps,

@@ -30,6 +30,8 @@ from torch import Tensor, fx, nn
 from .. import functional as F
 from ..errors import ChannelMismatchError
 
+_ONE = torch.ones((), dtype=torch.long)
+
 
 class Plan(NamedTuple):
     """What a batch norm module hands to :func:`bnlab.functional.batch_norm` for one call."""
@@ -76,7 +78,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and counter is not None:
             # Counted before the batch is checked, exactly as torch does.
-            counter.add_(1)
+            # A tensor one skips wrapping the int 1 in a tensor on each eager
+            # call (half the count's cost); compiled graphs take the int.
+            counter.add_(1 if torch.compiler.is_compiling() else _ONE)
             if self.momentum is None:
                 # Cumulative average as a tensor: no host sync, traceable by
                 # torch.compile, and one per model under vmap.
