@@ -1012,19 +1012,11 @@ void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, con
     ColumnNormalize<S> norm(chan, x, y, stream);
     norm.set(0, W, per);
     parallel(team, [&](const int t, const int T_) {
-        if (split_of(g, sizeof(S), T_) == kByColumn) {  // whole channels' panels, as in training
-            int64_t c0, c1;
-            split(C, t, T_, g.inner == 1 ? kAlign : 1, &c0, &c1);
-            const int64_t pc = panel_channels(g, rows, sizeof(S));
-            for (int64_t p0 = c0; p0 < c1; p0 += pc) {
-                const int64_t p1 = min64(c1, p0 + pc);
-                for_column_blocks<S>(Block{0, rows, p0 * g.inner, p1 * g.inner}, W, norm, kBlock);
-            }
-            return;
-        }
         int64_t r0, r1;
         split(rows, t, T_, 1, &r0, &r1);
-        for_column_blocks<S>(Block{r0, r1, 0, W}, W, norm);
+        // Tensors the caches hold take blocks of kBlock rows (coefficients loaded
+        // once per block); larger ones stream wide rows one by one.
+        for_column_blocks<S>(Block{r0, r1, 0, W}, W, norm, stream ? 0 : kBlock);
     });
     for (int64_t e = tail; e < numel; ++e) {
         const Affine<T>& a = per[chan[e - tail]];
