@@ -572,3 +572,25 @@ def test_double_backward_through_the_kernels(train, monkeypatch):
     args = (x, m.weight.detach().clone().requires_grad_(), m.bias.detach().clone().requires_grad_())
     assert torch.autograd.gradgradcheck(fn, args)
     assert calls[0] > 0 or not train
+
+
+# ---- 16-bit conversions ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_every_16_bit_value_converts_both_ways(dtype):
+    """Eval with mean 0, variance 1, eps 0 is the identity: each of the 65536 bit patterns
+    must come back as it went in (the widening and the rounding back are exact inverses).
+
+    Exceptions: NaNs stay NaN (payloads may change), -0 may come back +0 (x - 0 + 0), and
+    AVX512-BF16's vcvtneps2bf16, where the CPU has it, flushes bfloat16 subnormals to zero.
+    """
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).view(1, 1, -1)
+    y, _ = _cpu_native.forward_eval(x, None, None, torch.zeros(1), torch.ones(1), 0.0, False)
+    assert torch.equal(y.isnan(), x.isnan())
+    changed = (y.view(torch.int16) != x.view(torch.int16)) & ~x.isnan() & (x != 0)
+    if dtype == torch.bfloat16:
+        subnormal = x.abs() < torch.finfo(dtype).tiny
+        assert torch.equal(y[changed & subnormal], torch.zeros_like(y[changed & subnormal]))
+        changed &= ~subnormal
+    assert not changed.any(), x[changed][:8]
