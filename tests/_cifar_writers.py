@@ -153,3 +153,12 @@ def use_tiny_batches(monkeypatch, per_batch: int = PER_BATCH) -> None:
     import bnlab.data.cifar10
 
     monkeypatch.setattr(bnlab.data.cifar10, "_RECORDS_PER_BATCH", per_batch)
+
+
+def tiny_cifar_dir(root: Path, monkeypatch, per_batch: int, learnable: bool) -> Path:
+    """``root/data``: a tiny CIFAR-10 in the official bin layout, which the readers are
+    told to expect (``learnable``: the label sets the brightness)."""
+    use_tiny_batches(monkeypatch, per_batch)
+    make = make_learnable_batches if learnable else make_batches
+    write_bin_layout(root / "data" / "cifar-10-batches-bin", make(per_batch))
+    return root / "data"

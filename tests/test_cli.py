@@ -15,7 +15,9 @@ import bnlab.cli
 from bnlab.cli import main
 from bnlab.experiments.config import Config
 
-from ._cifar_writers import make_learnable_batches, use_tiny_batches, write_bin_layout
+from ._cifar_writers import (
+    tiny_cifar_dir,
+)
 from ._cli import error_of
 
 PER_BATCH = 64  # images per tiny batch file: 320 training images, 64 test images
@@ -27,10 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch) -> Path:
     """A tiny CIFAR-10 in the official bin layout; the label sets the brightness, so it is learnable."""
-    use_tiny_batches(monkeypatch, PER_BATCH)
-    batches = make_learnable_batches(PER_BATCH)
-    write_bin_layout(tmp_path / "data" / "cifar-10-batches-bin", batches)
-    return tmp_path / "data"
+    return tiny_cifar_dir(tmp_path, monkeypatch, PER_BATCH, learnable=True)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from bnlab.cli import main
 from bnlab.experiments.diagnose_runs import find_checkpoints
 from bnlab.experiments.outdir import ExperimentError
 
-from ._cifar_writers import make_batches, use_tiny_batches, write_bin_layout
+from ._cifar_writers import tiny_cifar_dir
 from ._cli import error_of
 
 PER_BATCH = 64  # 320 training images, 64 test images
@@ -20,9 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch) -> Path:
-    use_tiny_batches(monkeypatch, PER_BATCH)
-    write_bin_layout(tmp_path / "data" / "cifar-10-batches-bin", make_batches(PER_BATCH))
-    return tmp_path / "data"
+    return tiny_cifar_dir(tmp_path, monkeypatch, PER_BATCH, learnable=False)
 
 
 def test_a_section_per_checkpoint(data_dir, tmp_path, capsys):

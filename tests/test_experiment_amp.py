@@ -20,7 +20,9 @@ from bnlab.experiments import Config, train_run
 from bnlab.experiments.train import amp_context
 from bnlab.speedups.relu_maxpool import relu_maxpool2d
 
-from ._cifar_writers import make_learnable_batches, use_tiny_batches, write_bin_layout
+from ._cifar_writers import (
+    tiny_cifar_dir,
+)
 from ._cli import error_of
 from .test_experiment_train import tiny_cifar
 
@@ -180,9 +182,7 @@ def test_fused_relu_maxpool_under_autocast_is_torchs(dtype):
 
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch) -> Path:
-    use_tiny_batches(monkeypatch, PER_BATCH)
-    write_bin_layout(tmp_path / "data" / "cifar-10-batches-bin", make_learnable_batches(PER_BATCH))
-    return tmp_path / "data"
+    return tiny_cifar_dir(tmp_path, monkeypatch, PER_BATCH, learnable=True)
 
 
 def test_amp_is_recorded_reported_and_kept_by_resume(data_dir, tmp_path, capsys):

@@ -594,3 +594,21 @@ def test_every_16_bit_value_converts_both_ways(dtype):
         assert torch.equal(y[changed & subnormal], torch.zeros_like(y[changed & subnormal]))
         changed &= ~subnormal
     assert not changed.any(), x[changed][:8]
+
+
+@pytest.mark.parametrize("inner_shape", [(7, 7), (229, 231)], ids=["7x7", "229x231"])
+@pytest.mark.parametrize("dtype", [F32, *HALF], ids=str)
+def test_streamed_planes_match_the_float64_truth(inner_shape, dtype):
+    """Above STREAM_BYTES, inference writes a thread's planes as one range of aligned
+    vectors, blending two planes' coefficients where a vector straddles them; 7×7 planes
+    straddle in almost every vector, 229×231 ones start at every alignment."""
+    per_row = dtype.itemsize * 8 * torch.Size(inner_shape).numel()
+    shape = (_build.native().STREAM_BYTES // per_row + 1, 8, *inner_shape)
+    x = _make(shape, None, dtype)
+    w, b = _params(8, F32)
+    rm, rv = _buffers(8, F32)
+    y, _ = _cpu_native.forward_eval(x, w, b, rm, rv, 1e-5, False)
+    truth = reference.normalize(
+        x.double(), rm.double(), torch.rsqrt(rv.double() + 1e-5), w.double(), b.double()
+    )
+    _close_to_truth("eval y", y, truth, dtype)

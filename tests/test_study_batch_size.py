@@ -14,7 +14,7 @@ from bnlab.experiments import Config
 from bnlab.experiments.studies import BatchSizeStudy, run_batch_size_study
 from bnlab.experiments.studies.batch_size import scaled_lr
 
-from ._cifar_writers import make_batches, use_tiny_batches, write_bin_layout
+from ._cifar_writers import tiny_cifar_dir
 from ._cli import error_of
 from .test_experiment_train import tiny_cifar
 
@@ -25,9 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch) -> Path:
-    use_tiny_batches(monkeypatch, PER_BATCH)
-    write_bin_layout(tmp_path / "data" / "cifar-10-batches-bin", make_batches(PER_BATCH))
-    return tmp_path / "data"
+    return tiny_cifar_dir(tmp_path, monkeypatch, PER_BATCH, learnable=False)
 
 
 def quiet(line: str) -> None:

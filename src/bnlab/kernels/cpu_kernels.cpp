@@ -370,7 +370,7 @@ inline typename Elem<T>::V tail_ones(int64_t rem) {
 
 // Shifted sums of one run: s1 += sum(x - K), s2 += sum((x - K)^2).
 template <typename S, typename T = Compute<S>>
-void shifted_sums(const S* x, int64_t len, T K, Sums<T>& s) {
+__attribute__((always_inline)) inline void shifted_sums(const S* x, int64_t len, T K, Sums<T>& s) {
     typedef VecOf<S> V;
     int64_t i = 0;
     for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
@@ -403,7 +403,7 @@ void shifted_sums(const S* x, int64_t len, T K, Sums<T>& s) {
 
 // Gradient sums of one run: s1 += sum(dy), s2 += sum(dy*(x - mh)).
 template <typename S, typename T = Compute<S>>
-void grad_sums(const S* dy, const S* x, int64_t len, T mh, Sums<T>& s) {
+__attribute__((always_inline)) inline void grad_sums(const S* dy, const S* x, int64_t len, T mh, Sums<T>& s) {
     typedef VecOf<S> V;
     int64_t i = 0;
     for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
@@ -987,6 +987,45 @@ void running_stats(const R* rm, const R* rv, int64_t C, double eps, const Stats&
     }
 }
 
+// y = (x - mh)*s + b over the elements [e0, e1) of planes (inner >= kLanes),
+// written around the caches: whole aligned vectors all along, a vector that
+// straddles two planes taking each lane's coefficients from its own plane.
+// (Runs of one plane each would leave their first and last lines partial.)
+template <typename S, typename T = Compute<S>>
+void normalize_range(const S* x, S* y, int64_t e0, int64_t e1, const Geometry& g,
+                     const std::vector<Affine<T>>& per) {
+    typedef VecOf<S> V;
+    constexpr int64_t line = 64 < kLanes * sizeof(S) ? 64 : kLanes * sizeof(S);
+    auto one = [&](int64_t e) {
+        const Affine<T>& a = per[(e / g.inner) % g.C];
+        y[e] = down<S>((up(x[e]) - a.mh) * a.s + a.b);
+    };
+    int64_t e = e0;
+    for (; e < e1 && (reinterpret_cast<uintptr_t>(y + e) & (line - 1)) != 0; ++e) one(e);
+    V lane{};
+    for (int k = 0; k < kLanes; ++k) lane[k] = T(k);
+    int64_t plane = e / g.inner, end = (plane + 1) * g.inner;
+    for (; e + kLanes <= e1; e += kLanes) {
+        if (e >= end) {
+            ++plane;
+            end += g.inner;
+        }
+        const Affine<T>& a = per[plane % g.C];
+        if (e + kLanes <= end) {
+            store_out(y + e, V((ld(x + e) - a.mh) * a.s + a.b), true);
+            continue;
+        }
+        // Lanes from end - e on belong to the next plane.
+        const Affine<T>& n = per[(plane + 1) % g.C];
+        const auto next = lane >= T(end - e);
+        const V mh = next ? V{} + n.mh : V{} + a.mh;
+        const V sc = next ? V{} + n.s : V{} + a.s;
+        const V bb = next ? V{} + n.b : V{} + a.b;
+        store_out(y + e, V((ld(x + e) - mh) * sc + bb), true);
+    }
+    for (; e < e1; ++e) one(e);
+}
+
 // One pass: y = (x - mean)*invstd*gamma + beta. Nothing to reduce, so every
 // geometry splits into equal ranges (of elements or rows).
 template <typename S, typename T = Compute<S>>
@@ -1001,8 +1040,9 @@ void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, con
         parallel(team, [&](const int t, const int T_) {
             int64_t e0, e1;
             split(numel, t, T_, kAlign, &e0, &e1);
+            if (stream) return normalize_range(x, y, e0, e1, g, per);
             for_plane_pieces(g, e0, e1, [&](int64_t c, int64_t off, int64_t len) {
-                normalize_run(x + off, y + off, len, per[c], stream);
+                normalize_run(x + off, y + off, len, per[c], false);
             });
         });
         return;
