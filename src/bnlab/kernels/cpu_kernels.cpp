@@ -1011,6 +1011,14 @@ void normalize_range(const S* x, S* y, int64_t e0, int64_t e1, const Geometry& g
             end += g.inner;
         }
         const Affine<T>& a = per[plane % g.C];
+        if (e + 2 * kLanes <= end && e + 2 * kLanes <= e1) {  // two vectors of one plane
+            const V v0 = (ld(x + e) - a.mh) * a.s + a.b;
+            const V v1 = (ld(x + e + kLanes) - a.mh) * a.s + a.b;
+            store_out(y + e, v0, true);
+            store_out(y + e + kLanes, v1, true);
+            e += kLanes;
+            continue;
+        }
         if (e + kLanes <= end) {
             store_out(y + e, V((ld(x + e) - a.mh) * a.s + a.b), true);
             continue;
