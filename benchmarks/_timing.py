@@ -123,11 +123,19 @@ def arguments(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke test)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--rounds", type=int, help="interleaved rounds per measurement (default 15, --quick 5)"
+    )
     return parser
 
 
 def rounds_for(args: argparse.Namespace) -> int:
-    """Apply --threads; the interleaved rounds --quick asks for."""
+    """Apply --threads; the interleaved rounds --rounds or --quick ask for.
+
+    A noisy machine (a shared host) needs more rounds for a median to settle.
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rounds:
+        return args.rounds
     return 5 if args.quick else 15
