@@ -599,11 +599,11 @@ def test_every_16_bit_value_converts_both_ways(dtype):
 @pytest.mark.parametrize("inner_shape", [(7, 7), (229, 231)], ids=["7x7", "229x231"])
 @pytest.mark.parametrize("dtype", [F32, *HALF], ids=str)
 def test_streamed_planes_match_the_float64_truth(inner_shape, dtype):
-    """Above STREAM_BYTES, inference writes a thread's planes as one range of aligned
+    """Above STREAM_EVAL_BYTES, inference writes a thread's planes as one range of aligned
     vectors, blending two planes' coefficients where a vector straddles them; 7×7 planes
     straddle in almost every vector, 229×231 ones start at every alignment."""
     per_row = dtype.itemsize * 8 * torch.Size(inner_shape).numel()
-    shape = (_build.native().STREAM_BYTES // per_row + 1, 8, *inner_shape)
+    shape = (_build.native().STREAM_EVAL_BYTES // per_row + 1, 8, *inner_shape)
     x = _make(shape, None, dtype)
     w, b = _params(8, F32)
     rm, rv = _buffers(8, F32)

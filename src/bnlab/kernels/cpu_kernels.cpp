@@ -45,10 +45,11 @@
 // Threads: OpenMP (the runtime torch uses), as many as the caller passes
 // (torch.get_num_threads()); small inputs run on fewer.
 //
-// Memory: outputs larger than a quarter of a last-level cache (kStreamBytes)
-// are written around the caches (non-temporal stores: little of them would
-// still be cached when they are read, and the stores skip reading the lines
-// they overwrite). On Linux, large fresh outputs are advised as huge pages
+// Memory: outputs larger than a quarter of a last-level cache (kStreamBytes;
+// half of it for inference's single pass, kStreamEvalBytes) are written
+// around the caches (non-temporal stores: little of them would still be
+// cached when they are read, and the stores skip reading the lines they
+// overwrite). On Linux, large fresh outputs are advised as huge pages
 // before their first touch: one page fault per 2 MiB instead of one per 4 KiB,
 // which on some machines costs more than the pass itself.
 //
@@ -92,6 +93,11 @@ constexpr int64_t kPanelBytes = int64_t(256) << 10;
 // what the OS reports is unreliable in VMs); benchmarks/bench_bn.py's large
 // shapes (16-26 MB outputs) measure the choice.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
+// Inference makes one pass, so the input need not stay cached for a second
+// one: it streams only when input and output together fill the last-level
+// cache (2 x 16 MiB) or more; below that, the layer that reads y next finds
+// it in cache.
+constexpr int64_t kStreamEvalBytes = int64_t(16) << 20;
 
 typedef Vec<double, kLanes>::v vd;
 
@@ -1043,7 +1049,7 @@ void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, con
     std::vector<Affine<T>> per(C);
     for (int64_t c = 0; c < C; ++c) per[c] = affine_of(mean[c], invstd[c], w, b, c);
     const int team = team_size(numel, threads);
-    const bool stream = numel * int64_t(sizeof(S)) > kStreamBytes;
+    const bool stream = numel * int64_t(sizeof(S)) >= kStreamEvalBytes;
     if (g.planes()) {
         parallel(team, [&](const int t, const int T_) {
             int64_t e0, e1;
@@ -1063,8 +1069,9 @@ void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, con
         int64_t r0, r1;
         split(rows, t, T_, 1, &r0, &r1);
         // Tensors the caches hold take blocks of kBlock rows (coefficients loaded
-        // once per block); larger ones stream wide rows one by one.
-        for_column_blocks<S>(Block{r0, r1, 0, W}, W, norm, stream ? 0 : kBlock);
+        // once per block); larger ones read wide rows one by one.
+        const bool cached = numel * int64_t(sizeof(S)) <= kStreamBytes;
+        for_column_blocks<S>(Block{r0, r1, 0, W}, W, norm, cached ? kBlock : 0);
     });
     for (int64_t e = tail; e < numel; ++e) {
         const Affine<T>& a = per[chan[e - tail]];
@@ -1373,7 +1380,8 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_bnlab_bn_cpu", "bnlab's batch
 
 PyMODINIT_FUNC PyInit__bnlab_bn_cpu(void) {
     PyObject* module = PyModule_Create(&module_def);
-    if (module && PyModule_AddIntConstant(module, "STREAM_BYTES", long(kStreamBytes)) != 0)
+    if (module && (PyModule_AddIntConstant(module, "STREAM_BYTES", long(kStreamBytes)) != 0 ||
+                   PyModule_AddIntConstant(module, "STREAM_EVAL_BYTES", long(kStreamEvalBytes)) != 0))
         Py_CLEAR(module);
     return module;
 }
