@@ -12,7 +12,7 @@
 //             as rows of width W = lcm(P, 16) whose column j always holds
 //             channel (j % P) / inner, and every row is whole vectors.
 //
-// and each is split over threads by its geometry (plan_of):
+// and the training passes split each over threads by its geometry (split_of):
 //
 //   planes by channel   every thread owns whole channels (many channels).
 //   planes by element   equal element ranges, sums combined after a barrier
@@ -20,10 +20,11 @@
 //   rows by row         equal row ranges, per-column sums combined (many
 //                       rows of a narrow period: channels_last, (N, C)).
 //   rows by column      every thread owns whole channels' columns of all
-//                       rows (few rows of a wide period: (32, 4096),
-//                       channels_last with 2048 channels).
+//                       rows, a cache-sized panel at a time (few rows of a
+//                       wide period: (32, 4096), (256, 512)).
 // When a thread owns whole channels, a channel's second pass follows its
 // first while its data is still in cache, and no barrier is needed.
+// Inference has nothing to reduce: equal element or row ranges.
 //
 // Passes (n values per channel, xhat = (x - mean)*invstd):
 //   forward   sums of (x - K) and (x - K)^2, K a shift near the channel's mean;
