@@ -777,12 +777,13 @@ struct ColumnNormalize {
     // Columns that are channels: the coefficients straight from the statistics
     // (affine_of's, in one loop the compiler vectorizes; wide layers have
     // thousands of channels).
-    ColumnNormalize& set_channels(const double* __restrict mean, const double* __restrict invstd,
-                                  const T* __restrict weight, const T* __restrict bias) {
+    ColumnNormalize& set_channels(int64_t c0, int64_t c1, const double* __restrict mean,
+                                  const double* __restrict invstd, const T* __restrict weight,
+                                  const T* __restrict bias) {
         T* __restrict m = mh.data();
         T* __restrict sc = s.data();
         T* __restrict bb = b.data();
-        for (int64_t c = 0; c < W; ++c) {
+        for (int64_t c = c0; c < c1; ++c) {
             const T h = static_cast<T>(mean[c]);
             const double scale = invstd[c] * (weight ? static_cast<double>(weight[c]) : 1.0);
             m[c] = h;
@@ -947,6 +948,7 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                     k, W, ColumnSums<S>{x, W, KW.data(), acc.data(), acc.data() + W}, kBlock);
                 if (inner == 1) {  // a column is a channel
                     finish_stats(p0, p1, n, K.data(), acc.data(), acc.data() + W, eps, run, stats);
+                    norm.set_channels(p0, p1, stats.mean, stats.invstd, w, b);
                 } else {
                     for (int64_t c = p0; c < p1; ++c) {
                         double s1 = 0, s2 = 0;
@@ -955,11 +957,11 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                             s2 += acc[W + j];
                         }
                         finish_channel(c, n, K.data(), s1, s2, eps, run, stats);
+                        per[c] = affine_of(stats.mean[c], stats.invstd[c], w, b, c);
                     }
+                    norm.set(k.j0, k.j1, per);
                 }
-                for (int64_t c = p0; c < p1; ++c)
-                    per[c] = affine_of(stats.mean[c], stats.invstd[c], w, b, c);
-                for_column_blocks<S>(k, W, norm.set(k.j0, k.j1, per), kBlock);
+                for_column_blocks<S>(k, W, norm, kBlock);
             }
             return;
         }
@@ -1087,7 +1089,7 @@ void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, con
         columns_are_channels ? std::vector<int64_t>() : column_channels(g, W);
     ColumnNormalize<S> norm(columns_are_channels ? nullptr : &chan, W, x, y, stream);
     if (columns_are_channels)
-        norm.set_channels(mean, invstd, w, b);
+        norm.set_channels(0, W, mean, invstd, w, b);
     else
         norm.set(0, W, per);
     parallel(team, [&](const int t, const int T_) {
