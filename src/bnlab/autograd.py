@@ -227,13 +227,12 @@ def batch_norm(
     if forward_ad:
         running_mean, running_var = _without_lone_tangents(x, weight, bias, running_mean, running_var)
     graph = _graph(x, weight, bias)
-    if graph or forward_ad or _transformed():
-        # The function records the graph, tangents and batching rules. A small
-        # graph of plain eager autograd is cheaper on torch's kernel.
-        if (
-            graph
-            and not (forward_ad or _transformed())
-            and small_calls.use_torch_kernel(x, weight, bias, running_mean, running_var, momentum)
+    beyond_autograd = forward_ad or _transformed()  # tangents, batching rules, a tracer
+    if graph or beyond_autograd:
+        # The function records all of these. A small graph of plain eager
+        # autograd is cheaper on torch's kernel.
+        if not beyond_autograd and small_calls.use_torch_kernel(
+            x, weight, bias, running_mean, running_var, momentum
         ):
             return torch.batch_norm(
                 x, weight, bias, running_mean, running_var, training, momentum, eps, False

@@ -274,6 +274,15 @@ GradCoef<T> grad_coef(double mean, double invstd, const T* w, int64_t c, double 
     return q;
 }
 
+// dgamma = sum dy*xhat from the sums the kernels build: sum dy, and sum
+// dy*(x - mh) with mh the mean rounded to T; the rest ml = mean - mh is taken
+// off here, in float64.
+template <typename T>
+inline double dgamma_of(double sdy, double sdyx_mh, double mean, double invstd) {
+    const double ml = mean - static_cast<double>(static_cast<T>(mean));
+    return (sdyx_mh - ml * sdy) * invstd;
+}
+
 // Per-channel statistics, float64 outputs (the callers give scratch for what is not wanted).
 struct Stats {
     double *mean, *var, *invstd;
@@ -446,6 +455,11 @@ __attribute__((always_inline)) inline void grad_sums(const S* dy, const S* x, in
 // and last lines would be partial, which non-temporal stores handle badly.
 constexpr int64_t kStreamRunBytes = 4096;
 
+// Where streamed stores of S start: a line, or a vector where a vector is less
+// (16-bit types), so at most kLanes - 1 values come before it.
+template <typename S>
+constexpr int64_t kStreamAlign = 64 < kLanes * sizeof(S) ? 64 : kLanes * sizeof(S);
+
 // out[i] = f(i) over one run, f giving a vector at i (or a value, scalar). A
 // ragged end recomputes an overlapping vector. When streaming, the whole
 // vectors from the first 64-byte boundary on are written around the caches
@@ -458,9 +472,7 @@ inline void elementwise_run(S* out, int64_t len, bool stream, Vector f, Scalar f
         return;
     }
     if (stream && len * int64_t(sizeof(S)) >= kStreamRunBytes) {
-        // Aligned to a line, or to a vector where a vector is less (16-bit types):
-        // at most kLanes - 1 values in, so the first vector covers them.
-        constexpr int64_t line = 64 < kLanes * sizeof(S) ? 64 : kLanes * sizeof(S);
+        constexpr int64_t line = kStreamAlign<S>;
         store_out(out, f(0), false);
         const int64_t in = int64_t(reinterpret_cast<uintptr_t>(out) & (line - 1)) / sizeof(S);
         int64_t i = in ? line / int64_t(sizeof(S)) - in : 0;
@@ -784,12 +796,10 @@ struct ColumnNormalize {
         T* __restrict sc = s.data();
         T* __restrict bb = b.data();
         for (int64_t c = c0; c < c1; ++c) {
-            const T h = static_cast<T>(mean[c]);
-            const double scale = invstd[c] * (weight ? static_cast<double>(weight[c]) : 1.0);
-            m[c] = h;
-            sc[c] = static_cast<T>(scale);
-            bb[c] = static_cast<T>((bias ? static_cast<double>(bias[c]) : 0.0) -
-                                   (mean[c] - static_cast<double>(h)) * scale);
+            const Affine<T> q = affine_of(mean[c], invstd[c], weight, bias, c);
+            m[c] = q.mh;
+            sc[c] = q.s;
+            bb[c] = q.b;
         }
         return *this;
     }
@@ -853,17 +863,15 @@ struct ColumnGrad {
         T* __restrict ck = k.data();
         T* __restrict cc = c0.data();
         for (int64_t c = lo; c < hi; ++c) {
-            const T h = static_cast<T>(mean[c]);
-            const double ml = mean[c] - static_cast<double>(h);
-            const double dgamma = (sdyx_mh[c] - ml * sdy[c]) * invstd[c];
-            const double scale = invstd[c] * (weight ? static_cast<double>(weight[c]) : 1.0);
-            const double slope = batch_stats ? scale * invstd[c] * dgamma / n : 0.0;
+            const double dgamma = dgamma_of<T>(sdy[c], sdyx_mh[c], mean[c], invstd[c]);
+            const GradCoef<T> q = grad_coef(mean[c], invstd[c], weight, c, sdy[c], dgamma, n,
+                                            batch_stats);
             dbias[c] = static_cast<T>(sdy[c]);
             dweight[c] = static_cast<T>(dgamma);
-            cm[c] = h;
-            ca[c] = static_cast<T>(scale);
-            ck[c] = static_cast<T>(slope);
-            cc[c] = batch_stats ? static_cast<T>(-scale * sdy[c] / n + slope * ml) : T(0);
+            cm[c] = q.mh;
+            ca[c] = q.a;
+            ck[c] = q.k;
+            cc[c] = q.c0;
         }
         return *this;
     }
@@ -1050,7 +1058,7 @@ template <typename S, typename T = Compute<S>>
 void normalize_range(const S* x, S* y, int64_t e0, int64_t e1, const Geometry& g,
                      const std::vector<Affine<T>>& per) {
     typedef VecOf<S> V;
-    constexpr int64_t line = 64 < kLanes * sizeof(S) ? 64 : kLanes * sizeof(S);
+    constexpr int64_t line = kStreamAlign<S>;
     auto one = [&](int64_t e) {
         const Affine<T>& a = per[(e / g.inner) % g.C];
         y[e] = down<S>((up(x[e]) - a.mh) * a.s + a.b);
@@ -1147,8 +1155,7 @@ void backward(const S* dy, const S* x, S* dx, const T* w, const double* mean, co
     std::vector<GradCoef<T>> coef(C);
     for (int64_t c = 0; c < C; ++c) coef[c] = grad_coef(mean[c], invstd[c], w, c, 0, 0, n, false);
     auto finish = [&](int64_t c, double sdy, double sdyx_mh) {
-        const double sdyx = sdyx_mh - (mean[c] - double(coef[c].mh)) * sdy;
-        const double dgamma = sdyx * invstd[c];
+        const double dgamma = dgamma_of<T>(sdy, sdyx_mh, mean[c], invstd[c]);
         db[c] = static_cast<T>(sdy);
         dw[c] = static_cast<T>(dgamma);
         coef[c] = grad_coef(mean[c], invstd[c], w, c, sdy, dgamma, n, batch_stats);
