@@ -52,3 +52,16 @@ def bnlab_kernels_only(monkeypatch):
     """Every call on bnlab's own path: small graph-recording calls would otherwise run on
     torch's kernel (bnlab.small_calls), and a test of bnlab's numerics would test torch's."""
     monkeypatch.setattr(small_calls, "ENABLED", False)
+
+
+def count_calls(monkeypatch, owner: object, name: str) -> list[tuple]:
+    """Wrap ``owner.name`` so that each call's arguments are appended to the returned list."""
+    calls: list[tuple] = []
+    real = getattr(owner, name)
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls

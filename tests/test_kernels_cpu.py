@@ -17,6 +17,8 @@ import bnlab.nn
 from bnlab import kernels
 from bnlab.kernels import _build, _cpu_native, cpu, reference
 
+from .conftest import count_calls
+
 pytestmark = [
     pytest.mark.skipif(
         _build.native() is None, reason="native CPU kernels unavailable (no C++ compiler?)"
@@ -482,16 +484,8 @@ def test_compile_fullgraph_uses_the_kernels():
 # ---- one path: with or without a graph, the same backend op -------------------------
 
 
-def _count_backend_calls(monkeypatch) -> list[int]:
-    calls = [0]
-    forward = cpu.eager_forward_train
-
-    def counting(*args):
-        calls[0] += 1
-        return forward(*args)
-
-    monkeypatch.setattr(cpu, "eager_forward_train", counting)
-    return calls
+def _count_backend_calls(monkeypatch) -> list[tuple]:
+    return count_calls(monkeypatch, cpu, "eager_forward_train")
 
 
 @pytest.mark.parametrize("layout", ["NC", "NCL-short", "NCHW", "NCHW-cl", "NCDHW-cl"])
@@ -514,7 +508,7 @@ def test_graph_and_no_graph_calls_agree(layout, dtype, kwargs, monkeypatch):
         assert y.requires_grad and not y_no_graph.requires_grad
         assert y.stride() == y_no_graph.stride()
         torch.testing.assert_close(y.detach(), y_no_graph, atol=0, rtol=0)
-    assert calls[0] == 4
+    assert len(calls) == 4
     for a, b in zip(graph.buffers(), no_graph.buffers(), strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
@@ -571,7 +565,7 @@ def test_double_backward_through_the_kernels(train, monkeypatch):
 
     args = (x, m.weight.detach().clone().requires_grad_(), m.bias.detach().clone().requires_grad_())
     assert torch.autograd.gradgradcheck(fn, args)
-    assert calls[0] > 0 or not train
+    assert len(calls) > 0 or not train
 
 
 # ---- 16-bit conversions ------------------------------------------------------------------

@@ -17,6 +17,8 @@ from bnlab import small_calls
 from bnlab.errors import ChannelMismatchError
 from bnlab.kernels import cpu
 
+from .conftest import count_calls
+
 MAX = small_calls.MAX_BYTES // 4  # float32 values
 
 
@@ -64,16 +66,9 @@ def test_small_calls_give_torch_nn_numbers_exactly(train):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-def _count(monkeypatch, name):
-    calls = []
-    real = getattr(cpu, name)
-    monkeypatch.setattr(cpu, name, lambda *a: calls.append(1) or real(*a))
-    return calls
-
-
 def test_training_without_a_graph_stays_on_bnlab_kernels(monkeypatch):
     """A training forward under no_grad takes batch statistics: bnlab's kernels, at every size."""
-    calls = _count(monkeypatch, "eager_forward_train")
+    calls = count_calls(monkeypatch, cpu, "eager_forward_train")
     with torch.no_grad():
         bnlab.nn.BatchNorm1d(16)(_rows(64))
     assert len(calls) == 1
@@ -82,7 +77,7 @@ def test_training_without_a_graph_stays_on_bnlab_kernels(monkeypatch):
 @pytest.mark.parametrize("elements, kernel", [(MAX, "torch"), (MAX + 16, "bnlab")], ids=str)
 def test_inference_switches_at_the_crossover(elements, kernel, monkeypatch):
     """Inference (running statistics, one elementwise pass) is exact on either kernel."""
-    calls = _count(monkeypatch, "eager_forward_eval")
+    calls = count_calls(monkeypatch, cpu, "eager_forward_eval")
     m = bnlab.nn.BatchNorm1d(16).eval()
     x = _rows(elements)
     with torch.no_grad():
