@@ -49,8 +49,9 @@ def one_thread():
 
 @pytest.fixture
 def bnlab_kernels_only(monkeypatch):
-    """Every call on bnlab's own path: small graph-recording calls would otherwise run on
-    torch's kernel (bnlab.small_calls), and a test of bnlab's numerics would test torch's."""
+    """Every call on bnlab's Python autograd function and backend: small calls would otherwise
+    run behind the C++ node (bnlab.small_calls), and a test that counts backend calls or
+    exercises the function's own backward would miss them."""
     monkeypatch.setattr(small_calls, "ENABLED", False)
 
 

@@ -1,9 +1,8 @@
-"""The small-call rule: which calls run on torch's kernel, and that nothing else does.
+"""Small calls: which run behind the C++ autograd node, and that it is bnlab's batch norm.
 
-Which kernel ran is read off the output: torch's kernel leaves its own
-autograd node (``NativeBatchNormBackward0``), bnlab's function its
-``BatchNormFunctionBackward``; calls without a graph are counted at bnlab's
-CPU backend.
+Which path ran is read off the output: the node leaves a ``CppNode<BatchNormNode>``
+as y's grad_fn, the Python function its ``BatchNormFunctionBackward``; calls
+without a graph are counted at bnlab's CPU backend, which the node does not call.
 """
 
 from __future__ import annotations
@@ -15,110 +14,219 @@ import torch.autograd.forward_ad as fwAD
 import bnlab.nn
 from bnlab import small_calls
 from bnlab.errors import ChannelMismatchError
-from bnlab.kernels import cpu
+from bnlab.kernels import _build, cpu
 
 from .conftest import count_calls
 
 MAX = small_calls.MAX_BYTES // 4  # float32 values
+_NODE = _build.node()
+pytestmark = pytest.mark.skipif(_NODE is None, reason="the autograd node could not be built")
 
 
-def _kernel_of(y: torch.Tensor) -> str:
-    name = type(y.grad_fn).__name__
-    if "NativeBatchNorm" in name:
-        return "torch"
+def _path_of(y: torch.Tensor) -> str:
+    name = y.grad_fn.name()
+    if "BatchNormNode" in name:
+        return "node"
     assert "BatchNormFunction" in name, name
-    return "bnlab"
+    return "function"
 
 
-def _rows(elements: int, channels: int = 16) -> torch.Tensor:
-    return torch.randn(elements // channels, channels)
+def _rows(elements: int, channels: int = 16, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(elements // channels, channels, dtype=dtype)
+
+
+def _pair(cls_ours, cls_theirs, channels, dtype, **kwargs):
+    ours = cls_ours(channels, dtype=dtype, **kwargs)
+    theirs = cls_theirs(channels, dtype=dtype, **kwargs)
+    if ours.affine:
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5)
+            ours.bias.uniform_(-1, 1)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
 
 
 @pytest.mark.parametrize(
-    "elements, kernel", [(64, "torch"), (MAX, "torch"), (MAX + 16, "bnlab")], ids=str
+    "elements, path", [(64, "node"), (MAX, "node"), (MAX + 16, "function")], ids=str
 )
 @pytest.mark.parametrize("train", [True, False])
-def test_graph_recording_calls_switch_at_the_crossover(elements, kernel, train):
+def test_graph_recording_calls_switch_at_the_crossover(elements, path, train):
     m = bnlab.nn.BatchNorm1d(16).train(train)
     y = m(_rows(elements).requires_grad_())
-    assert _kernel_of(y) == kernel
+    assert _path_of(y) == path
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_small_calls_give_torch_nn_numbers_exactly(train):
-    """Below the crossover the numbers are torch's own, buffers and gradients included."""
-    ours, theirs = bnlab.nn.BatchNorm2d(6), torch.nn.BatchNorm2d(6)
-    with torch.no_grad():
-        ours.weight.uniform_(0.5, 1.5)
-        ours.bias.uniform_(-1, 1)
-    theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(8, 6, 4, 4) * 3 + 2
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_the_crossover_is_in_bytes(dtype):
+    """16-bit inputs switch at twice float32's values, float64 at half (MAX_BYTES)."""
+    values = small_calls.MAX_BYTES // dtype.itemsize
+    m = bnlab.nn.BatchNorm1d(16, dtype=torch.float64 if dtype == torch.float64 else None)
+    for elements, path in ((values, "node"), (values + 16, "function")):
+        y = m(_rows(elements, dtype=dtype).requires_grad_())
+        assert _path_of(y) == path, (dtype, elements)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(
+    "cls, shape, layout",
+    [
+        ("BatchNorm1d", (32, 6), None),
+        ("BatchNorm1d", (8, 6, 5), None),
+        ("BatchNorm2d", (8, 6, 4, 4), None),
+        ("BatchNorm2d", (8, 6, 4, 4), torch.channels_last),
+        ("BatchNorm3d", (4, 6, 2, 3, 3), torch.channels_last_3d),
+    ],
+    ids=["NC", "NCL", "NCHW", "NHWC", "NDHWC"],
+)
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"affine": False}, {"track_running_stats": False}, {"momentum": None}],
+    ids=["default", "noaffine", "notrack", "cumulative"],
+)
+def test_node_matches_torch_nn_in_float64(cls, shape, layout, kwargs, train):
+    """Outputs, every gradient and the running buffers, over three steps (the cumulative
+    momentum takes a tensor momentum, which the node declines: the function runs)."""
+    ours, theirs = _pair(getattr(bnlab.nn, cls), getattr(torch.nn, cls), 6, torch.float64, **kwargs)
     for m in (ours, theirs):
         m.train(train)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = ours(xa), theirs(xb)
-    dy = torch.randn_like(ya)
-    ya.backward(dy)
-    yb.backward(dy)
-    for a, b in [(ya, yb), (xa.grad, xb.grad), (ours.weight.grad, theirs.weight.grad)]:
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
-    for a, b in zip(ours.buffers(), theirs.buffers(), strict=True):
+    for _ in range(3):
+        x = torch.randn(shape, dtype=torch.float64) * 3 + 2
+        if layout is not None:
+            x = x.contiguous(memory_format=layout)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), theirs(xb)
+        dy = torch.randn_like(ya)
+        ya.backward(dy)
+        yb.backward(dy)
+        torch.testing.assert_close(ya, yb, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(xa.grad, xb.grad, atol=1e-11, rtol=1e-11)
+        for pa, pb in zip(ours.parameters(), theirs.parameters(), strict=True):
+            torch.testing.assert_close(pa.grad, pb.grad, atol=1e-11, rtol=1e-11)
+        for ba, bb in zip(ours.buffers(), theirs.buffers(), strict=True):
+            torch.testing.assert_close(ba, bb, atol=1e-13, rtol=1e-13)
+        assert ya.stride() == yb.stride()
+    if kwargs.get("momentum", 0.1) is not None:
+        assert _path_of(ya) == "node"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_node_gives_the_function_numbers_exactly(dtype, train, monkeypatch):
+    """Same kernels, same statistics: bit for bit what bnlab's Python function gives."""
+    torch.manual_seed(0)
+    x = (torch.randn(16, 6, 5, 5) * 3 + 40).to(dtype)
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(small_calls, "ENABLED", enabled)
+        torch.manual_seed(1)
+        m = bnlab.nn.BatchNorm2d(6).train(train)
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-1, 1)
+        xa = x.clone().requires_grad_()
+        y = m(xa)
+        assert _path_of(y) == ("node" if enabled else "function")
+        y.backward(torch.ones_like(y).mul_(0.5) + x.float().sin().to(dtype))
+        results.append([y, xa.grad, m.weight.grad, m.bias.grad, *m.buffers()])
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-def test_training_without_a_graph_stays_on_bnlab_kernels(monkeypatch):
-    """A training forward under no_grad takes batch statistics: bnlab's kernels, at every size."""
-    calls = count_calls(monkeypatch, cpu, "eager_forward_train")
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+def test_double_backward_matches_torch(train, affine):
+    ours, theirs = _pair(
+        bnlab.nn.BatchNorm1d, torch.nn.BatchNorm1d, 3, torch.float64, affine=affine
+    )
     with torch.no_grad():
-        bnlab.nn.BatchNorm1d(16)(_rows(64))
+        ours.running_mean.uniform_(-1, 1)
+        ours.running_var.uniform_(0.5, 2)
+    theirs.load_state_dict(ours.state_dict())
+    for m in (ours, theirs):
+        m.train(train)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    grads = []
+    for m in (ours, theirs):
+        xa = x.clone().requires_grad_()
+        y = m(xa)
+        (g,) = torch.autograd.grad((y.sin() * torch.arange(3.0, dtype=torch.float64)).sum(), xa,
+                                   create_graph=True)  # fmt: skip
+        inputs = [xa, *m.parameters()]
+        grads.append(torch.autograd.grad((g**2).sum(), inputs, allow_unused=True))
+    assert _path_of(ours(x.clone().requires_grad_())) == "node"
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_gradcheck_and_gradgradcheck(train):
+    node = _NODE.batch_norm
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64) * 2
+    x = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return node(x, w, b, rm, rv, train, 0.0, 1e-5, small_calls.MAX_BYTES)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_batched_gradients_match_torch(train):
+    """autograd.grad(..., is_grads_batched=True) vmaps the backward over dy."""
+    ours, theirs = _pair(bnlab.nn.BatchNorm2d, torch.nn.BatchNorm2d, 3, torch.float64)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    dys = torch.randn(5, *x.shape, dtype=torch.float64)
+    results = []
+    for m in (ours, theirs):
+        m.train(train)
+        xa = x.clone().requires_grad_()
+        y = m(xa)
+        results.append(torch.autograd.grad(y, (xa, m.weight), dys, is_grads_batched=True))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_calls_without_a_graph_take_the_node(train, monkeypatch):
+    """No graph, small: the node, not the Python backend; above the crossover, the backend."""
+    name = "eager_forward_train" if train else "eager_forward_eval"
+    calls = count_calls(monkeypatch, cpu, name)
+    ours, theirs = _pair(bnlab.nn.BatchNorm1d, torch.nn.BatchNorm1d, 16, torch.float32)
+    x = _rows(64) * 2 + 1
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.train(train)
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=1e-6)
+        assert not calls
+        ours(_rows(MAX + 16))
     assert len(calls) == 1
+    for a, b in zip(ours.buffers(), theirs.buffers(), strict=False):
+        if not train:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("elements, kernel", [(MAX, "torch"), (MAX + 16, "bnlab")], ids=str)
-def test_inference_switches_at_the_crossover(elements, kernel, monkeypatch):
-    """Inference (running statistics, one elementwise pass) is exact on either kernel."""
-    calls = count_calls(monkeypatch, cpu, "eager_forward_eval")
-    m = bnlab.nn.BatchNorm1d(16).eval()
-    x = _rows(elements)
-    with torch.no_grad():
-        y = m(x)
-    assert len(calls) == (kernel == "bnlab")
-    expected = torch.nn.functional.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias)
-    torch.testing.assert_close(y, expected, atol=1e-6, rtol=0)
-
-
-def test_forward_ad_keeps_bnlab_path():
-    m = bnlab.nn.BatchNorm1d(16)
-    x = _rows(64)
-    with fwAD.dual_level():
-        y = m(fwAD.make_dual(x, torch.ones_like(x)))
-        tangent = fwAD.unpack_dual(y).tangent
-    # Batch norm removes a constant shift: the tangent of x + t·1 is zero.
-    torch.testing.assert_close(tangent, torch.zeros_like(x), atol=1e-5, rtol=0)
-
-
-def test_checks_come_first():
-    """A small call still gets bnlab's clear error, not torch's."""
-    m = bnlab.nn.BatchNorm1d(16)
-    with pytest.raises(ChannelMismatchError, match="expected input with 16 channels"):
-        m(torch.randn(4, 8, requires_grad=True))
-
-
-def _call_args(x_dtype=torch.float32, param=None, buffer=None, momentum=0.1, elements=64):
-    x = _rows(elements).to(x_dtype)
+def _call(x_dtype=torch.float32, param=None, buffer=None, momentum=0.1, elements=64, x=None):
+    """The arguments of one training call, as the module hands them on."""
+    x = _rows(elements).to(x_dtype) if x is None else x
     param, buffer = param or x_dtype, buffer or x_dtype
+    c = x.shape[1]
     return (
         x,
-        torch.ones(16, dtype=param),
-        torch.zeros(16, dtype=param),
-        torch.zeros(16, dtype=buffer),
-        torch.ones(16, dtype=buffer),
+        torch.ones(c, dtype=param),
+        torch.zeros(c, dtype=param),
+        torch.zeros(c, dtype=buffer),
+        torch.ones(c, dtype=buffer),
+        True,
         momentum,
+        1e-5,
     )
 
 
 @pytest.mark.parametrize(
-    "case, kwargs, expected",
+    "case, kwargs, taken",
     [
         ("float32", {}, True),
         ("float64", {"x_dtype": torch.float64}, True),
@@ -128,35 +236,117 @@ def _call_args(x_dtype=torch.float32, param=None, buffer=None, momentum=0.1, ele
             True,
         ),
         (
-            "bf16 parameters, float32 buffers",
-            {"x_dtype": torch.bfloat16, "buffer": torch.float32},
+            "fp16 input, float32 parameters, float64 buffers",
+            {"x_dtype": torch.float16, "param": torch.float32, "buffer": torch.float64},
             True,
         ),
-        # bnlab rounds a 16-bit buffer's update once; torch's kernel would round it more.
-        ("bf16 buffers", {"x_dtype": torch.bfloat16}, False),
+        # The function converts these first (and rounds a 16-bit buffer's update once).
+        ("bf16 parameters", {"x_dtype": torch.bfloat16, "buffer": torch.float32}, False),
+        ("bf16 buffers", {"x_dtype": torch.bfloat16, "param": torch.float32}, False),
         ("float64 parameters for float32 input", {"param": torch.float64}, False),
         ("momentum as a tensor (momentum=None)", {"momentum": torch.tensor(0.5)}, False),
         ("above the crossover", {"elements": MAX + 16}, False),
+        ("strided input", {"x": torch.randn(16, 64).t()}, False),
+        ("integer input", {"x": torch.ones(8, 16, dtype=torch.int64)}, False),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
-def test_rule(case, kwargs, expected):
-    assert small_calls.use_torch_kernel(*_call_args(**kwargs)) is expected, case
+def test_rule(case, kwargs, taken):
+    """The node takes the call, or declines it (None) and the function runs."""
+    y = small_calls.batch_norm(*_call(**kwargs))
+    assert (y is not None) is taken, case
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
-def test_the_crossover_is_in_bytes(dtype):
-    """16-bit inputs switch at twice float32's values, float64 at half (MAX_BYTES)."""
-    values = small_calls.MAX_BYTES // dtype.itemsize
-    m = bnlab.nn.BatchNorm1d(16, dtype=torch.float64 if dtype == torch.float64 else None)
-    for elements, kernel in ((values, "torch"), (values + 16, "bnlab")):
-        y = m(_rows(elements).to(dtype).requires_grad_())
-        assert _kernel_of(y) == kernel, (dtype, elements)
+def test_a_declined_call_still_gives_torch_numbers():
+    """A strided input and a tensor momentum take the function: same results as torch.nn."""
+    ours, theirs = _pair(
+        bnlab.nn.BatchNorm1d, torch.nn.BatchNorm1d, 6, torch.float64, momentum=None
+    )
+    x = torch.randn(6, 32, dtype=torch.float64).t()
+    ya, yb = ours(x.requires_grad_()), theirs(x)
+    assert _path_of(ya) == "function"
+    torch.testing.assert_close(ya, yb, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, atol=1e-13, rtol=0)
+
+
+def test_forward_ad_keeps_the_function():
+    m = bnlab.nn.BatchNorm1d(16)
+    x = _rows(64)
+    with fwAD.dual_level():
+        y = m(fwAD.make_dual(x, torch.ones_like(x)))
+        tangent = fwAD.unpack_dual(y).tangent
+    # Batch norm removes a constant shift: the tangent of x + t·1 is zero.
+    torch.testing.assert_close(tangent, torch.zeros_like(x), atol=1e-5, rtol=0)
+
+
+def test_vmap_keeps_the_function():
+    """Each vmapped slice with its own statistics, as torch: the function's batching rule."""
+    m = bnlab.nn.BatchNorm1d(4, track_running_stats=False)
+    x = torch.randn(3, 8, 4)
+    y = torch.func.vmap(m)(x)
+    expected = torch.stack(
+        [torch.nn.functional.batch_norm(s, None, None, training=True) for s in x]
+    )
+    torch.testing.assert_close(y, expected, atol=1e-6, rtol=0)
+
+
+def test_checks_come_first():
+    """A small call still gets bnlab's clear error."""
+    m = bnlab.nn.BatchNorm1d(16)
+    with pytest.raises(ChannelMismatchError, match="expected input with 16 channels"):
+        m(torch.randn(4, 8, requires_grad=True))
+
+
+def test_the_node_checks_what_it_is_handed():
+    """The node's own boundary: sizes it does not decide on are checked before any pointer."""
+    x, w, b, rm, rv, *rest = _call()
+    with pytest.raises(
+        RuntimeError,
+        match="weight must be a contiguous Float CPU tensor of 16 elements, got Float of size",
+    ):
+        _NODE.batch_norm(x, w[:8], b, rm, rv, *rest, small_calls.MAX_BYTES)
+    with pytest.raises(RuntimeError, match="running_var must be"):
+        _NODE.batch_norm(x, w, b, rm, rv[:3], *rest, small_calls.MAX_BYTES)
+    with pytest.raises(RuntimeError, match="evaluation needs running_mean and running_var"):
+        _NODE.batch_norm(x, w, b, None, None, False, 0.1, 1e-5, small_calls.MAX_BYTES)
+    with pytest.raises(TypeError, match="expects 9 arguments"):
+        _NODE.batch_norm(x)
+
+
+def test_running_buffers_are_versioned_like_an_in_place_op():
+    """Autograd sees the update: a graph that saved a buffer refuses to use it afterwards."""
+    m = bnlab.nn.BatchNorm1d(16)
+    before = m.running_mean._version
+    m(_rows(64))
+    assert m.running_mean._version == before + 1
+
+
+def test_saved_tensor_hooks_see_what_the_node_saves():
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = bnlab.nn.BatchNorm1d(16)(_rows(64).requires_grad_())
+    assert _path_of(y) == "node" and (4, 16) in packed
+    y.sum().backward()
 
 
 def test_switch_off(monkeypatch):
-    """BNLAB_SMALL_CALLS=bnlab (read at import as ENABLED) keeps every call on bnlab."""
+    """BNLAB_SMALL_CALLS=bnlab (read at import as ENABLED) keeps every call on the function."""
     monkeypatch.setattr(small_calls, "ENABLED", False)
-    assert not small_calls.use_torch_kernel(*_call_args())
+    assert small_calls.batch_norm(*_call()) is None
     y = bnlab.nn.BatchNorm1d(16)(_rows(64).requires_grad_())
-    assert _kernel_of(y) == "bnlab"
+    assert _path_of(y) == "function"
+
+
+def test_without_the_node_small_calls_take_the_function(monkeypatch):
+    """A node that cannot be built (here: no compiler) warns once; the function runs."""
+    monkeypatch.setattr(_build, "_node", _build._UNSET)
+    monkeypatch.setattr(_build, "_compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="_bnlab_bn_node unavailable.*no C\\+\\+ compiler"):
+        y = bnlab.nn.BatchNorm1d(16)(_rows(64).requires_grad_())
+    assert _path_of(y) == "function"
+    assert _build.node() is None

@@ -185,7 +185,9 @@ def _without_lone_tangents(x, weight, bias, running_mean, running_var):
     """
     if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in (x, weight, bias)):
         return running_mean, running_var
-    return tuple(None if t is None else fwAD.unpack_dual(t).primal for t in (running_mean, running_var))
+    return tuple(
+        None if t is None else fwAD.unpack_dual(t).primal for t in (running_mean, running_var)
+    )
 
 
 def _graph(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
@@ -216,8 +218,8 @@ def batch_norm(
 
     Without anything to record, the backend op is called directly: the same
     op and results without the autograd function's per-call cost. A small
-    call that records a graph, or normalizes with running statistics, runs on
-    torch's kernel (:mod:`bnlab.small_calls`).
+    plain eager call runs the same kernels behind a C++ autograd node
+    (:mod:`bnlab.small_calls`).
     """
     if torch.compiler.is_compiling():
         return _BatchNormGraph.apply(
@@ -225,23 +227,21 @@ def batch_norm(
         )[0]
     forward_ad = _compat.forward_ad_active()
     if forward_ad:
-        running_mean, running_var = _without_lone_tangents(x, weight, bias, running_mean, running_var)
-    graph = _graph(x, weight, bias)
+        running_mean, running_var = _without_lone_tangents(
+            x, weight, bias, running_mean, running_var
+        )
     beyond_autograd = forward_ad or _transformed()  # tangents, batching rules, a tracer
-    if graph or beyond_autograd:
-        # The function records all of these. A small graph of plain eager
-        # autograd is cheaper on torch's kernel.
-        if not beyond_autograd and small_calls.use_torch_kernel(
-            x, weight, bias, running_mean, running_var, momentum
-        ):
-            return torch.batch_norm(
-                x, weight, bias, running_mean, running_var, training, momentum, eps, False
-            )
+    if not beyond_autograd:
+        y = small_calls.batch_norm(
+            x, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+        if y is not None:
+            return y
+    if beyond_autograd or _graph(x, weight, bias):
         return _apply(x, weight, bias, running_mean, running_var, training, momentum, eps)[0]
+    backend = kernels.select(x)
     if training:
-        return kernels.select(x).forward_train(
+        return backend.forward_train(
             x, weight, bias, eps, running_mean, running_var, momentum, False
         )[0]
-    if small_calls.use_torch_kernel(x, weight, bias, running_mean, running_var, momentum):
-        return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
-    return kernels.select(x).forward_eval(x, weight, bias, running_mean, running_var, eps, False)[0]
+    return backend.forward_eval(x, weight, bias, running_mean, running_var, eps, False)[0]

@@ -1,85 +1,65 @@
-"""Where a batch norm's fixed cost is all there is: small calls on torch's kernel.
+"""Where a batch norm's fixed cost is all there is: small calls behind a C++ autograd node.
 
-A call that records a graph pays for bnlab's autograd function (a Python
-``forward``, ``setup_context`` and ``backward``, and the engine's calls into
-them), where torch's batch norm has its autograd node in C++; any call pays
-for bnlab's checks of what it hands its kernels, in Python. Below some size
-the kernels cannot win that back, and the user would be slower with bnlab
-than with torch.nn. Such calls go to ``torch.batch_norm``: torch's own kernel,
-numbers and gradients, after bnlab's checks and buffer choices.
+bnlab's autograd function is Python (``forward``, ``setup_context``,
+``backward``, and the engine's calls into them), and every call checks in
+Python what it hands the kernels: about 20 µs a training step more than
+torch's batch norm, whose node is C++. Below some size the kernels cannot
+win that back. So small eager calls run on ``kernels/cpu_node.cpp``: the
+same kernels and checks behind a C++ autograd node, called without the
+dispatcher (``bnlab.kernels._build.node``). Their numbers are bnlab's:
+shifted sums with a float64 carry, the running update rounded once.
 
-The rule (:func:`use_torch_kernel`, tested in tests/test_small_calls.py):
+The rule (:func:`batch_norm` returns None for a call it does not take;
+tests/test_small_calls.py):
 
 * x takes at most :data:`MAX_BYTES` (256 KiB: 65536 float32 values, 131072
-  bfloat16 ones), the crossover measured by
-  ``python benchmarks/bench_small_calls.py`` (README, "Small calls"). Per
-  value, the 16-bit kernels save less over torch's than the float32 ones, so
-  the crossover is a size in bytes rather than in values;
-* the call records a graph (a training step), or normalizes with running
-  statistics (inference: one elementwise pass, exact in either kernel).
-  Training forwards without a graph keep bnlab's kernels, which win there;
-* it is plain eager autograd on the CPU: no forward-mode AD, functorch
-  transform, tracer or compiler (those keep bnlab's one path, with its jvp
-  and vmap rules; :func:`bnlab.autograd.batch_norm` checks them), and arguments
-  torch's kernel takes as they are: a float momentum, parameters and buffers
-  in x's dtype, or float32 ones for 16-bit x (16-bit buffers stay with bnlab,
-  whose update rounds once).
+  bfloat16 ones); above it the Python function's cost is a few percent of a
+  call, and the one path (with its jvp and vmap rules) runs. Training or
+  inference, with or without a graph;
+* plain eager autograd on the CPU: no forward-mode AD, functorch transform,
+  tracer or compiler (:func:`bnlab.autograd.batch_norm` checks them; they keep
+  the Python function);
+* arguments the kernels take as they are: x contiguous or channels_last,
+  a float momentum, parameters in x's compute dtype (float32 for 16-bit x),
+  running buffers float32 or float64 and contiguous. Anything else is
+  converted on the one path. The node decides this in C++, where it costs a
+  fraction of the same tests in Python.
 
-What changes below the crossover in a training step is the statistics'
-numerics: torch's float32 statistics lose precision when |mean| ≫ std, which
-bnlab's shifted sums do not. ``BNLAB_SMALL_CALLS=bnlab`` keeps every call on
-bnlab's kernels.
+When the node cannot be built (no compiler, or a torch without its C++
+headers), every call takes the one path. ``BNLAB_SMALL_CALLS=bnlab`` does too.
 """
 
 from __future__ import annotations
 
 import os
 
-import torch
 from torch import Tensor
 
-# Bytes of x at or below which a call runs on torch's kernel.
+from .kernels import _build
+
+# Bytes of x at or below which a call runs behind the C++ node.
 MAX_BYTES = 256 << 10
 ENABLED = os.environ.get("BNLAB_SMALL_CALLS", "").lower() != "bnlab"
 
-_HALF = (torch.bfloat16, torch.float16)
 
-
-def _takes(x: Tensor, t: Tensor | None, buffer: bool) -> bool:
-    """Whether torch's CPU kernel takes ``t`` beside 16-bit ``x`` as it is: float32, or x's
-    dtype for a parameter (16-bit running buffers stay with bnlab, whose update rounds once)."""
-    return t is None or t.dtype is torch.float32 or (t.dtype is x.dtype and not buffer)
-
-
-def use_torch_kernel(
+def batch_norm(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     running_mean: Tensor | None,
     running_var: Tensor | None,
+    training: bool,
     momentum: float | Tensor,
-) -> bool:
-    """Whether this call is small enough for torch's kernel to win (see above); the caller
-    knows that it records a graph or normalizes with running statistics, and that no
-    forward-mode AD, transform or tracer is active."""
-    if (
-        not ENABLED
-        or x.numel() * x.element_size() > MAX_BYTES
-        or not x.is_cpu
-        or isinstance(momentum, Tensor)
-    ):
-        return False
-    d = x.dtype
-    if d in _HALF:
-        return (
-            _takes(x, weight, False)
-            and _takes(x, bias, False)
-            and _takes(x, running_mean, True)
-            and _takes(x, running_var, True)
-        )
-    return (
-        (weight is None or weight.dtype is d)
-        and (bias is None or bias.dtype is d)
-        and (running_mean is None or running_mean.dtype is d)
-        and (running_var is None or running_var.dtype is d)
+    eps: float,
+) -> Tensor | None:
+    """y through the node (``torch.ops.bnlab_eager.batch_norm``), or None when the call is
+    not one it takes (see above). The caller has made bnlab's checks and knows the call is
+    plain eager autograd."""
+    if not ENABLED:
+        return None
+    node = _build.node()
+    if node is None:
+        return None
+    return node.batch_norm(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, MAX_BYTES
     )

@@ -1,15 +1,24 @@
-"""The batch-norm CPU kernels (``cpu_kernels.cpp``) as a :class:`bnlab.native.Extension`.
+"""The batch-norm CPU kernels as :class:`bnlab.native.Extension` modules.
 
-``native()`` returns the loaded module, or ``None`` after one warning when it
-cannot be built; the caller then runs on the reference backend.
-``BNLAB_BACKEND=reference`` (read at import, ``ENABLED``) skips the build.
+* ``native()``: the kernels as Python functions (``cpu_kernels.cpp``), or
+  ``None`` after one warning when they cannot be built; the caller then runs
+  on the reference backend.
+* ``node()``: the op ``torch.ops.bnlab_eager.batch_norm`` (``cpu_node.cpp``,
+  the same kernels behind a C++ autograd node, built against torch's headers
+  and libraries), or ``None`` after one warning; small calls then run on the
+  Python autograd function (:mod:`bnlab.small_calls`).
+
+``BNLAB_BACKEND=reference`` (read at import, ``ENABLED``) skips both builds.
 The building itself is :mod:`bnlab.native`'s.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import ModuleType
+
+import torch
 
 from bnlab import native as _native
 from bnlab.native import cache_dir
@@ -18,6 +27,36 @@ BATCH_NORM = _native.Extension(
     "_bnlab_bn_cpu",  # must match PyInit__bnlab_bn_cpu in cpu_kernels.cpp
     [Path(__file__).with_name("cpu_kernels.cpp")],
     fallback="the (slower) reference backend",
+)
+
+
+def _torch_flags() -> list[str]:
+    """Compiler and linker flags for code that includes torch's headers and links its libraries."""
+    root = Path(torch.__file__).parent
+    include, lib = root / "include", root / "lib"
+    if not (include / "torch" / "library.h").exists():
+        raise FileNotFoundError(f"torch's C++ headers are not in {include}")
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+    return [
+        "-std=c++20",  # what torch's headers are written in (later than _COMMON's, so it wins)
+        f"-I{include}",
+        f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        # Part of the cache key: a torch upgrade in place rebuilds the node.
+        f'-DBNLAB_TORCH_VERSION="{torch.__version__}"',
+        f"-L{lib}",
+        f"-Wl,-rpath,{lib}",
+        "-lc10",
+        "-ltorch_cpu",
+        "-ltorch_python",
+    ]
+
+
+NODE = _native.Extension(
+    "_bnlab_bn_node",  # must match PyInit__bnlab_bn_node in cpu_node.cpp
+    [Path(__file__).with_name("cpu_node.cpp")],
+    fallback="bnlab's Python autograd function for small calls",
+    flags=_torch_flags,
 )
 
 ENABLED = _native.ENABLED
@@ -38,4 +77,17 @@ def native() -> ModuleType | None:
     return _module  # type: ignore[return-value]
 
 
-__all__ = ["BATCH_NORM", "ENABLED", "cache_dir", "native"]
+_node: ModuleType | object | None = _UNSET
+
+
+def node() -> ModuleType | None:
+    """The autograd node's module (its ``batch_norm`` is ``torch.ops.bnlab_eager.batch_norm``,
+    called directly), building it on first use; None if it cannot be had. Loaded once per
+    process: a second copy would register the op twice."""
+    global _node
+    if _node is _UNSET:
+        _node = NODE.build(_compiler()) if ENABLED and os.name == "posix" else None
+    return _node  # type: ignore[return-value]
+
+
+__all__ = ["BATCH_NORM", "ENABLED", "NODE", "cache_dir", "native", "node"]

@@ -36,7 +36,9 @@ class Mismatch(TypeError, ValueError):
 def _kernels():
     module = _build.native()
     if module is None:
-        raise RuntimeError("native batch norm: the CPU kernels are unavailable (see the build warning)")
+        raise RuntimeError(
+            "native batch norm: the CPU kernels are unavailable (see the build warning)"
+        )
     return module
 
 
@@ -92,7 +94,12 @@ def _vector(t: Tensor | None, name: str, dtype: torch.dtype, c: int) -> int | No
 def _running(rm: Tensor | None, rv: Tensor | None, c: int) -> tuple[int | None, int | None, bool]:
     if rm is None and rv is None:
         return None, None, False
-    if rm is None or rv is None or rm.dtype is not rv.dtype or not (rm.dtype is _F32 or rm.dtype is _F64):
+    if (
+        rm is None
+        or rv is None
+        or rm.dtype is not rv.dtype
+        or not (rm.dtype is _F32 or rm.dtype is _F64)
+    ):
         raise Mismatch(
             "native batch norm: running_mean and running_var must be given together, "
             "both float32 or both float64"

@@ -60,9 +60,7 @@ def cpu_forward_eval(
 ) -> tuple[Tensor, Tensor]:
     """(y, stats) with the running statistics; stats (2, C) float64."""
     if _build.native() is None:
-        y, stats = reference.REFERENCE.forward_eval(
-            x, weight, bias, running_mean, running_var, eps
-        )
+        y, stats = reference.REFERENCE.forward_eval(x, weight, bias, running_mean, running_var, eps)
         return y, stats.to(_F64)
     y, stats = cpu.eager_forward_eval(x, weight, bias, running_mean, running_var, eps)
     return _restride(y, x), stats

@@ -133,9 +133,7 @@ def tangent(
         if batch_stats:
             dims = _reduce_dims(x)
             xa_t = (
-                xa_t
-                - xa_t.mean(dims, keepdim=True)
-                - xhat * (xa_t * xhat).mean(dims, keepdim=True)
+                xa_t - xa_t.mean(dims, keepdim=True) - xhat * (xa_t * xhat).mean(dims, keepdim=True)
             )
         scale = invstd if weight is None else invstd * weight.to(acc)
         y_t = y_t + xa_t * _per_channel(scale, x)

@@ -1,8 +1,10 @@
 """Compile and load bnlab's native extension modules, once per machine.
 
-An :class:`Extension` is a module name and its C++ sources. The sources need
+An :class:`Extension` is a module name and its C++ sources. Most sources need
 only a C++ compiler, the Python headers and ``bnlab_native.h`` (this folder,
-passed with ``-I``): no torch headers, so a cold build takes seconds. The
+passed with ``-I``): no torch headers, so a cold build takes seconds; one that
+needs more (the batch-norm autograd node: torch's headers and libraries)
+names its extra flags. The
 shared object is cached under ``$BNLAB_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/bnlab`` or ``~/.cache/bnlab``), named by a hash of
 everything that shapes the binary: sources, header, compiler, flags, Python
@@ -28,6 +30,7 @@ import sys
 import sysconfig
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -61,8 +64,16 @@ class Extension:
     ``fallback`` names what callers use without it, for the warning.
     """
 
-    def __init__(self, name: str, sources: list[Path], fallback: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        sources: list[Path],
+        fallback: str,
+        flags: Callable[[], list[str]] | None = None,
+    ) -> None:
         self.name, self.sources, self.fallback = name, list(sources), fallback
+        # Extra compiler and linker flags (include paths, libraries), asked for at build time.
+        self.flags = flags or (lambda: [])
         self._module: ModuleType | object | None = _UNSET
 
     def load(self) -> ModuleType | None:
@@ -79,7 +90,12 @@ class Extension:
         if compiler is None:
             return self._give_up("no C++ compiler found (set CXX, or install g++ or clang++)")
         errors = []
-        for flags in _VARIANTS:
+        try:
+            extra = self.flags()
+        except Exception as e:  # what the flags come from is missing or broken
+            return self._give_up(f"cannot find what the build needs ({e})")
+        for variant in _VARIANTS:
+            flags = [*variant, *extra]
             suffix = sysconfig.get_config_var("EXT_SUFFIX")
             target = cache_dir() / f"{self.name}-{self._key(compiler, flags)}{suffix}"
             if not target.exists():
@@ -97,7 +113,7 @@ class Extension:
         h = hashlib.sha256()
         for part in (
             self.name.encode(),
-            *(path.read_bytes() for path in [*self.sources, *sorted(INCLUDE.glob("*.h"))]),
+            *(path.read_bytes() for path in [*self.sources, *self._headers()]),
             compiler.encode(),
             " ".join(flags).encode(),
             sysconfig.get_config_var("EXT_SUFFIX").encode(),
@@ -107,6 +123,11 @@ class Extension:
             h.update(part)
             h.update(b"\0")
         return h.hexdigest()[:16]
+
+    def _headers(self) -> list[Path]:
+        """The headers a build may include: bnlab_native.h's folder and the sources' own."""
+        folders = {INCLUDE, *(source.parent for source in self.sources)}
+        return sorted(h for folder in folders for h in folder.glob("*.h"))
 
     def _compile(self, compiler: str, flags: list[str], target: Path) -> str | None:
         """Build into a temporary file and move it into place; returns an error or None."""
@@ -122,12 +143,12 @@ class Extension:
         cmd = [
             compiler,
             *_COMMON,
-            *flags,
             f"-I{include}",
             f"-I{INCLUDE}",
             *map(str, self.sources),
             "-o",
             tmp,
+            *flags,  # after the sources: libraries named here must follow what uses them
             *_link_flags(),
         ]
         try:

@@ -1,0 +1,1372 @@
+// Batch norm CPU kernels: fused passes over dense float32, float64, bfloat16
+// and float16 tensors.
+//
+// Every supported layout is one geometry: memory holds x as (outer, C, inner),
+// contiguous. NCHW is (N, C, H*W); channels_last and (N, C) are (rows, C, 1).
+// Two traversals cover all of them:
+//
+//   planes    inner >= kPlaneMin, or at least a vector when the period is
+//             too wide for rows: runs of `inner` values of one channel.
+//   periodic  short inner (channels_last, (N, C)): the channel of flat index
+//             e is (e % P) / inner with period P = C*inner, so memory is read
+//             as rows of width W = lcm(P, 16) whose column j always holds
+//             channel (j % P) / inner, and every row is whole vectors.
+//
+// and the training passes split each over threads by its geometry (split_of):
+//
+//   planes by channel   every thread owns whole channels (many channels).
+//   planes by element   equal element ranges, sums combined after a barrier
+//                       (few channels, large planes: one image, conv1).
+//   rows by row         equal row ranges, per-column sums combined (many
+//                       rows of a narrow period: channels_last, (N, C)).
+//   rows by column      every thread owns whole channels' columns of all
+//                       rows, a cache-sized panel at a time (few rows of a
+//                       wide period: (32, 4096), (256, 512)).
+// When a thread owns whole channels, a channel's second pass follows its
+// first while its data is still in cache, and no barrier is needed.
+// Inference has nothing to reduce: equal element or row ranges.
+//
+// Passes (n values per channel, xhat = (x - mean)*invstd):
+//   forward   sums of (x - K) and (x - K)^2, K a shift near the channel's mean;
+//             then y = xhat*gamma + beta.
+//   backward  dbeta = sum dy, dgamma = sum dy*xhat; then
+//               batch statistics:   dx = gamma*invstd/n * (n*dy - dbeta - xhat*dgamma)
+//               running statistics: dx = gamma*invstd * dy
+//
+// Types: x, y, dy, dx are stored as S (float, double, bfloat16 or float16,
+// see bnlab_half.h) and computed in T (float for the 16-bit types, else S);
+// weight, bias and their gradients are T, statistics float64.
+//
+// Numerics: with the shift, var = E[(x-K)^2] - E[x-K]^2 does not cancel.
+// Sums are built in T for at most kBlock additions per vector lane, then
+// carried in float64. Elementwise passes run in T, with the mean split as
+// mh (in T) + ml (the float64 rest, folded into per-channel constants) so
+// x - mean stays accurate when |mean| >> std.
+//
+// Threads: OpenMP (the runtime torch uses), as many as the caller passes
+// (torch.get_num_threads()); small inputs run on fewer.
+//
+// Memory: outputs larger than a quarter of a last-level cache (kStreamBytes;
+// half of it for inference's single pass, kStreamEvalBytes) are written
+// around the caches (non-temporal stores: little of them would still be
+// cached when they are read, and the stores skip reading the lines they
+// overwrite). On Linux, large fresh outputs are advised as huge pages
+// before their first touch: one page fault per 2 MiB instead of one per 4 KiB,
+// which on some machines costs more than the pass itself.
+//
+// Two front ends include this header: cpu_kernels.cpp, the Python functions
+// that take data pointers and sizes (Python headers only, compiled in
+// seconds), and cpu_node.cpp, the autograd node that takes tensors (torch's
+// headers). Both reach the kernels through the entry points at the end,
+// which map a dtype code to a storage type.
+
+#pragma once
+
+#include "bnlab_half.h"
+#include "bnlab_native.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace {
+
+constexpr int kLanes = 16;           // elements per vector, whatever the type
+constexpr int kBlock = 16;           // additions per lane before partial sums go to float64
+constexpr int64_t kPlaneMin = 64;    // inner >= this: plane traversal
+constexpr int64_t kMaxWidth = 4096;  // widest periodic row
+constexpr int64_t kAlign = 16;       // thread ranges start at multiples of this
+// Rows by column: each thread's share of a row is at least this many bytes,
+// so the strided reads still stream.
+constexpr int64_t kColumnShareBytes = 1024;
+// ... and the thread takes it a panel of columns at a time, all rows of a
+// panel within this many bytes (a share of a core's L2 cache), so the pass
+// that follows the sums reads the panel from cache.
+constexpr int64_t kPanelBytes = int64_t(256) << 10;
+
+// Outputs larger than this are written around the caches (non-temporal
+// stores). A pass writing that much reads at least as much, so little of the
+// output would still be cached when its reader comes; the stores skip reading
+// the lines they overwrite and leave the caches to the input, which the next
+// pass over it reads again. A quarter of a typical last-level cache (32 MiB;
+// what the OS reports is unreliable in VMs); benchmarks/bench_bn.py's large
+// shapes (16-26 MB outputs) measure the choice.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+// Inference makes one pass, so the input need not stay cached for a second
+// one: it streams only when input and output together fill the last-level
+// cache (2 x 16 MiB) or more; below that, the layer that reads y next finds
+// it in cache.
+constexpr int64_t kStreamEvalBytes = int64_t(16) << 20;
+
+typedef Vec<double, kLanes>::v vd;
+
+template <typename S>
+using Compute = typename Elem<S>::T;
+template <typename S>
+using VecOf = typename Elem<Compute<S>>::V;  // a vector of S's compute type
+
+// ---- memory --------------------------------------------------------------------------------
+
+template <typename S>
+inline VecOf<S> ld(const S* p) {
+    return Elem<S>::load(p);
+}
+template <typename S>
+inline void store_out(S* p, VecOf<S> v, bool stream) {
+    Elem<S>::store(p, v, stream);
+}
+template <typename S>
+inline Compute<S> up(S s) {
+    return Elem<S>::up(s);
+}
+template <typename S>
+inline S down(Compute<S> t) {
+    return Elem<S>::down(t);
+}
+
+template <typename T>
+inline vd to_double(typename Elem<T>::V v);
+template <>
+inline vd to_double<float>(f32x16 v) {
+    return __builtin_convertvector(v, vd);
+}
+template <>
+inline vd to_double<double>(vd v) {
+    return v;
+}
+
+inline double hsum(vd v) {
+    double s = 0.0;
+    for (int k = 0; k < kLanes; ++k) s += v[k];
+    return s;
+}
+
+int64_t gcd(int64_t a, int64_t b) {
+    while (b) {
+        int64_t t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+// ---- geometry and the thread plan ----------------------------------------------------------
+
+// The shape of one call: memory is (outer, C, inner), contiguous.
+struct Geometry {
+    int64_t outer, C, inner;
+    int64_t numel() const { return outer * C * inner; }
+    int64_t n() const { return outer * inner; }  // values per channel
+    int64_t period() const { return C * inner; }
+    // Planes when a channel's runs are long, or at least a vector long where
+    // a periodic row would be too wide to be whole vectors (wide-channel,
+    // small-spatial NCHW such as ResNet's 7x7 stages).
+    bool planes() const { return inner >= kPlaneMin || (inner >= kLanes && period() > kMaxWidth); }
+    // Width of a periodic row: a multiple of the period, whole vectors when affordable.
+    int64_t width() const {
+        int64_t p = period();
+        int64_t w = p / gcd(p, kLanes) * kLanes;
+        return w <= kMaxWidth ? w : p;
+    }
+};
+
+enum Split { kByChannel, kByElement, kByRow, kByColumn };
+const char* const kSplitNames[] = {"planes by channel", "planes by element", "rows by row",
+                                   "rows by column"};
+
+// How a team of T threads shares the work of g (elements of `bytes` each).
+Split split_of(const Geometry& g, int64_t bytes, int T) {
+    if (g.planes()) {
+        // Whole channels per thread when that balances: every thread the same number, or many.
+        return g.C % T == 0 || g.C >= 8 * T ? kByChannel : kByElement;
+    }
+    // Columns map to channels one to one only when a row is one period.
+    const int64_t W = g.width();
+    const bool one_period = W == g.period();
+    // ... and only for few rows: a panel of 16 vectors of columns must take
+    // all rows within kPanelBytes, or the strided reads would not stream.
+    const bool few_rows = g.outer * 16 * kLanes * bytes <= kPanelBytes;
+    return one_period && few_rows && g.C >= T && W * bytes >= kColumnShareBytes * T ? kByColumn
+                                                                                     : kByRow;
+}
+
+// Fresh outputs are first touched here; on Linux, huge pages make that several
+// times cheaper for large tensors (one fault per 2 MiB instead of per 4 KiB).
+void advise_huge_pages(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = uintptr_t(1) << 21;
+    if (bytes < int64_t(4 * huge)) return;
+    uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + huge - 1) & ~(huge - 1);
+    uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(huge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
+// ---- per-channel coefficients -------------------------------------------------
+
+// The shifts K of all channels: each the mean of its channel's first few
+// values (its first 8, or its value in each of the first 8 rows when runs are
+// shorter: read row by row, so wide rows are read whole), in T.
+template <typename S>
+std::vector<Compute<S>> shifts(const S* x, const Geometry& g) {
+    typedef Compute<S> T;
+    std::vector<T> K(g.C, T(0));
+    if (g.inner >= 8) {
+        for (int64_t c = 0; c < g.C; ++c) {
+            T s = 0;
+            for (int k = 0; k < 8; ++k) s += up(x[c * g.inner + k]);
+            K[c] = s / T(8);
+        }
+        return K;
+    }
+    const int64_t rows = min64(8, g.outer);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < g.C; ++c) K[c] += up(x[r * g.period() + c * g.inner]);
+    for (int64_t c = 0; c < g.C; ++c) K[c] /= T(rows);
+    return K;
+}
+
+// The mean is used as mh (the nearest T) and ml = mean - mh (float64, tiny):
+// x - mh is exact for x near the mean, and ml only shifts a per-channel
+// constant, computed in float64. So x - mean keeps full precision in float32
+// even when |mean| >> std.
+
+// y = (x - mh)*s + b, i.e. (x - mean)*invstd*gamma + beta with b = beta - ml*s.
+template <typename T>
+struct Affine {
+    T mh, s, b;
+};
+
+template <typename T>
+Affine<T> affine_of(double mean, double invstd, const T* w, const T* b, int64_t c) {
+    Affine<T> a;
+    a.mh = static_cast<T>(mean);
+    const double s = invstd * (w ? static_cast<double>(w[c]) : 1.0);
+    a.s = static_cast<T>(s);
+    a.b = static_cast<T>((b ? static_cast<double>(b[c]) : 0.0) - (mean - double(a.mh)) * s);
+    return a;
+}
+
+// dx = a*dy - k*(x - mh) + c0: the input gradient of one channel, with
+//   batch statistics:   a = gamma*invstd, k = a*invstd*dgamma/n,
+//                       c0 = -a*dbeta/n + k*ml
+//   running statistics: a = gamma*invstd, k = c0 = 0
+template <typename T>
+struct GradCoef {
+    T mh, a, k, c0;
+};
+
+template <typename T>
+GradCoef<T> grad_coef(double mean, double invstd, const T* w, int64_t c, double dbeta,
+                      double dgamma, double n, bool batch_stats) {
+    GradCoef<T> q;
+    q.mh = static_cast<T>(mean);
+    const double a = invstd * (w ? static_cast<double>(w[c]) : 1.0);
+    const double k = batch_stats ? a * invstd * dgamma / n : 0.0;
+    q.a = static_cast<T>(a);
+    q.k = static_cast<T>(k);
+    q.c0 = batch_stats ? static_cast<T>(-a * dbeta / n + k * (mean - double(q.mh))) : T(0);
+    return q;
+}
+
+// dgamma = sum dy*xhat from the sums the kernels build: sum dy, and sum
+// dy*(x - mh) with mh the mean rounded to T; the rest ml = mean - mh is taken
+// off here, in float64.
+template <typename T>
+inline double dgamma_of(double sdy, double sdyx_mh, double mean, double invstd) {
+    const double ml = mean - static_cast<double>(static_cast<T>(mean));
+    return (sdyx_mh - ml * sdy) * invstd;
+}
+
+// Per-channel statistics, float64 outputs (the callers give scratch for what is not wanted).
+struct Stats {
+    double *mean, *var, *invstd;
+};
+
+// Running statistics: r <- (1 - m)*r + m*s, with the unbiased variance.
+struct Running {
+    void* mean;  // null: no update
+    void* var;
+    int is_double;
+    double momentum;
+};
+
+template <typename R>
+void update_running(R* rm, R* rv, int64_t c0, int64_t c1, const Stats& stats, double n,
+                    double m) {
+    const double unbias = n > 1 ? n / (n - 1) : 1.0;
+    for (int64_t c = c0; c < c1; ++c) {
+        rm[c] = static_cast<R>((1.0 - m) * static_cast<double>(rm[c]) + m * stats.mean[c]);
+        rv[c] = static_cast<R>((1.0 - m) * static_cast<double>(rv[c]) + m * stats.var[c] * unbias);
+    }
+}
+
+// Channel c's statistics from its shifted sums (K its shift).
+inline void channel_stats(int64_t c, double n, double K, double s1, double s2, double eps,
+                          const Stats& stats) {
+    const double d = s1 / n;
+    const double var = s2 / n - d * d;
+    stats.var[c] = var < 0 ? 0 : var;
+    stats.mean[c] = K + d;
+    stats.invstd[c] = 1.0 / std::sqrt(stats.var[c] + eps);
+}
+
+inline void move_running(int64_t c0, int64_t c1, double n, const Running& run, const Stats& stats) {
+    if (!run.mean) return;
+    if (run.is_double)
+        update_running(static_cast<double*>(run.mean), static_cast<double*>(run.var), c0, c1,
+                       stats, n, run.momentum);
+    else
+        update_running(static_cast<float*>(run.mean), static_cast<float*>(run.var), c0, c1, stats,
+                       n, run.momentum);
+}
+
+// Statistics of channels [c0, c1) from their shifted sums s1[c], s2[c]
+// (indexed by channel), and the running buffers' move: loops over channels
+// without branches, so wide layers finish in vector instructions.
+template <typename T>
+void finish_stats(int64_t c0, int64_t c1, double n, const T* K, const double* s1,
+                  const double* s2, double eps, const Running& run, const Stats& stats) {
+    for (int64_t c = c0; c < c1; ++c) channel_stats(c, n, K[c], s1[c], s2[c], eps, stats);
+    move_running(c0, c1, n, run, stats);
+}
+
+// One channel's statistics from its two sums, and its running buffers' move.
+template <typename T>
+void finish_channel(int64_t c, double n, const T* K, double s1, double s2, double eps,
+                    const Running& run, const Stats& stats) {
+    channel_stats(c, n, K[c], s1, s2, eps, stats);
+    move_running(c, c + 1, n, run, stats);
+}
+
+// ---- sums ------------------------------------------------------------------------------
+
+// Two running sums per vector lane (s1, s2), for one channel: built in T for
+// at most kBlock steps, then carried in float64. Two sets of accumulators (a,
+// b) keep two independent addition chains in flight.
+template <typename T>
+struct Sums {
+    typedef typename Elem<T>::V V;
+    V a1, a2, b1, b2;
+    vd d1, d2;
+    double r1, r2;  // runs shorter than one vector
+    int steps;
+    Sums() : a1(), a2(), b1(), b2(), d1(), d2(), r1(0), r2(0), steps(0) {}
+    inline void step() {
+        if (++steps >= kBlock) flush();
+    }
+    inline void flush() {
+        d1 += to_double<T>(a1 + b1);
+        d2 += to_double<T>(a2 + b2);
+        a1 = a2 = b1 = b2 = V{};
+        steps = 0;
+    }
+    void add_to(double* s1, double* s2) {
+        flush();
+        *s1 += hsum(d1) + r1;
+        *s2 += hsum(d2) + r2;
+    }
+};
+
+// Lanes [16 - rem, 16) one, the others zero: the new part of a run's last,
+// overlapping vector.
+template <typename T>
+inline typename Elem<T>::V tail_ones(int64_t rem) {
+    alignas(64) static const T table[2 * kLanes] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    return Elem<T>::load(table + rem);
+}
+
+// ---- passes over contiguous runs (plane traversal) --------------------------------
+
+// Shifted sums of one run: s1 += sum(x - K), s2 += sum((x - K)^2).
+template <typename S, typename T = Compute<S>>
+__attribute__((always_inline)) inline void shifted_sums(const S* x, int64_t len, T K, Sums<T>& s) {
+    typedef VecOf<S> V;
+    int64_t i = 0;
+    for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
+        V d = ld(x + i) - K, e = ld(x + i + kLanes) - K;
+        s.a1 += d;
+        s.a2 += d * d;
+        s.b1 += e;
+        s.b2 += e * e;
+        s.step();
+    }
+    if (i + kLanes <= len) {
+        V d = ld(x + i) - K;
+        s.a1 += d;
+        s.a2 += d * d;
+        i += kLanes;
+    }
+    if (i < len && len >= kLanes) {
+        V d = (ld(x + len - kLanes) - K) * tail_ones<T>(len - i);
+        s.b1 += d;
+        s.b2 += d * d;
+    } else {
+        for (; i < len; ++i) {
+            double d = static_cast<double>(up(x[i]) - K);
+            s.r1 += d;
+            s.r2 += d * d;
+        }
+    }
+    s.step();
+}
+
+// Gradient sums of one run: s1 += sum(dy), s2 += sum(dy*(x - mh)).
+template <typename S, typename T = Compute<S>>
+__attribute__((always_inline)) inline void grad_sums(const S* dy, const S* x, int64_t len, T mh, Sums<T>& s) {
+    typedef VecOf<S> V;
+    int64_t i = 0;
+    for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
+        V g = ld(dy + i), h = ld(dy + i + kLanes);
+        s.a1 += g;
+        s.a2 += g * (ld(x + i) - mh);
+        s.b1 += h;
+        s.b2 += h * (ld(x + i + kLanes) - mh);
+        s.step();
+    }
+    if (i + kLanes <= len) {
+        V g = ld(dy + i);
+        s.a1 += g;
+        s.a2 += g * (ld(x + i) - mh);
+        i += kLanes;
+    }
+    if (i < len && len >= kLanes) {
+        const int64_t last = len - kLanes;
+        V g = ld(dy + last) * tail_ones<T>(len - i);
+        s.b1 += g;
+        s.b2 += g * (ld(x + last) - mh);
+    } else {
+        for (; i < len; ++i) {
+            const T g = up(dy[i]);
+            s.r1 += static_cast<double>(g);
+            s.r2 += static_cast<double>(g * (up(x[i]) - mh));
+        }
+    }
+    s.step();
+}
+
+// Runs shorter than this are never written around the caches: their first
+// and last lines would be partial, which non-temporal stores handle badly.
+constexpr int64_t kStreamRunBytes = 4096;
+
+// Where streamed stores of S start: a line, or a vector where a vector is less
+// (16-bit types), so at most kLanes - 1 values come before it.
+template <typename S>
+constexpr int64_t kStreamAlign = 64 < kLanes * sizeof(S) ? 64 : kLanes * sizeof(S);
+
+// out[i] = f(i) over one run, f giving a vector at i (or a value, scalar). A
+// ragged end recomputes an overlapping vector. When streaming, the whole
+// vectors from the first 64-byte boundary on are written around the caches
+// (each line whole, once); the vectors before and after them overlap them
+// and take ordinary stores.
+template <typename S, typename Vector, typename Scalar>
+inline void elementwise_run(S* out, int64_t len, bool stream, Vector f, Scalar f1) {
+    if (len < kLanes) {
+        for (int64_t i = 0; i < len; ++i) out[i] = down<S>(f1(i));
+        return;
+    }
+    if (stream && len * int64_t(sizeof(S)) >= kStreamRunBytes) {
+        constexpr int64_t line = kStreamAlign<S>;
+        store_out(out, f(0), false);
+        const int64_t in = int64_t(reinterpret_cast<uintptr_t>(out) & (line - 1)) / sizeof(S);
+        int64_t i = in ? line / int64_t(sizeof(S)) - in : 0;
+        for (; i + kLanes <= len; i += kLanes) store_out(out + i, f(i), true);
+        if (i < len) store_out(out + len - kLanes, f(len - kLanes), false);
+        return;
+    }
+    for (int64_t i = 0;; i += kLanes) {
+        if (i > len - kLanes) i = len - kLanes;
+        store_out(out + i, f(i), false);
+        if (i == len - kLanes) break;
+    }
+}
+
+// y = (x - mh)*s + b over one run.
+template <typename S, typename T = Compute<S>>
+void normalize_run(const S* x, S* y, int64_t len, Affine<T> c, bool stream) {
+    typedef VecOf<S> V;
+    elementwise_run(
+        y, len, stream, [&](int64_t i) { return V((ld(x + i) - c.mh) * c.s + c.b); },
+        [&](int64_t i) { return (up(x[i]) - c.mh) * c.s + c.b; });
+}
+
+// dx = a*dy - k*(x - mh) + c0 over one run.
+template <typename S, typename T = Compute<S>>
+void grad_run(const S* dy, const S* x, S* dx, int64_t len, GradCoef<T> q, bool stream) {
+    typedef VecOf<S> V;
+    elementwise_run(
+        dx, len, stream,
+        [&](int64_t i) { return V(ld(dy + i) * q.a + (q.c0 - (ld(x + i) - q.mh) * q.k)); },
+        [&](int64_t i) { return up(dy[i]) * q.a + (q.c0 - (up(x[i]) - q.mh) * q.k); });
+}
+
+// fn(channel, offset, length) for the pieces of planes inside elements [e0, e1).
+template <typename F>
+inline void for_plane_pieces(const Geometry& g, int64_t e0, int64_t e1, F fn) {
+    for (int64_t e = e0; e < e1;) {
+        int64_t plane = e / g.inner;
+        int64_t stop = min64((plane + 1) * g.inner, e1);
+        fn(plane % g.C, e, stop - e);
+        e = stop;
+    }
+}
+
+// ---- passes over periodic rows -------------------------------------------------------
+//
+// Rows are taken in blocks (at most kBlock rows, about kBlockBytes) and, within
+// a block, U vectors of columns at a time down the rows, so per-column
+// coefficients and partial sums stay in registers. Wide rows (kWideRow bytes
+// or more) are streamed one after the other instead, which memory serves
+// faster than many short strided runs; their sums go through per-column
+// partial sums in T that are carried into float64 every kBlock rows. Every
+// sweep covers the rows [r0, r1) and columns [j0, j1) of its thread.
+
+constexpr int64_t kBlockBytes = 16384;
+constexpr int64_t kWideRow = 2048;
+
+template <typename S>
+bool wide_rows(int64_t W) {
+    return W * int64_t(sizeof(S)) >= kWideRow;
+}
+
+template <typename T>
+constexpr int kUnroll = sizeof(T) == 4 ? 4 : 2;  // vectors of columns per sweep
+
+template <typename S>
+int64_t rows_per_block(int64_t W) {
+    if (wide_rows<S>(W)) return 1;
+    int64_t r = kBlockBytes / (W * int64_t(sizeof(S)));
+    return r < 1 ? 1 : (r > kBlock ? kBlock : r);
+}
+
+// A rectangle of a periodic array: rows [r0, r1), columns [j0, j1).
+struct Block {
+    int64_t r0, r1, j0, j1;
+};
+
+// Rows by column: a thread takes its channels a panel at a time, a panel
+// being as many columns as keep all its rows (of `bytes` per value, summed
+// over the tensors read) within kPanelBytes (see its definition).
+
+int64_t panel_channels(const Geometry& g, int64_t rows, int64_t bytes) {
+    int64_t columns = kPanelBytes / (rows * bytes);
+    if (columns < 4 * kLanes) columns = 4 * kLanes;
+    int64_t channels = columns / g.inner;
+    if (g.inner == 1) channels = channels / kAlign * kAlign;  // whole vectors
+    return channels < 1 ? 1 : channels;
+}
+
+// The channel of each column of a periodic row of width W (a multiple of the
+// period): column j holds channel (j % P) / inner. Counted, not divided.
+std::vector<int64_t> column_channels(const Geometry& g, int64_t W) {
+    std::vector<int64_t> chan(W);
+    int64_t c = 0, i = 0;
+    for (int64_t j = 0; j < W; ++j) {
+        chan[j] = c;
+        if (++i == g.inner) {
+            i = 0;
+            if (++c == g.C) c = 0;
+        }
+    }
+    return chan;
+}
+
+// Per-column copies of a per-channel value.
+template <typename T, typename F>
+std::vector<T> columns(const std::vector<int64_t>& chan, F per_channel) {
+    std::vector<T> out(chan.size());
+    for (size_t j = 0; j < chan.size(); ++j) out[j] = per_channel(chan[j]);
+    return out;
+}
+
+// Calls sweep.template run<U>(rb, re, j) over the block's rows, RB rows at a
+// time (default: by the row's width), and whole vectors of its columns, then
+// sweep.scalar(rb, re, j) for the columns left over.
+template <typename S, typename Sweep>
+void for_column_blocks(const Block& k, int64_t W, const Sweep& sweep, int64_t RB = 0) {
+    constexpr int U = kUnroll<Compute<S>>;
+    if (RB <= 0) RB = rows_per_block<S>(W);
+    for (int64_t rb = k.r0; rb < k.r1; rb += RB) {
+        const int64_t re = min64(k.r1, rb + RB);
+        int64_t j = k.j0;
+        for (; j + U * kLanes <= k.j1; j += U * kLanes) sweep.template run<U>(rb, re, j);
+        for (; j + kLanes <= k.j1; j += kLanes) sweep.template run<1>(rb, re, j);
+        for (; j < k.j1; ++j) sweep.scalar(rb, re, j);
+    }
+}
+
+// acc1[j] += sum_r (x[r, j] - K[j]), acc2[j] += sum_r (x[r, j] - K[j])^2.
+template <typename S>
+struct ColumnSums {
+    typedef Compute<S> T;
+    typedef VecOf<S> V;
+    const S* x;
+    int64_t W;
+    const T* K;
+    double *acc1, *acc2;
+    template <int U>
+    inline void run(int64_t rb, int64_t re, int64_t j) const {
+        V k[U], a1[U], a2[U];
+        for (int u = 0; u < U; ++u) {
+            k[u] = Elem<T>::load(K + j + u * kLanes);
+            a1[u] = V{};
+            a2[u] = V{};
+        }
+        for (int64_t r = rb; r < re; ++r)
+            for (int u = 0; u < U; ++u) {
+                V d = ld(x + r * W + j + u * kLanes) - k[u];
+                a1[u] += d;
+                a2[u] += d * d;
+            }
+        for (int u = 0; u < U; ++u) {
+            double* p1 = acc1 + j + u * kLanes;
+            double* p2 = acc2 + j + u * kLanes;
+            store<kLanes>(p1, vd(load<kLanes>(p1) + to_double<T>(a1[u])));
+            store<kLanes>(p2, vd(load<kLanes>(p2) + to_double<T>(a2[u])));
+        }
+    }
+    inline void scalar(int64_t rb, int64_t re, int64_t j) const {
+        for (int64_t r = rb; r < re; ++r) {
+            double d = static_cast<double>(up(x[r * W + j]) - K[j]);
+            acc1[j] += d;
+            acc2[j] += d * d;
+        }
+    }
+};
+
+// Wide rows: add(rows, r, j, p1, p2) adds the vectors of columns j of rows
+// [r, r + rows) (rows a compile-time 4 or 1: four rows read side by side
+// share one update of the partial sums) to the T-precision partial sums p1,
+// p2 (arrays of W), carried into acc1, acc2 every kBlock rows. Columns past
+// the last whole vector go to add_scalar(r, j, acc1 + j, acc2 + j).
+template <typename T, typename Add, typename AddScalar>
+void stream_rows(const Block& k, int64_t W, double* acc1, double* acc2, Add add,
+                 AddScalar add_scalar) {
+    std::vector<T> p1(W), p2(W);
+    const int64_t jv = k.j0 + (k.j1 - k.j0) / kLanes * kLanes;  // end of the whole vectors
+    for (int64_t rb = k.r0; rb < k.r1; rb += kBlock) {
+        const int64_t re = min64(k.r1, rb + kBlock);
+        int64_t r = rb;
+        for (; r + 4 <= re; r += 4)
+            for (int64_t j = k.j0; j < jv; j += kLanes)
+                add(std::integral_constant<int, 4>{}, r, j, p1.data() + j, p2.data() + j);
+        for (; r < re; ++r)
+            for (int64_t j = k.j0; j < jv; j += kLanes)
+                add(std::integral_constant<int, 1>{}, r, j, p1.data() + j, p2.data() + j);
+        for (r = rb; r < re; ++r)
+            for (int64_t j = jv; j < k.j1; ++j) add_scalar(r, j, acc1 + j, acc2 + j);
+        for (int64_t j = k.j0; j < jv; ++j) {
+            acc1[j] += static_cast<double>(p1[j]);
+            acc2[j] += static_cast<double>(p2[j]);
+            p1[j] = p2[j] = T(0);
+        }
+    }
+}
+
+template <typename S>
+void periodic_sums(const ColumnSums<S>& s, const Block& k) {
+    typedef Compute<S> T;
+    typedef VecOf<S> V;
+    if (!wide_rows<S>(s.W)) return for_column_blocks<S>(k, s.W, s);
+    stream_rows<T>(
+        k, s.W, s.acc1, s.acc2,
+        [&](auto rows, int64_t r, int64_t j, T* p1, T* p2) {
+            const V kv = Elem<T>::load(s.K + j);
+            V a1 = V{}, a2 = V{};
+            for (int i = 0; i < decltype(rows)::value; ++i) {
+                V d = ld(s.x + (r + i) * s.W + j) - kv;
+                a1 += d;
+                a2 += d * d;
+            }
+            Elem<T>::store(p1, V(Elem<T>::load(p1) + a1), false);
+            Elem<T>::store(p2, V(Elem<T>::load(p2) + a2), false);
+        },
+        [&](int64_t r, int64_t j, double* a1, double* a2) {
+            double d = static_cast<double>(up(s.x[r * s.W + j]) - s.K[j]);
+            *a1 += d;
+            *a2 += d * d;
+        });
+}
+
+// acc1[j] += sum_r dy[r, j], acc2[j] += sum_r dy[r, j]*(x[r, j] - MH[j]).
+template <typename S>
+struct ColumnGradSums {
+    typedef Compute<S> T;
+    typedef VecOf<S> V;
+    const S *dy, *x;
+    int64_t W;
+    const T* MH;
+    double *acc1, *acc2;
+    template <int U>
+    inline void run(int64_t rb, int64_t re, int64_t j) const {
+        V mh[U], a1[U], a2[U];
+        for (int u = 0; u < U; ++u) {
+            mh[u] = Elem<T>::load(MH + j + u * kLanes);
+            a1[u] = V{};
+            a2[u] = V{};
+        }
+        for (int64_t r = rb; r < re; ++r)
+            for (int u = 0; u < U; ++u) {
+                const int64_t e = r * W + j + u * kLanes;
+                V g = ld(dy + e);
+                a1[u] += g;
+                a2[u] += g * (ld(x + e) - mh[u]);
+            }
+        for (int u = 0; u < U; ++u) {
+            double* p1 = acc1 + j + u * kLanes;
+            double* p2 = acc2 + j + u * kLanes;
+            store<kLanes>(p1, vd(load<kLanes>(p1) + to_double<T>(a1[u])));
+            store<kLanes>(p2, vd(load<kLanes>(p2) + to_double<T>(a2[u])));
+        }
+    }
+    inline void scalar(int64_t rb, int64_t re, int64_t j) const {
+        for (int64_t r = rb; r < re; ++r) {
+            const int64_t e = r * W + j;
+            const T g = up(dy[e]);
+            acc1[j] += static_cast<double>(g);
+            acc2[j] += static_cast<double>(g * (up(x[e]) - MH[j]));
+        }
+    }
+};
+
+template <typename S>
+void periodic_grad_sums(const ColumnGradSums<S>& s, const Block& k) {
+    typedef Compute<S> T;
+    typedef VecOf<S> V;
+    if (!wide_rows<S>(s.W)) return for_column_blocks<S>(k, s.W, s);
+    stream_rows<T>(
+        k, s.W, s.acc1, s.acc2,
+        [&](auto rows, int64_t r, int64_t j, T* p1, T* p2) {
+            const V mh = Elem<T>::load(s.MH + j);
+            V a1 = V{}, a2 = V{};
+            for (int i = 0; i < decltype(rows)::value; ++i) {
+                const int64_t e = (r + i) * s.W + j;
+                V g = ld(s.dy + e);
+                a1 += g;
+                a2 += g * (ld(s.x + e) - mh);
+            }
+            Elem<T>::store(p1, V(Elem<T>::load(p1) + a1), false);
+            Elem<T>::store(p2, V(Elem<T>::load(p2) + a2), false);
+        },
+        [&](int64_t r, int64_t j, double* a1, double* a2) {
+            const int64_t e = r * s.W + j;
+            const T g = up(s.dy[e]);
+            *a1 += static_cast<double>(g);
+            *a2 += static_cast<double>(g * (up(s.x[e]) - s.MH[j]));
+        });
+}
+
+// Affine coefficients per column, and y = (x - mh)*s + b over rows. The
+// coefficients of columns [j0, j1) are set by set(), as their channels' statistics come.
+template <typename S>
+struct ColumnNormalize {
+    typedef Compute<S> T;
+    typedef VecOf<S> V;
+    const std::vector<int64_t>* chan;  // null: column j is channel j
+    std::vector<T> mh, s, b;
+    const S* x;
+    S* y;
+    int64_t W;
+    bool stream;
+    ColumnNormalize(const std::vector<int64_t>* chan_, int64_t W_, const S* x_, S* y_,
+                    bool stream_)
+        : chan(chan_), mh(W_), s(W_), b(W_), x(x_), y(y_), W(W_), stream(stream_) {}
+    ColumnNormalize& set(int64_t j0, int64_t j1, const std::vector<Affine<T>>& per) {
+        for (int64_t j = j0; j < j1; ++j) {
+            const Affine<T>& a = per[(*chan)[j]];
+            mh[j] = a.mh;
+            s[j] = a.s;
+            b[j] = a.b;
+        }
+        return *this;
+    }
+    // Columns that are channels: the coefficients straight from the statistics
+    // (affine_of's, in one loop the compiler vectorizes; wide layers have
+    // thousands of channels).
+    ColumnNormalize& set_channels(int64_t c0, int64_t c1, const double* __restrict mean,
+                                  const double* __restrict invstd, const T* __restrict weight,
+                                  const T* __restrict bias) {
+        T* __restrict m = mh.data();
+        T* __restrict sc = s.data();
+        T* __restrict bb = b.data();
+        for (int64_t c = c0; c < c1; ++c) {
+            const Affine<T> q = affine_of(mean[c], invstd[c], weight, bias, c);
+            m[c] = q.mh;
+            sc[c] = q.s;
+            bb[c] = q.b;
+        }
+        return *this;
+    }
+    template <int U>
+    inline void run(int64_t rb, int64_t re, int64_t j) const {
+        V vmh[U], vs[U], vb[U];
+        for (int u = 0; u < U; ++u) {
+            vmh[u] = Elem<T>::load(mh.data() + j + u * kLanes);
+            vs[u] = Elem<T>::load(s.data() + j + u * kLanes);
+            vb[u] = Elem<T>::load(b.data() + j + u * kLanes);
+        }
+        for (int64_t r = rb; r < re; ++r)
+            for (int u = 0; u < U; ++u) {
+                const int64_t e = r * W + j + u * kLanes;
+                store_out(y + e, V((ld(x + e) - vmh[u]) * vs[u] + vb[u]), stream);
+            }
+    }
+    inline void scalar(int64_t rb, int64_t re, int64_t j) const {
+        for (int64_t r = rb; r < re; ++r) {
+            const int64_t e = r * W + j;
+            y[e] = down<S>((up(x[e]) - mh[j]) * s[j] + b[j]);
+        }
+    }
+};
+
+// Gradient coefficients per column, and dx = a*dy - k*(x - mh) + c0 over
+// rows; set() as in ColumnNormalize.
+template <typename S>
+struct ColumnGrad {
+    typedef Compute<S> T;
+    typedef VecOf<S> V;
+    const std::vector<int64_t>& chan;
+    std::vector<T> mh, a, k, c0;
+    const S *dy, *x;
+    S* dx;
+    int64_t W;
+    bool stream;
+    ColumnGrad(const std::vector<int64_t>& chan_, const S* dy_, const S* x_, S* dx_, bool stream_)
+        : chan(chan_), mh(chan_.size()), a(chan_.size()), k(chan_.size()), c0(chan_.size()),
+          dy(dy_), x(x_), dx(dx_), W(int64_t(chan_.size())), stream(stream_) {}
+    ColumnGrad& set(int64_t j0, int64_t j1, const std::vector<GradCoef<T>>& per) {
+        for (int64_t j = j0; j < j1; ++j) {
+            const GradCoef<T>& q = per[chan[j]];
+            mh[j] = q.mh;
+            a[j] = q.a;
+            k[j] = q.k;
+            c0[j] = q.c0;
+        }
+        return *this;
+    }
+    // Columns [lo, hi) that are channels: dbeta, dgamma and the coefficients
+    // straight from the column sums (sdy, and sdyx_mh = sum dy*(x - mh)), as
+    // grad_coef has them, in one loop the compiler vectorizes.
+    ColumnGrad& set_channels(int64_t lo, int64_t hi, const double* __restrict sdy,
+                             const double* __restrict sdyx_mh, const double* __restrict mean,
+                             const double* __restrict invstd, const T* __restrict weight,
+                             T* __restrict dweight, T* __restrict dbias, double n,
+                             bool batch_stats) {
+        T* __restrict cm = mh.data();
+        T* __restrict ca = a.data();
+        T* __restrict ck = k.data();
+        T* __restrict cc = c0.data();
+        for (int64_t c = lo; c < hi; ++c) {
+            const double dgamma = dgamma_of<T>(sdy[c], sdyx_mh[c], mean[c], invstd[c]);
+            const GradCoef<T> q = grad_coef(mean[c], invstd[c], weight, c, sdy[c], dgamma, n,
+                                            batch_stats);
+            dbias[c] = static_cast<T>(sdy[c]);
+            dweight[c] = static_cast<T>(dgamma);
+            cm[c] = q.mh;
+            ca[c] = q.a;
+            ck[c] = q.k;
+            cc[c] = q.c0;
+        }
+        return *this;
+    }
+    template <int U>
+    inline void run(int64_t rb, int64_t re, int64_t j) const {
+        V vmh[U], va[U], vk[U], vc[U];
+        for (int u = 0; u < U; ++u) {
+            vmh[u] = Elem<T>::load(mh.data() + j + u * kLanes);
+            va[u] = Elem<T>::load(a.data() + j + u * kLanes);
+            vk[u] = Elem<T>::load(k.data() + j + u * kLanes);
+            vc[u] = Elem<T>::load(c0.data() + j + u * kLanes);
+        }
+        for (int64_t r = rb; r < re; ++r)
+            for (int u = 0; u < U; ++u) {
+                const int64_t e = r * W + j + u * kLanes;
+                V t = ld(x + e) - vmh[u];
+                store_out(dx + e, V(ld(dy + e) * va[u] + (vc[u] - t * vk[u])), stream);
+            }
+    }
+    inline void scalar(int64_t rb, int64_t re, int64_t j) const {
+        for (int64_t r = rb; r < re; ++r) {
+            const int64_t e = r * W + j;
+            dx[e] = down<S>(up(dy[e]) * a[j] + (c0[j] - (up(x[e]) - mh[j]) * k[j]));
+        }
+    }
+};
+
+// ---- forward, batch statistics -------------------------------------------------------
+
+template <typename S, typename T = Compute<S>>
+void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats, const Running& run,
+                   double eps, const Geometry& g, int threads) {
+    const int64_t C = g.C, inner = g.inner, numel = g.numel();
+    const double n = static_cast<double>(g.n());
+    const int team = team_size(numel, threads);
+    const bool stream = numel * int64_t(sizeof(S)) > kStreamBytes;
+    const std::vector<T> K = shifts(x, g);
+
+    if (g.planes()) {
+        std::vector<double> partial;  // (threads, 2, C): element split only
+        parallel(team, [&](const int t, const int T_) {
+            if (split_of(g, sizeof(S), T_) == kByChannel) {
+                int64_t c0, c1;
+                split(C, t, T_, 1, &c0, &c1);
+                for (int64_t c = c0; c < c1; ++c) {
+                    Sums<T> sums;
+                    for (int64_t o = 0; o < g.outer; ++o)
+                        shifted_sums(x + (o * C + c) * inner, inner, K[c], sums);
+                    double s1 = 0, s2 = 0;
+                    sums.add_to(&s1, &s2);
+                    finish_channel(c, n, K.data(), s1, s2, eps, run, stats);
+                    const Affine<T> a = affine_of(stats.mean[c], stats.invstd[c], w, b, c);
+                    for (int64_t o = 0; o < g.outer; ++o) {
+                        const int64_t off = (o * C + c) * inner;
+                        normalize_run(x + off, y + off, inner, a, stream);
+                    }
+                }
+            } else {
+#pragma omp single
+                partial.assign(size_t(T_) * 2 * C, 0.0);
+                std::vector<Sums<T>> sums(C);
+                int64_t e0, e1;
+                split(numel, t, T_, kAlign, &e0, &e1);
+                for_plane_pieces(g, e0, e1, [&](int64_t c, int64_t off, int64_t len) {
+                    shifted_sums(x + off, len, K[c], sums[c]);
+                });
+                double* mine = partial.data() + int64_t(t) * 2 * C;
+                for (int64_t c = 0; c < C; ++c) sums[c].add_to(mine + c, mine + C + c);
+#pragma omp barrier
+#pragma omp single
+                for (int64_t c = 0; c < C; ++c) {
+                    double s1 = 0, s2 = 0;
+                    for (int u = 0; u < T_; ++u) {
+                        s1 += partial[u * 2 * C + c];
+                        s2 += partial[u * 2 * C + C + c];
+                    }
+                    finish_channel(c, n, K.data(), s1, s2, eps, run, stats);
+                }
+                for_plane_pieces(g, e0, e1, [&](int64_t c, int64_t off, int64_t len) {
+                    normalize_run(x + off, y + off, len,
+                                  affine_of(stats.mean[c], stats.invstd[c], w, b, c), stream);
+                });
+            }
+        });
+        return;
+    }
+
+    // Periodic rows of width W, then the last numel % W elements one by one.
+    const int64_t W = g.width(), rows = numel / W, tail = rows * W;
+    const std::vector<int64_t> chan = column_channels(g, W);
+    const std::vector<T> KW = columns<T>(chan, [&](int64_t c) { return K[c]; });
+    std::vector<double> partial;
+    std::vector<Affine<T>> per(C);
+    ColumnNormalize<S>* norm = nullptr;
+    parallel(team, [&](const int t, const int T_) {
+        if (split_of(g, sizeof(S), T_) == kByColumn) {
+            // A row is one period (rows = outer, no tail): this thread's
+            // channels own the columns [c0*inner, c1*inner) of every row,
+            // taken a panel at a time so the second pass finds it in cache.
+            int64_t c0, c1;
+            split(C, t, T_, inner == 1 ? kAlign : 1, &c0, &c1);
+            std::vector<double> acc(size_t(2 * W), 0.0);
+            ColumnNormalize<S> norm(&chan, W, x, y, stream);
+            const int64_t pc = panel_channels(g, rows, sizeof(S));
+            for (int64_t p0 = c0; p0 < c1; p0 += pc) {
+                const int64_t p1 = min64(c1, p0 + pc);
+                const Block k{0, rows, p0 * inner, p1 * inner};
+                for_column_blocks<S>(
+                    k, W, ColumnSums<S>{x, W, KW.data(), acc.data(), acc.data() + W}, kBlock);
+                if (inner == 1) {  // a column is a channel
+                    finish_stats(p0, p1, n, K.data(), acc.data(), acc.data() + W, eps, run, stats);
+                    norm.set_channels(p0, p1, stats.mean, stats.invstd, w, b);
+                } else {
+                    for (int64_t c = p0; c < p1; ++c) {
+                        double s1 = 0, s2 = 0;
+                        for (int64_t j = c * inner; j < (c + 1) * inner; ++j) {
+                            s1 += acc[j];
+                            s2 += acc[W + j];
+                        }
+                        finish_channel(c, n, K.data(), s1, s2, eps, run, stats);
+                        per[c] = affine_of(stats.mean[c], stats.invstd[c], w, b, c);
+                    }
+                    norm.set(k.j0, k.j1, per);
+                }
+                for_column_blocks<S>(k, W, norm, kBlock);
+            }
+            return;
+        }
+#pragma omp single
+        partial.assign(size_t(T_) * 2 * W, 0.0);
+        double* acc = partial.data() + int64_t(t) * 2 * W;
+        int64_t r0, r1;
+        split(rows, t, T_, 1, &r0, &r1);
+        const Block k{r0, r1, 0, W};
+        periodic_sums(ColumnSums<S>{x, W, KW.data(), acc, acc + W}, k);
+#pragma omp barrier
+#pragma omp single
+        {
+            std::vector<double> s1(C, 0.0), s2(C, 0.0);
+            for (int u = 0; u < T_; ++u)
+                for (int64_t j = 0; j < W; ++j) {
+                    s1[chan[j]] += partial[u * 2 * W + j];
+                    s2[chan[j]] += partial[u * 2 * W + W + j];
+                }
+            for (int64_t e = tail; e < numel; ++e) {
+                const int64_t c = chan[e - tail];
+                const double d = static_cast<double>(up(x[e]) - K[c]);
+                s1[c] += d;
+                s2[c] += d * d;
+            }
+            finish_stats(0, C, n, K.data(), s1.data(), s2.data(), eps, run, stats);
+            for (int64_t c = 0; c < C; ++c)
+                per[c] = affine_of(stats.mean[c], stats.invstd[c], w, b, c);
+            norm = &(new ColumnNormalize<S>(&chan, W, x, y, stream))->set(0, W, per);
+        }
+        for_column_blocks<S>(k, W, *norm);
+    });
+    delete norm;
+    for (int64_t e = tail; e < numel; ++e) {
+        const Affine<T>& a = per[chan[e - tail]];
+        y[e] = down<S>((up(x[e]) - a.mh) * a.s + a.b);
+    }
+}
+
+// ---- forward, given statistics (evaluation) ---------------------------------------------
+
+// The statistics (float64) of running buffers of type R.
+// Separate arrays (restrict): the loop runs in vector square roots and divisions.
+template <typename R>
+void running_stats(const R* __restrict rm, const R* __restrict rv, int64_t C, double eps,
+                   double* __restrict mean, double* __restrict var, double* __restrict invstd) {
+    for (int64_t c = 0; c < C; ++c) {
+        mean[c] = static_cast<double>(rm[c]);
+        var[c] = static_cast<double>(rv[c]);
+        invstd[c] = 1.0 / std::sqrt(static_cast<double>(rv[c]) + eps);
+    }
+}
+
+// y = (x - mh)*s + b over the elements [e0, e1) of planes (inner >= kLanes),
+// written around the caches: whole aligned vectors all along, a vector that
+// straddles two planes taking each lane's coefficients from its own plane.
+// (Runs of one plane each would leave their first and last lines partial.)
+template <typename S, typename T = Compute<S>>
+void normalize_range(const S* x, S* y, int64_t e0, int64_t e1, const Geometry& g,
+                     const std::vector<Affine<T>>& per) {
+    typedef VecOf<S> V;
+    constexpr int64_t line = kStreamAlign<S>;
+    auto one = [&](int64_t e) {
+        const Affine<T>& a = per[(e / g.inner) % g.C];
+        y[e] = down<S>((up(x[e]) - a.mh) * a.s + a.b);
+    };
+    int64_t e = e0;
+    for (; e < e1 && (reinterpret_cast<uintptr_t>(y + e) & (line - 1)) != 0; ++e) one(e);
+    V lane{};
+    for (int k = 0; k < kLanes; ++k) lane[k] = T(k);
+    int64_t plane = e / g.inner, end = (plane + 1) * g.inner;
+    for (; e + kLanes <= e1; e += kLanes) {
+        if (e >= end) {
+            ++plane;
+            end += g.inner;
+        }
+        const Affine<T>& a = per[plane % g.C];
+        if (e + 2 * kLanes <= end && e + 2 * kLanes <= e1) {  // two vectors of one plane
+            const V v0 = (ld(x + e) - a.mh) * a.s + a.b;
+            const V v1 = (ld(x + e + kLanes) - a.mh) * a.s + a.b;
+            store_out(y + e, v0, true);
+            store_out(y + e + kLanes, v1, true);
+            e += kLanes;
+            continue;
+        }
+        if (e + kLanes <= end) {
+            store_out(y + e, V((ld(x + e) - a.mh) * a.s + a.b), true);
+            continue;
+        }
+        // Lanes from end - e on belong to the next plane.
+        const Affine<T>& n = per[(plane + 1) % g.C];
+        const auto next = lane >= T(end - e);
+        const V mh = next ? V{} + n.mh : V{} + a.mh;
+        const V sc = next ? V{} + n.s : V{} + a.s;
+        const V bb = next ? V{} + n.b : V{} + a.b;
+        store_out(y + e, V((ld(x + e) - mh) * sc + bb), true);
+    }
+    for (; e < e1; ++e) one(e);
+}
+
+// One pass: y = (x - mean)*invstd*gamma + beta. Nothing to reduce, so every
+// geometry splits into equal ranges (of elements or rows).
+template <typename S, typename T = Compute<S>>
+void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, const double* invstd,
+               const Geometry& g, int threads) {
+    const int64_t C = g.C, numel = g.numel();
+    const int team = team_size(numel, threads);
+    const bool stream = numel * int64_t(sizeof(S)) >= kStreamEvalBytes;
+    const int64_t W = g.width(), rows = numel / W, tail = rows * W;
+    const bool columns_are_channels = !g.planes() && W == C;  // then no tail either
+    std::vector<Affine<T>> per(columns_are_channels ? 0 : C);
+    for (size_t c = 0; c < per.size(); ++c) per[c] = affine_of(mean[c], invstd[c], w, b, c);
+    if (g.planes()) {
+        parallel(team, [&](const int t, const int T_) {
+            int64_t e0, e1;
+            split(numel, t, T_, kAlign, &e0, &e1);
+            if (stream) return normalize_range(x, y, e0, e1, g, per);
+            for_plane_pieces(g, e0, e1, [&](int64_t c, int64_t off, int64_t len) {
+                normalize_run(x + off, y + off, len, per[c], false);
+            });
+        });
+        return;
+    }
+    const std::vector<int64_t> chan =
+        columns_are_channels ? std::vector<int64_t>() : column_channels(g, W);
+    ColumnNormalize<S> norm(columns_are_channels ? nullptr : &chan, W, x, y, stream);
+    if (columns_are_channels)
+        norm.set_channels(0, W, mean, invstd, w, b);
+    else
+        norm.set(0, W, per);
+    parallel(team, [&](const int t, const int T_) {
+        int64_t r0, r1;
+        split(rows, t, T_, 1, &r0, &r1);
+        // Tensors the caches hold take blocks of kBlock rows (coefficients loaded
+        // once per block); larger ones read wide rows one by one.
+        const bool cached = numel * int64_t(sizeof(S)) <= kStreamBytes;
+        for_column_blocks<S>(Block{r0, r1, 0, W}, W, norm, cached ? kBlock : 0);
+    });
+    for (int64_t e = tail; e < numel; ++e) {
+        const Affine<T>& a = per[chan[e - tail]];
+        y[e] = down<S>((up(x[e]) - a.mh) * a.s + a.b);
+    }
+}
+
+// ---- backward ------------------------------------------------------------------------------
+
+template <typename S, typename T = Compute<S>>
+void backward(const S* dy, const S* x, S* dx, const T* w, const double* mean, const double* invstd,
+              T* dw, T* db, bool batch_stats, const Geometry& g, int threads) {
+    const int64_t C = g.C, inner = g.inner, numel = g.numel();
+    const double n = static_cast<double>(g.n());
+    const int team = team_size(numel, threads);
+    const bool stream = numel * int64_t(sizeof(S)) > kStreamBytes;
+    // mh first (the sums need it); the rest once the sums are known. The sums
+    // give sum dy*(x - mh); sum dy*(x - mean) is that minus ml*sum dy.
+    std::vector<GradCoef<T>> coef(C);
+    for (int64_t c = 0; c < C; ++c) coef[c] = grad_coef(mean[c], invstd[c], w, c, 0, 0, n, false);
+    auto finish = [&](int64_t c, double sdy, double sdyx_mh) {
+        const double dgamma = dgamma_of<T>(sdy, sdyx_mh, mean[c], invstd[c]);
+        db[c] = static_cast<T>(sdy);
+        dw[c] = static_cast<T>(dgamma);
+        coef[c] = grad_coef(mean[c], invstd[c], w, c, sdy, dgamma, n, batch_stats);
+    };
+
+    if (g.planes()) {
+        std::vector<double> partial;
+        parallel(team, [&](const int t, const int T_) {
+            if (split_of(g, sizeof(S), T_) == kByChannel) {
+                int64_t c0, c1;
+                split(C, t, T_, 1, &c0, &c1);
+                for (int64_t c = c0; c < c1; ++c) {
+                    Sums<T> sums;
+                    for (int64_t o = 0; o < g.outer; ++o) {
+                        const int64_t off = (o * C + c) * inner;
+                        grad_sums(dy + off, x + off, inner, coef[c].mh, sums);
+                    }
+                    double sdy = 0, sdyx = 0;
+                    sums.add_to(&sdy, &sdyx);
+                    finish(c, sdy, sdyx);
+                    for (int64_t o = 0; o < g.outer; ++o) {
+                        const int64_t off = (o * C + c) * inner;
+                        grad_run(dy + off, x + off, dx + off, inner, coef[c], stream);
+                    }
+                }
+            } else {
+#pragma omp single
+                partial.assign(size_t(T_) * 2 * C, 0.0);
+                std::vector<Sums<T>> sums(C);
+                int64_t e0, e1;
+                split(numel, t, T_, kAlign, &e0, &e1);
+                for_plane_pieces(g, e0, e1, [&](int64_t c, int64_t off, int64_t len) {
+                    grad_sums(dy + off, x + off, len, coef[c].mh, sums[c]);
+                });
+                double* mine = partial.data() + int64_t(t) * 2 * C;
+                for (int64_t c = 0; c < C; ++c) sums[c].add_to(mine + c, mine + C + c);
+#pragma omp barrier
+#pragma omp single
+                for (int64_t c = 0; c < C; ++c) {
+                    double sdy = 0, sdyx = 0;
+                    for (int u = 0; u < T_; ++u) {
+                        sdy += partial[u * 2 * C + c];
+                        sdyx += partial[u * 2 * C + C + c];
+                    }
+                    finish(c, sdy, sdyx);
+                }
+                for_plane_pieces(g, e0, e1, [&](int64_t c, int64_t off, int64_t len) {
+                    grad_run(dy + off, x + off, dx + off, len, coef[c], stream);
+                });
+            }
+        });
+        return;
+    }
+
+    const int64_t W = g.width(), rows = numel / W, tail = rows * W;
+    const std::vector<int64_t> chan = column_channels(g, W);
+    const std::vector<T> MH = columns<T>(chan, [&](int64_t c) { return coef[c].mh; });
+    std::vector<double> partial;
+    ColumnGrad<S>* grad = nullptr;
+    parallel(team, [&](const int t, const int T_) {
+        if (split_of(g, sizeof(S), T_) == kByColumn) {  // as in forward_train
+            int64_t c0, c1;
+            split(C, t, T_, inner == 1 ? kAlign : 1, &c0, &c1);
+            std::vector<double> acc(size_t(2 * W), 0.0);
+            ColumnGrad<S> grad_cols(chan, dy, x, dx, stream);
+            const int64_t pc = panel_channels(g, rows, 2 * sizeof(S));  // dy and x
+            for (int64_t p0 = c0; p0 < c1; p0 += pc) {
+                const int64_t p1 = min64(c1, p0 + pc);
+                const Block k{0, rows, p0 * inner, p1 * inner};
+                for_column_blocks<S>(
+                    k, W, ColumnGradSums<S>{dy, x, W, MH.data(), acc.data(), acc.data() + W},
+                    kBlock);
+                if (inner == 1) {  // a column is a channel
+                    grad_cols.set_channels(p0, p1, acc.data(), acc.data() + W, mean, invstd, w,
+                                           dw, db, n, batch_stats);
+                } else {
+                    for (int64_t c = p0; c < p1; ++c) {
+                        double sdy = 0, sdyx = 0;
+                        for (int64_t j = c * inner; j < (c + 1) * inner; ++j) {
+                            sdy += acc[j];
+                            sdyx += acc[W + j];
+                        }
+                        finish(c, sdy, sdyx);
+                    }
+                    grad_cols.set(k.j0, k.j1, coef);
+                }
+                for_column_blocks<S>(k, W, grad_cols, kBlock);
+            }
+            return;
+        }
+#pragma omp single
+        partial.assign(size_t(T_) * 2 * W, 0.0);
+        double* acc = partial.data() + int64_t(t) * 2 * W;
+        int64_t r0, r1;
+        split(rows, t, T_, 1, &r0, &r1);
+        const Block k{r0, r1, 0, W};
+        periodic_grad_sums(ColumnGradSums<S>{dy, x, W, MH.data(), acc, acc + W}, k);
+#pragma omp barrier
+#pragma omp single
+        {
+            std::vector<double> sdy(C, 0.0), sdyx(C, 0.0);
+            for (int u = 0; u < T_; ++u)
+                for (int64_t j = 0; j < W; ++j) {
+                    sdy[chan[j]] += partial[u * 2 * W + j];
+                    sdyx[chan[j]] += partial[u * 2 * W + W + j];
+                }
+            for (int64_t e = tail; e < numel; ++e) {
+                const int64_t c = chan[e - tail];
+                const T g_ = up(dy[e]);
+                sdy[c] += static_cast<double>(g_);
+                sdyx[c] += static_cast<double>(g_ * (up(x[e]) - coef[c].mh));
+            }
+            for (int64_t c = 0; c < C; ++c) finish(c, sdy[c], sdyx[c]);
+            grad = &(new ColumnGrad<S>(chan, dy, x, dx, stream))->set(0, W, coef);
+        }
+        for_column_blocks<S>(k, W, *grad);
+    });
+    delete grad;
+    for (int64_t e = tail; e < numel; ++e) {
+        const GradCoef<T>& q = coef[chan[e - tail]];
+        dx[e] = down<S>(up(dy[e]) * q.a + (q.c0 - (up(x[e]) - q.mh) * q.k));
+    }
+}
+
+
+// ---- entry points --------------------------------------------------------------------------
+//
+// Pointers refer to contiguous memory of the types the dtype code says: x, y,
+// dy, dx in S; weight, bias, dweight, dbias in S's compute type (float32 for
+// the 16-bit types); running buffers in float64 if Running::is_double, else
+// float32; statistics in float64.
+
+// Dtype codes, in the order of bnlab.kernels._cpu_native.DTYPE_CODES.
+enum DtypeCode { kFloat32, kFloat64, kBFloat16, kFloat16, kDtypes };
+constexpr int64_t kElementBytes[kDtypes] = {4, 8, 2, 2};
+
+// f(S{}) for the storage type S of a valid dtype code.
+template <typename F>
+void with_storage(int64_t code, F f) {
+    switch (code) {
+        case kFloat32: return f(float{});
+        case kFloat64: return f(double{});
+        case kBFloat16: return f(bf16{});
+        default: return f(f16{});
+    }
+}
+
+// The statistics with scratch memory where the caller wants none: all three
+// when mean or invstd is null (y alone), else var when it is null.
+inline Stats with_scratch(Stats stats, std::vector<double>& scratch, int64_t C) {
+    if (!stats.mean || !stats.invstd) {
+        scratch.resize(size_t(3 * C));
+        return Stats{scratch.data(), scratch.data() + C, scratch.data() + 2 * C};
+    }
+    if (!stats.var) {
+        scratch.resize(size_t(C));
+        stats.var = scratch.data();
+    }
+    return stats;
+}
+
+// Batch statistics into `stats` (mean, biased var, invstd; all three given),
+// the running buffers' move, and y.
+inline void run_forward_train(int64_t dtype, const void* x, void* y, const void* w, const void* b,
+                              const Stats& stats, const Running& run, double eps,
+                              const Geometry& g, int threads) {
+    with_storage(dtype, [&](auto tag) {
+        typedef decltype(tag) S;
+        typedef Compute<S> T;
+        advise_huge_pages(y, g.numel() * int64_t(sizeof(S)));
+        forward_train(static_cast<const S*>(x), static_cast<S*>(y), static_cast<const T*>(w),
+                      static_cast<const T*>(b), stats, run, eps, g, threads);
+    });
+}
+
+// y normalized with the running buffers (`run`, only read; its momentum
+// unused); their statistics into `stats` (all three given).
+inline void run_forward_eval(int64_t dtype, const void* x, void* y, const void* w, const void* b,
+                             const Stats& stats, const Running& run, double eps,
+                             const Geometry& g, int threads) {
+    if (run.is_double)
+        running_stats(static_cast<const double*>(run.mean), static_cast<const double*>(run.var),
+                      g.C, eps, stats.mean, stats.var, stats.invstd);
+    else
+        running_stats(static_cast<const float*>(run.mean), static_cast<const float*>(run.var),
+                      g.C, eps, stats.mean, stats.var, stats.invstd);
+    with_storage(dtype, [&](auto tag) {
+        typedef decltype(tag) S;
+        typedef Compute<S> T;
+        advise_huge_pages(y, g.numel() * int64_t(sizeof(S)));
+        normalize(static_cast<const S*>(x), static_cast<S*>(y), static_cast<const T*>(w),
+                  static_cast<const T*>(b), stats.mean, stats.invstd, g, threads);
+    });
+}
+
+// dx, dweight and dbias (the last two always written).
+inline void run_backward(int64_t dtype, const void* dy, const void* x, void* dx, const void* w,
+                         const double* mean, const double* invstd, void* dw, void* db,
+                         bool batch_stats, const Geometry& g, int threads) {
+    with_storage(dtype, [&](auto tag) {
+        typedef decltype(tag) S;
+        typedef Compute<S> T;
+        advise_huge_pages(dx, g.numel() * int64_t(sizeof(S)));
+        backward(static_cast<const S*>(dy), static_cast<const S*>(x), static_cast<S*>(dx),
+                 static_cast<const T*>(w), mean, invstd, static_cast<T*>(dw), static_cast<T*>(db),
+                 batch_stats, g, threads);
+    });
+}
+
+}  // namespace
