@@ -313,12 +313,16 @@ def test_the_node_checks_what_it_is_handed():
         _NODE.batch_norm(x)
 
 
-def test_running_buffers_are_versioned_like_an_in_place_op():
-    """Autograd sees the update: a graph that saved a buffer refuses to use it afterwards."""
+@pytest.mark.parametrize("elements", [64, MAX + 16], ids=["node", "function"])
+def test_running_buffers_are_versioned_like_an_in_place_op(elements):
+    """Autograd sees the update, as torch's: a graph that saved a buffer refuses it afterwards."""
     m = bnlab.nn.BatchNorm1d(16)
-    before = m.running_mean._version
-    m(_rows(64))
-    assert m.running_mean._version == before + 1
+    before = [b._version for b in (m.running_mean, m.running_var)]
+    saved = m.running_mean * torch.ones(16, requires_grad=True)  # saves the buffer
+    m(_rows(elements))
+    assert [b._version for b in (m.running_mean, m.running_var)] == [v + 1 for v in before]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
 
 
 def test_saved_tensor_hooks_see_what_the_node_saves():

@@ -145,6 +145,8 @@ def forward_train(
         rm, rv, running_is_double, float(momentum), float(eps),
         DTYPE_CODES[x.dtype], outer, c, inner, torch.get_num_threads(),
     )  # fmt: skip
+    if rm is not None:  # written through pointers: tell autograd, as an in-place op would
+        torch.autograd.graph.increment_version((running_mean, running_var))
     return y, stats, var
 
 

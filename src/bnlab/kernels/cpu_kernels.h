@@ -24,7 +24,8 @@
 //                       wide period: (32, 4096), (256, 512)).
 // When a thread owns whole channels, a channel's second pass follows its
 // first while its data is still in cache, and no barrier is needed.
-// Inference has nothing to reduce: equal element or row ranges.
+// Inference has nothing to reduce: equal element or row ranges, or for
+// a few wide rows, column ranges.
 //
 // Passes (n values per channel, xhat = (x - mean)*invstd):
 //   forward   sums of (x - K) and (x - K)^2, K a shift near the channel's mean;
@@ -1102,7 +1103,7 @@ void normalize_range(const S* x, S* y, int64_t e0, int64_t e1, const Geometry& g
 }
 
 // One pass: y = (x - mean)*invstd*gamma + beta. Nothing to reduce, so every
-// geometry splits into equal ranges (of elements or rows).
+// geometry splits into equal ranges (of elements, rows, or a few rows' columns).
 template <typename S, typename T = Compute<S>>
 void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, const double* invstd,
                const Geometry& g, int threads) {
@@ -1131,13 +1132,22 @@ void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, con
         norm.set_channels(0, W, mean, invstd, w, b);
     else
         norm.set(0, W, per);
+    // Tensors the caches hold take blocks of kBlock rows (coefficients loaded
+    // once per block); larger ones read wide rows one by one.
+    const int64_t RB = numel * int64_t(sizeof(S)) <= kStreamBytes ? kBlock : 0;
+    const bool by_column = split_of(g, sizeof(S), team) == kByColumn;
     parallel(team, [&](const int t, const int T_) {
+        if (by_column && rows <= 4 * kBlock) {
+            // Few rows: each thread takes all rows of its columns, as in training.
+            // Halving a thread's rows instead leaves it short strided runs, and
+            // every thread all the coefficients.
+            int64_t j0, j1;
+            split(W, t, T_, kAlign, &j0, &j1);
+            return for_column_blocks<S>(Block{0, rows, j0, j1}, W, norm, RB);
+        }
         int64_t r0, r1;
         split(rows, t, T_, 1, &r0, &r1);
-        // Tensors the caches hold take blocks of kBlock rows (coefficients loaded
-        // once per block); larger ones read wide rows one by one.
-        const bool cached = numel * int64_t(sizeof(S)) <= kStreamBytes;
-        for_column_blocks<S>(Block{r0, r1, 0, W}, W, norm, cached ? kBlock : 0);
+        for_column_blocks<S>(Block{r0, r1, 0, W}, W, norm, RB);
     });
     for (int64_t e = tail; e < numel; ++e) {
         const Affine<T>& a = per[chan[e - tail]];
