@@ -35,11 +35,11 @@ from _timing import arguments, interleaved, publish, rounds_for
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 
-# (N, C) of LeNet-5's widths and NCHW with 16 channels, from 1K to 256K elements (the
-# last two above MAX_BYTES in float32).
+# (N, C) of LeNet-5's widths and NCHW with 16 channels, from 1K to 512K elements
+# ((64, 6, 28, 28), LeNet-5's conv1, and the last above MAX_BYTES in float32).
 SHAPES = [(64, 16), (64, 84), (64, 120), (128, 120), (64, 6, 8, 8), (256, 120), (64, 16, 5, 5),
           (64, 16, 8, 8), (512, 120), (64, 16, 10, 10), (256, 512), (64, 16, 16, 16),
-          (32, 4096), (64, 16, 16, 32)]  # fmt: skip
+          (32, 4096), (64, 6, 28, 28), (1024, 256), (64, 16, 16, 32)]  # fmt: skip
 DTYPES = (torch.float32, torch.bfloat16)
 
 

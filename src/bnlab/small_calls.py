@@ -12,10 +12,11 @@ shifted sums with a float64 carry, the running update rounded once.
 The rule (:func:`batch_norm` returns None for a call it does not take;
 tests/test_small_calls.py):
 
-* x takes at most :data:`MAX_BYTES` (256 KiB: 65536 float32 values, 131072
+* x takes at most :data:`MAX_BYTES` (1 MiB: 262144 float32 values, 524288
   bfloat16 ones); above it the Python function's cost is a few percent of a
-  call, and the one path (with its jvp and vmap rules) runs. Training or
-  inference, with or without a graph;
+  call (``python benchmarks/bench_small_calls.py``), and the one path (with
+  its jvp and vmap rules) runs. Training or inference, with or without a
+  graph;
 * plain eager autograd on the CPU: no forward-mode AD, functorch transform,
   tracer or compiler (:func:`bnlab.autograd.batch_norm` checks them; they keep
   the Python function);
@@ -38,7 +39,7 @@ from torch import Tensor
 from .kernels import _build
 
 # Bytes of x at or below which a call runs behind the C++ node.
-MAX_BYTES = 256 << 10
+MAX_BYTES = 1 << 20
 ENABLED = os.environ.get("BNLAB_SMALL_CALLS", "").lower() != "bnlab"
 
 

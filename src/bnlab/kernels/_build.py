@@ -4,9 +4,10 @@
   ``None`` after one warning when they cannot be built; the caller then runs
   on the reference backend.
 * ``node()``: the op ``torch.ops.bnlab_eager.batch_norm`` (``cpu_node.cpp``,
-  the same kernels behind a C++ autograd node, built against torch's headers
-  and libraries), or ``None`` after one warning; small calls then run on the
-  Python autograd function (:mod:`bnlab.small_calls`).
+  a C++ autograd node built against torch's headers and libraries, which
+  runs the kernels of ``native()`` through the table it hands out), or
+  ``None`` after one warning; small calls then run on the Python autograd
+  function (:mod:`bnlab.small_calls`).
 
 ``BNLAB_BACKEND=reference`` (read at import, ``ENABLED``) skips both builds.
 The building itself is :mod:`bnlab.native`'s.
@@ -86,7 +87,10 @@ def node() -> ModuleType | None:
     process: a second copy would register the op twice."""
     global _node
     if _node is _UNSET:
-        _node = NODE.build(_compiler()) if ENABLED and os.name == "posix" else None
+        kernels = native()
+        _node = NODE.build(_compiler()) if kernels is not None and os.name == "posix" else None
+        if _node is not None:
+            _node.use_kernels(kernels.KERNELS)  # the very kernels the Python functions run
     return _node  # type: ignore[return-value]
 
 

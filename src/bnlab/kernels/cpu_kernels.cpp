@@ -99,6 +99,35 @@ PyObject* py_plan(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     return Py_BuildValue("(si)", kSplitNames[split_of(g, kElementBytes[dtype], team)], team);
 }
 
+// ---- the table for the autograd node (cpu_kernels_api.h) ---------------------------------------
+
+void table_forward_train(int64_t dtype, const void* x, void* y, const void* w, const void* b,
+                         double* mean, double* var, double* invstd, void* rm, void* rv,
+                         bool running_is_double, double momentum, double eps, int64_t outer,
+                         int64_t C, int64_t inner, int threads) {
+    run_forward_train(dtype, x, y, w, b, Stats{mean, var, invstd},
+                      Running{rm, rv, running_is_double, momentum}, eps, Geometry{outer, C, inner},
+                      threads);
+}
+
+void table_forward_eval(int64_t dtype, const void* x, void* y, const void* w, const void* b,
+                        double* mean, double* var, double* invstd, const void* rm, const void* rv,
+                        bool running_is_double, double eps, int64_t outer, int64_t C,
+                        int64_t inner, int threads) {
+    run_forward_eval(dtype, x, y, w, b, Stats{mean, var, invstd},
+                     Running{const_cast<void*>(rm), const_cast<void*>(rv), running_is_double, 0.0},
+                     eps, Geometry{outer, C, inner}, threads);
+}
+
+void table_backward(int64_t dtype, const void* dy, const void* x, void* dx, const void* w,
+                    const double* mean, const double* invstd, void* dw, void* db, bool batch_stats,
+                    int64_t outer, int64_t C, int64_t inner, int threads) {
+    run_backward(dtype, dy, x, dx, w, mean, invstd, dw, db, batch_stats,
+                 Geometry{outer, C, inner}, threads);
+}
+
+const BatchNormKernels kTable = {table_forward_train, table_forward_eval, table_backward};
+
 PyMethodDef methods[] = {
     {"forward_train", fastcall<py_forward_train>(), METH_FASTCALL,
      "Batch statistics, running-stat update and normalize, fused."},
@@ -116,7 +145,10 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_bnlab_bn_cpu", "bnlab's batch
 PyMODINIT_FUNC PyInit__bnlab_bn_cpu(void) {
     PyObject* module = PyModule_Create(&module_def);
     if (module && (PyModule_AddIntConstant(module, "STREAM_BYTES", long(kStreamBytes)) != 0 ||
-                   PyModule_AddIntConstant(module, "STREAM_EVAL_BYTES", long(kStreamEvalBytes)) != 0))
+                   PyModule_AddIntConstant(module, "STREAM_EVAL_BYTES", long(kStreamEvalBytes)) != 0 ||
+                   PyModule_AddObject(module, "KERNELS",
+                                      PyCapsule_New(const_cast<BatchNormKernels*>(&kTable),
+                                                    BNLAB_KERNELS_CAPSULE, nullptr)) != 0))
         Py_CLEAR(module);
     return module;
 }

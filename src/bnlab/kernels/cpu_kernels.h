@@ -55,15 +55,16 @@
 // before their first touch: one page fault per 2 MiB instead of one per 4 KiB,
 // which on some machines costs more than the pass itself.
 //
-// Two front ends include this header: cpu_kernels.cpp, the Python functions
-// that take data pointers and sizes (Python headers only, compiled in
-// seconds), and cpu_node.cpp, the autograd node that takes tensors (torch's
-// headers). Both reach the kernels through the entry points at the end,
-// which map a dtype code to a storage type.
+// cpu_kernels.cpp compiles this header into the Python functions that take
+// data pointers and sizes (Python headers only, compiled in seconds), and
+// hands the entry points at its end, which map a dtype code to a storage
+// type, to the autograd node (cpu_node.cpp) as a table of functions
+// (cpu_kernels_api.h).
 
 #pragma once
 
 #include "bnlab_half.h"
+#include "cpu_kernels_api.h"
 #include "bnlab_native.h"
 
 #include <cmath>
@@ -1302,8 +1303,6 @@ void backward(const S* dy, const S* x, S* dx, const T* w, const double* mean, co
 // the 16-bit types); running buffers in float64 if Running::is_double, else
 // float32; statistics in float64.
 
-// Dtype codes, in the order of bnlab.kernels._cpu_native.DTYPE_CODES.
-enum DtypeCode { kFloat32, kFloat64, kBFloat16, kFloat16, kDtypes };
 constexpr int64_t kElementBytes[kDtypes] = {4, 8, 2, 2};
 
 // f(S{}) for the storage type S of a valid dtype code.

@@ -5,8 +5,9 @@
 // before each kernel cost about 20 us a training step more than torch's
 // batch norm, whose node is C++. On a small tensor that is more than the
 // kernels save. This file is that function's eager work in C++: the same
-// kernels (cpu_kernels.h), the same checks of every tensor before a pointer
-// is taken, the same statistics saved for the backward. bnlab.small_calls
+// kernels (the table _bnlab_bn_cpu hands out, cpu_kernels_api.h, so the very
+// same machine code), the same checks of every tensor before a pointer is
+// taken, the same statistics saved for the backward. bnlab.small_calls
 // decides which calls come here; transforms, forward-mode AD, tracing and
 // torch.compile never do (they need the Python function's jvp and vmap rules).
 //
@@ -28,13 +29,31 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
-#include "cpu_kernels.h"
+#include "bnlab_native.h"
+#include "cpu_kernels_api.h"
+
+#include <vector>
 
 namespace {
 
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// The kernels, from the capsule _bnlab_bn_cpu.KERNELS (use_kernels); until then the node
+// takes no call.
+const BatchNormKernels* kernels = nullptr;
+
+// x's memory as the array (outer, C, inner), contiguous.
+struct Geometry {
+    int64_t outer, C, inner;
+};
+
+// Running buffers as the kernels take them: null pointers for none.
+struct Running {
+    void *mean, *var;
+    bool is_double;
+};
 
 constexpr const char* kOp = "bnlab_eager::batch_norm: ";
 
@@ -80,15 +99,15 @@ void* vector_data(const Tensor& t, at::ScalarType type, int64_t c, const char* n
     return t.data_ptr();
 }
 
-Running running_of(const Tensor& mean, const Tensor& var, int64_t c, double momentum) {
-    if (!mean.defined() && !var.defined()) return Running{nullptr, nullptr, 0, momentum};
+Running running_of(const Tensor& mean, const Tensor& var, int64_t c) {
+    if (!mean.defined() && !var.defined()) return Running{nullptr, nullptr, false};
     TORCH_CHECK(mean.defined() && var.defined() && mean.scalar_type() == var.scalar_type() &&
                     (mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble),
                 kOp, "running_mean and running_var must be given together, both float32 or "
                 "both float64");
     const auto type = mean.scalar_type();
     return Running{vector_data(mean, type, c, "running_mean"), vector_data(var, type, c, "running_var"),
-                   type == at::kDouble, momentum};
+                   type == at::kDouble};
 }
 
 // (y, stats): stats (2, C) float64 holds the rows mean and invstd, as bnlab's backends return them.
@@ -101,18 +120,21 @@ std::tuple<Tensor, Tensor> forward_kernels(const Tensor& x, const Tensor& weight
     const auto param = compute_type(x);
     const void* w = vector_data(weight, param, g.C, "weight");
     const void* b = vector_data(bias, param, g.C, "bias");
-    const Running run = running_of(running_mean, running_var, g.C, momentum);
+    const Running run = running_of(running_mean, running_var, g.C);
     TORCH_CHECK(training || run.mean, kOp, "evaluation needs running_mean and running_var");
     Tensor y = at::empty_like(x);  // x's strides: contiguous or channels_last
     Tensor stats = at::empty({2, g.C}, x.options().dtype(at::kDouble));
     std::vector<double> var(size_t(g.C));
     double* mean = stats.data_ptr<double>();
-    const Stats s{mean, var.data(), mean + g.C};
     const int threads = at::get_num_threads();
     if (training)
-        run_forward_train(code, x.data_ptr(), y.data_ptr(), w, b, s, run, eps, g, threads);
+        kernels->forward_train(code, x.data_ptr(), y.data_ptr(), w, b, mean, var.data(),
+                               mean + g.C, run.mean, run.var, run.is_double, momentum, eps,
+                               g.outer, g.C, g.inner, threads);
     else
-        run_forward_eval(code, x.data_ptr(), y.data_ptr(), w, b, s, run, eps, g, threads);
+        kernels->forward_eval(code, x.data_ptr(), y.data_ptr(), w, b, mean, var.data(),
+                              mean + g.C, run.mean, run.var, run.is_double, eps, g.outer, g.C,
+                              g.inner, threads);
     if (training && run.mean) {  // written through pointers: tell autograd, as an in-place op would
         running_mean.unsafeGetTensorImpl()->bump_version();
         running_var.unsafeGetTensorImpl()->bump_version();
@@ -136,8 +158,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_kernels(Tensor dy, const Tensor& x,
     Tensor dw = at::empty({g.C}, x.options().dtype(param));
     Tensor db = at::empty({g.C}, x.options().dtype(param));
     const double* mean = stats.data_ptr<double>();
-    run_backward(code, dy.data_ptr(), x.data_ptr(), dx.data_ptr(), w, mean, mean + g.C,
-                 dw.data_ptr(), db.data_ptr(), training, g, at::get_num_threads());
+    kernels->backward(code, dy.data_ptr(), x.data_ptr(), dx.data_ptr(), w, mean, mean + g.C,
+                      dw.data_ptr(), db.data_ptr(), training, g.outer, g.C, g.inner,
+                      at::get_num_threads());
     return {dx, dw, db};
 }
 
@@ -245,7 +268,7 @@ bool dense(const Tensor& x) {
 // The caller has made bnlab's checks of the arguments' sizes and values.
 PyObject* py_batch_norm(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     if (!check_nargs(nargs, 9, "batch_norm")) return nullptr;
-    if (!THPVariable_Check(a[0]) || !(PyFloat_Check(a[6]) || PyLong_Check(a[6])))
+    if (!kernels || !THPVariable_Check(a[0]) || !(PyFloat_Check(a[6]) || PyLong_Check(a[6])))
         Py_RETURN_NONE;
     const Tensor& x = THPVariable_Unpack(a[0]);
     const int64_t max_bytes = i64(a[8]);
@@ -267,7 +290,12 @@ PyObject* py_batch_norm(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     const double momentum = f64(a[6]), eps = f64(a[7]);
     if (training < 0 || PyErr_Occurred()) return nullptr;
     try {
-        return THPVariable_Wrap(batch_norm(x, w, b, rm, rv, training != 0, momentum, eps));
+        Tensor y;
+        {
+            MaybeReleaseGil gil(x.numel());
+            y = batch_norm(x, w, b, rm, rv, training != 0, momentum, eps);
+        }
+        return THPVariable_Wrap(y);
     } catch (const c10::Error& e) {  // a TORCH_CHECK: its message, without the C++ backtrace
         PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
         return nullptr;
@@ -277,7 +305,18 @@ PyObject* py_batch_norm(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     }
 }
 
+// use_kernels(capsule): the kernels to run, _bnlab_bn_cpu.KERNELS.
+PyObject* py_use_kernels(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
+    if (!check_nargs(nargs, 1, "use_kernels")) return nullptr;
+    void* table = PyCapsule_GetPointer(a[0], BNLAB_KERNELS_CAPSULE);
+    if (!table) return nullptr;
+    kernels = static_cast<const BatchNormKernels*>(table);
+    Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
+    {"use_kernels", fastcall<py_use_kernels>(), METH_FASTCALL,
+     "Run the kernels of this capsule (_bnlab_bn_cpu.KERNELS)."},
     {"batch_norm", fastcall<py_batch_norm>(), METH_FASTCALL,
      "torch.ops.bnlab_eager.batch_norm, called directly; None for a call it does not take."},
     {nullptr, nullptr, 0, nullptr}};

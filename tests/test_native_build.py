@@ -1,0 +1,69 @@
+"""bnlab.native's builder: what enters a module's cache key, extra flags, and giving up."""
+
+from __future__ import annotations
+
+import pytest
+
+from bnlab import native
+
+SOURCE = r"""
+#include <Python.h>
+#include "beside.h"
+
+static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_bnlab_build_probe", nullptr, -1, nullptr,
+                          nullptr, nullptr, nullptr, nullptr};
+
+PyMODINIT_FUNC PyInit__bnlab_build_probe(void) {
+    PyObject* m = PyModule_Create(&def);
+    if (m) PyModule_AddIntConstant(m, "VALUE", BESIDE + FLAG);
+    return m;
+}
+"""
+
+
+@pytest.fixture
+def probe(tmp_path, monkeypatch):
+    """An extension whose source includes a header beside it, built into its own cache."""
+    monkeypatch.setenv("BNLAB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_VARIANTS", [[]])  # one build per test: no -march, no OpenMP
+    source = tmp_path / "probe.cpp"
+    source.write_text(SOURCE)
+    (tmp_path / "beside.h").write_text("#define BESIDE 40\n")
+    flags = ["-DFLAG=2"]
+    ext = native.Extension(
+        "_bnlab_build_probe", [source], fallback="nothing", flags=lambda: list(flags)
+    )
+    return ext, tmp_path, flags
+
+
+def _key(ext) -> str:
+    return ext._key(native.find_compiler(), [*native._VARIANTS[0], *ext.flags()])
+
+
+def test_extra_flags_reach_the_compiler(probe):
+    ext, _, _ = probe
+    module = ext.build(native.find_compiler())
+    assert module is not None and module.VALUE == 42
+
+
+def test_a_header_beside_the_source_and_the_flags_are_in_the_key(probe):
+    """Editing either must rebuild: a stale binary would run old kernels (or another
+    torch's ABI, whose version the node's flags name)."""
+    ext, folder, flags = probe
+    first = _key(ext)
+    (folder / "beside.h").write_text("#define BESIDE 41\n")
+    second = _key(ext)
+    flags[0] = "-DFLAG=3"
+    third = _key(ext)
+    assert len({first, second, third}) == 3
+
+
+def test_flags_that_cannot_be_had_give_up_with_the_reason(probe):
+    ext, _, _ = probe
+
+    def missing():
+        raise FileNotFoundError("torch's C++ headers are not in /nowhere")
+
+    ext.flags = missing
+    with pytest.warns(RuntimeWarning, match="_bnlab_build_probe unavailable.*headers are not in"):
+        assert ext.build(native.find_compiler()) is None
