@@ -7,9 +7,13 @@ without a graph are counted at bnlab's CPU backend, which the node does not call
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnlab.nn
 from bnlab import small_calls
@@ -20,7 +24,13 @@ from .conftest import count_calls
 
 MAX = small_calls.MAX_BYTES // 4  # float32 values
 _NODE = _build.node()
-pytestmark = pytest.mark.skipif(_NODE is None, reason="the autograd node could not be built")
+
+
+def test_the_node_builds_and_loads():
+    """Where the kernels build, the node must too: without it every small call would be
+    slower than torch's, and the tests below would test the Python function."""
+    assert _build.native() is not None
+    assert _NODE is not None, "the autograd node did not build or load (see the warning)"
 
 
 def _path_of(y: torch.Tensor) -> str:
@@ -255,6 +265,52 @@ def test_rule(case, kwargs, taken):
     """The node takes the call, or declines it (None) and the function runs."""
     y = small_calls.batch_norm(*_call(**kwargs))
     assert (y is not None) is taken, case
+
+
+class _Logged(torch.Tensor):
+    """A subclass with its own __torch_function__, as logging and tracing tools make."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class _Recording(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class _Watching(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("what", ["subclass", "subclass weight", "dispatch mode", "function mode"])
+def test_subclasses_and_modes_see_the_ops(what):
+    """They expect to see every op run: the node declines, and the function runs."""
+    x, w, *rest = _call()
+    if what == "subclass":
+        x = x.as_subclass(_Logged)
+    if what == "subclass weight":
+        w = w.as_subclass(_Logged)
+    mode = {"dispatch mode": _Recording, "function mode": _Watching}.get(what)
+    with mode() if mode else contextlib.nullcontext():
+        assert small_calls.batch_norm(x, w, *rest) is None
+
+
+def test_a_dispatch_mode_sees_the_function_run():
+    m = bnlab.nn.BatchNorm1d(16)
+    x = _rows(64)
+    expected = torch.nn.BatchNorm1d(16)(x)
+    with _Recording() as mode:
+        y = m(x)
+    assert mode.ops  # the function's allocations at least
+    torch.testing.assert_close(y, expected, atol=1e-6, rtol=0)
 
 
 def test_a_declined_call_still_gives_torch_numbers():

@@ -23,8 +23,12 @@ tests/test_small_calls.py):
 * arguments the kernels take as they are: x contiguous or channels_last,
   a float momentum, parameters in x's compute dtype (float32 for 16-bit x),
   running buffers float32 or float64 and contiguous. Anything else is
-  converted on the one path. The node decides this in C++, where it costs a
-  fraction of the same tests in Python.
+  converted on the one path;
+* plain tensors and no torch-function or dispatch mode: a subclass or a mode
+  (FakeTensorMode, a logging mode) expects to see the ops run.
+
+The node decides this in C++, where it costs a fraction of the same tests in
+Python.
 
 When the node cannot be built (no compiler, or a torch without its C++
 headers), every call takes the one path. ``BNLAB_SMALL_CALLS=bnlab`` does too.
@@ -35,6 +39,7 @@ from __future__ import annotations
 import os
 
 from torch import Tensor
+from torch.overrides import has_torch_function
 
 from .kernels import _build
 
@@ -53,11 +58,11 @@ def batch_norm(
     momentum: float | Tensor,
     eps: float,
 ) -> Tensor | None:
-    """y through the node (``torch.ops.bnlab_eager.batch_norm``), or None when the call is
+    """y through the C++ node (``cpu_node.cpp``'s ``batch_norm``), or None when the call is
     not one it takes (see above). The caller has made bnlab's checks and knows the call is
     plain eager autograd."""
-    if not ENABLED:
-        return None
+    if not ENABLED or has_torch_function((x, weight, bias, running_mean, running_var)):
+        return None  # a subclass or a torch-function mode: it expects to see the ops
     node = _build.node()
     if node is None:
         return None

@@ -3,11 +3,10 @@
 * ``native()``: the kernels as Python functions (``cpu_kernels.cpp``), or
   ``None`` after one warning when they cannot be built; the caller then runs
   on the reference backend.
-* ``node()``: the op ``torch.ops.bnlab_eager.batch_norm`` (``cpu_node.cpp``,
-  a C++ autograd node built against torch's headers and libraries, which
-  runs the kernels of ``native()`` through the table it hands out), or
-  ``None`` after one warning; small calls then run on the Python autograd
-  function (:mod:`bnlab.small_calls`).
+* ``node()``: the C++ autograd node (``cpu_node.cpp``, built against torch's
+  headers and libraries), which runs the kernels of ``native()`` through the
+  table it hands out, or ``None`` after one warning; small calls then run on
+  the Python autograd function (:mod:`bnlab.small_calls`).
 
 ``BNLAB_BACKEND=reference`` (read at import, ``ENABLED``) skips both builds.
 The building itself is :mod:`bnlab.native`'s.
@@ -82,9 +81,8 @@ _node: ModuleType | object | None = _UNSET
 
 
 def node() -> ModuleType | None:
-    """The autograd node's module (its ``batch_norm`` is ``torch.ops.bnlab_eager.batch_norm``,
-    called directly), building it on first use; None if it cannot be had. Loaded once per
-    process: a second copy would register the op twice."""
+    """The autograd node's module (``batch_norm``, see cpu_node.cpp), building it on first
+    use and handing it the kernels; None if either cannot be had."""
     global _node
     if _node is _UNSET:
         kernels = native()

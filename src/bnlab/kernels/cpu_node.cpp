@@ -11,14 +11,14 @@
 // decides which calls come here; transforms, forward-mode AD, tracing and
 // torch.compile never do (they need the Python function's jvp and vmap rules).
 //
-// The op, registered when this module loads:
-//   bnlab_eager::batch_norm(input, weight, bias, running_mean, running_var,
-//                           training, momentum, eps) -> Tensor
-// normalizes with batch statistics (training; the running buffers, when
-// given, move in place) or with the running ones. Its backward runs the
-// kernels; a backward that is itself recorded (create_graph=True) or vmapped
-// (is_grads_batched) runs differentiable ATen ops instead: torch's own batch-norm backward with batch
-// statistics, the per-channel affine map's gradient with running ones.
+// batch_norm(input, weight, bias, running_mean, running_var, training,
+// momentum, eps, max_bytes) normalizes with batch statistics (training; the
+// running buffers, when given, move in place) or with the running ones, or
+// returns None for a call it does not take. Its backward runs the kernels; a
+// backward that is itself recorded (create_graph=True) or vmapped
+// (is_grads_batched) runs differentiable ATen ops instead: torch's own
+// batch-norm backward with batch statistics, the per-channel affine map's
+// gradient with running ones.
 
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
@@ -27,7 +27,7 @@
 #include <ATen/ops/native_batch_norm_backward.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/library.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include "bnlab_native.h"
 #include "cpu_kernels_api.h"
@@ -55,7 +55,7 @@ struct Running {
     bool is_double;
 };
 
-constexpr const char* kOp = "bnlab_eager::batch_norm: ";
+constexpr const char* kOp = "bnlab node batch_norm: ";
 
 int64_t dtype_code(const Tensor& x) {
     switch (x.scalar_type()) {
@@ -242,12 +242,17 @@ Tensor batch_norm(const Tensor& input, const std::optional<Tensor>& weight,
 
 // ---- Python ------------------------------------------------------------------------------------
 
-// Whether the kernels take t as it is: a dense (C,) CPU tensor of `type`, or None.
+// A tensor with nothing that expects to see the ops run on it: no __torch_dispatch__
+// of a subclass (FakeTensor among them). (__torch_function__ is the caller's check.)
+bool plain(const Tensor& t) { return !t.key_set().has(c10::DispatchKey::Python); }
+
+// Whether the kernels take t as it is: a plain, dense (C,) CPU tensor of `type`, or None.
 bool takes_vector(PyObject* o, at::ScalarType type, std::optional<Tensor>* out) {
     if (o == Py_None) return true;
     if (!THPVariable_Check(o)) return false;
     const Tensor& t = THPVariable_Unpack(o);
-    if (!t.device().is_cpu() || t.scalar_type() != type || !t.is_contiguous()) return false;
+    if (!plain(t) || !t.device().is_cpu() || t.scalar_type() != type || !t.is_contiguous())
+        return false;
     *out = t;
     return true;
 }
@@ -260,21 +265,23 @@ bool dense(const Tensor& x) {
 
 // batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
 //            max_bytes) -> y, or None when the call is not one the node takes as it is:
-// input a dense, non-empty CPU tensor of float32/float64/bfloat16/float16 and at most
-// max_bytes; weight and bias None or of its compute type; the running buffers None or
-// both float32 or both float64; momentum a Python number. Deciding here costs a fraction
-// of what the same tests cost in Python. Called directly, not through the dispatcher
-// (whose boxing of a torch.ops call costs about as much as a small batch norm's kernels).
-// The caller has made bnlab's checks of the arguments' sizes and values.
+// input a plain, dense, non-empty CPU tensor of float32/float64/bfloat16/float16 and at
+// most max_bytes; weight and bias None or of its compute type; the running buffers None
+// or both float32 or both float64; momentum a Python number; no dispatch mode active (it
+// expects to see torch's ops). The caller has checked for __torch_function__. Deciding here costs a fraction
+// of what the same tests cost in Python. A Python function rather than a torch op: a
+// torch.ops call's boxing costs about as much as a small batch norm's kernels. The
+// caller has made bnlab's checks of the arguments' sizes and values.
 PyObject* py_batch_norm(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     if (!check_nargs(nargs, 9, "batch_norm")) return nullptr;
-    if (!kernels || !THPVariable_Check(a[0]) || !(PyFloat_Check(a[6]) || PyLong_Check(a[6])))
+    if (!kernels || !THPVariable_Check(a[0]) || !(PyFloat_Check(a[6]) || PyLong_Check(a[6])) ||
+        c10::impl::TorchDispatchModeTLS::any_modes_set())
         Py_RETURN_NONE;
     const Tensor& x = THPVariable_Unpack(a[0]);
     const int64_t max_bytes = i64(a[8]);
     if (PyErr_Occurred()) return nullptr;
     const auto type = x.scalar_type();
-    if (!x.device().is_cpu() || x.numel() == 0 || x.dim() < 2 ||
+    if (!plain(x) || !x.device().is_cpu() || x.numel() == 0 || x.dim() < 2 ||
         !(type == at::kFloat || type == at::kDouble || type == at::kBFloat16 ||
           type == at::kHalf) ||
         int64_t(x.numel() * x.element_size()) > max_bytes || !dense(x))
@@ -318,7 +325,7 @@ PyMethodDef methods[] = {
     {"use_kernels", fastcall<py_use_kernels>(), METH_FASTCALL,
      "Run the kernels of this capsule (_bnlab_bn_cpu.KERNELS)."},
     {"batch_norm", fastcall<py_batch_norm>(), METH_FASTCALL,
-     "torch.ops.bnlab_eager.batch_norm, called directly; None for a call it does not take."},
+     "Batch norm behind the C++ autograd node; None for a call it does not take."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_bnlab_bn_node",
@@ -326,13 +333,5 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_bnlab_bn_node",
                           nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
-
-TORCH_LIBRARY(bnlab_eager, m) {
-    m.def(
-        "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-        "Tensor(b!)? running_var, bool training, float momentum, float eps) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(bnlab_eager, CompositeImplicitAutograd, m) { m.impl("batch_norm", batch_norm); }
 
 PyMODINIT_FUNC PyInit__bnlab_bn_node(void) { return PyModule_Create(&module_def); }
