@@ -64,3 +64,9 @@ def test_has_storage():
     seen = []
     vmap(lambda t: seen.append(_compat.has_storage(t)) or t)(torch.ones(2, 3))
     assert seen == [False]
+
+
+def test_cxx11_abi_is_what_torch_was_built_with():
+    """torch says which libstdc++ ABI it uses; the node's build must match it."""
+    assert hasattr(torch._C, "_GLIBCXX_USE_CXX11_ABI")
+    assert _compat.cxx11_abi() == int(torch._C._GLIBCXX_USE_CXX11_ABI)

@@ -74,3 +74,9 @@ def has_storage(t: Tensor) -> bool:
     Under ``torch.compile`` tensors are traced stand-ins for plain ones: True.
     """
     return torch.compiler.is_compiling() or not _is_wrapped(t)
+
+
+def cxx11_abi() -> int:
+    """The libstdc++ ABI torch was built with (``_GLIBCXX_USE_CXX11_ABI``), for code built
+    against its headers; the new ABI (every torch wheel since 2.7) when torch does not say."""
+    return int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))

@@ -20,6 +20,7 @@ from types import ModuleType
 
 import torch
 
+from bnlab import _compat
 from bnlab import native as _native
 from bnlab.native import cache_dir
 
@@ -36,12 +37,11 @@ def _torch_flags() -> list[str]:
     include, lib = root / "include", root / "lib"
     if not (include / "torch" / "library.h").exists():
         raise FileNotFoundError(f"torch's C++ headers are not in {include}")
-    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
     return [
         "-std=c++20",  # what torch's headers are written in (later than _COMMON's, so it wins)
         f"-I{include}",
         f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}",
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        f"-D_GLIBCXX_USE_CXX11_ABI={_compat.cxx11_abi()}",
         # Part of the cache key: a torch upgrade in place rebuilds the node.
         f'-DBNLAB_TORCH_VERSION="{torch.__version__}"',
         f"-L{lib}",

@@ -11,6 +11,11 @@
 // decides which calls come here; transforms, forward-mode AD, tracing and
 // torch.compile never do (they need the Python function's jvp and vmap rules).
 //
+// Beyond torch's extension API (custom autograd functions, THPVariable_*),
+// this file reads one torch detail, c10's TorchDispatchModeTLS. Should a
+// release move it, the build fails, bnlab warns and small calls take the
+// Python function, and tests/test_small_calls.py says so.
+//
 // batch_norm(input, weight, bias, running_mean, running_var, training,
 // momentum, eps, max_bytes) normalizes with batch statistics (training; the
 // running buffers, when given, move in place) or with the running ones, or
