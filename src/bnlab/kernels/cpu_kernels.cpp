@@ -5,7 +5,8 @@
 // compiles in seconds. bnlab.kernels._cpu_native checks every tensor before
 // it hands over a pointer. Pointers refer to contiguous memory of the types
 // the dtype code says (see the entry points in cpu_kernels.h); mean, var and
-// invstd (in or out) are float64.
+// invstd (in or out) are float64. The module also hands the same entry points
+// to the autograd node (cpu_node.cpp) as the capsule KERNELS (cpu_kernels_api.h).
 
 #include "cpu_kernels.h"
 
