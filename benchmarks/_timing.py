@@ -52,6 +52,27 @@ def interleaved(
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def training_step(f: Callable, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
+    """A contender: one forward through ``f`` and its backward from ``dy``, x's gradient
+    cleared first (so each step allocates it, as a training step does)."""
+
+    def step():
+        x.grad = None
+        torch.autograd.backward(f(x), dy)
+
+    return step
+
+
+def inference(f: Callable, x: torch.Tensor) -> Callable[[], None]:
+    """A contender: one forward through ``f`` under no_grad."""
+
+    def step():
+        with torch.no_grad():
+            f(x)
+
+    return step
+
+
 def copy_bandwidth(nbytes: int = 256 << 20, rounds: int = 15) -> float:
     """GB/s of a plain tensor copy into an existing tensor (read + write counted)."""
     src = torch.ones(nbytes // 4)

@@ -74,7 +74,15 @@ from bnlab.kernels import cpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _empty_op import empty_cpp_op
-from _timing import arguments, copy_bandwidth, interleaved, publish, rounds_for
+from _timing import (
+    arguments,
+    copy_bandwidth,
+    inference,
+    interleaved,
+    publish,
+    rounds_for,
+    training_step,
+)
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -142,21 +150,13 @@ def measure(case: Case, rounds: int, round_time: float = 0.02) -> dict[str, dict
     dy = _input(case)
 
     def fwd_bwd(m):
-        def step():
-            x.grad = None
-            torch.autograd.backward(m(x), dy)
-
-        return step
+        return training_step(m, x, dy)
 
     def train(m):
         return lambda: m(x)
 
     def evaluate(m):
-        def step():
-            with torch.no_grad():
-                m(x)
-
-        return step
+        return inference(m, x)
 
     results = {}
     for mode, make in (("fwd+bwd", fwd_bwd), ("train", train), ("eval", evaluate)):
@@ -202,11 +202,7 @@ def floor(case: Case, rounds: int, empty_cpp: Callable | None) -> dict[str, floa
     _, stats, _ = cpu.eager_forward_train(x.detach(), w, b, ours.eps, *buffers)
 
     def fwd_bwd(f):
-        def step():
-            x.grad = None
-            torch.autograd.backward(f(x), dy)
-
-        return step
+        return training_step(f, x, dy)
 
     def kernels_alone():
         cpu.eager_forward_train(x.detach(), w, b, ours.eps, *buffers)

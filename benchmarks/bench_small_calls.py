@@ -31,7 +31,7 @@ import bnlab.nn
 from bnlab import small_calls
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import arguments, interleaved, publish, rounds_for
+from _timing import arguments, inference, interleaved, publish, rounds_for, training_step
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -53,20 +53,6 @@ def measure(shape: tuple[int, ...], dtype: torch.dtype, mode: str, rounds: int) 
     x = torch.randn(shape).to(dtype).requires_grad_()
     dy = torch.randn(shape).to(dtype)
 
-    def step(m):
-        def run():
-            x.grad = None
-            torch.autograd.backward(m(x), dy)
-
-        return run
-
-    def infer(m):
-        def run():
-            with torch.no_grad():
-                m(x)
-
-        return run
-
     def on_function(run):  # the switch costs two attribute writes, not a module layer
         def switched():
             small_calls.ENABLED = False
@@ -77,10 +63,12 @@ def measure(shape: tuple[int, ...], dtype: torch.dtype, mode: str, rounds: int) 
 
         return switched
 
-    make = step if mode == "fwd+bwd" else infer
     for m in contenders.values():
         m.train(mode == "fwd+bwd")
-    fns = {k: make(m) for k, m in contenders.items()}
+    if mode == "fwd+bwd":
+        fns = {k: training_step(m, x, dy) for k, m in contenders.items()}
+    else:
+        fns = {k: inference(m, x) for k, m in contenders.items()}
     fns["function"] = on_function(fns["function"])
     return interleaved(fns, rounds=rounds)
 
