@@ -14,7 +14,6 @@ The building itself is :mod:`bnlab.native`'s.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import ModuleType
 
@@ -86,7 +85,7 @@ def node() -> ModuleType | None:
     global _node
     if _node is _UNSET:
         kernels = native()
-        _node = NODE.build(_compiler()) if kernels is not None and os.name == "posix" else None
+        _node = NODE.build(_compiler()) if kernels is not None else None
         if _node is not None:
             _node.use_kernels(kernels.KERNELS)  # the very kernels the Python functions run
     return _node  # type: ignore[return-value]

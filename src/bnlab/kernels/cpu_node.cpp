@@ -79,18 +79,22 @@ at::ScalarType compute_type(const Tensor& x) {
     return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Whether the kernels read x as it is: contiguous, or channels_last(_3d).
+bool dense(const Tensor& x) {
+    return x.is_contiguous() ||
+           (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+           (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+}
+
 // x's memory as (outer, C, inner), contiguous: (N, C, *) contiguous, or channels_last(_3d).
 Geometry geometry_of(const Tensor& x) {
     TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2 && x.numel() > 0, kOp,
                 "input must be a non-empty (N, C, *) CPU tensor, got size ", x.sizes(), " on ",
                 x.device());
+    TORCH_CHECK(dense(x), kOp, "input must be contiguous or channels_last, got strides ",
+                x.strides());
     const int64_t n = x.size(0), c = x.size(1);
     if (x.is_contiguous()) return Geometry{n, c, x.numel() / (n * c)};
-    const bool channels_last =
-        (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-        (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
-    TORCH_CHECK(channels_last, kOp, "input must be contiguous or channels_last, got strides ",
-                x.strides());
     return Geometry{x.numel() / c, c, 1};
 }
 
@@ -260,12 +264,6 @@ bool takes_vector(PyObject* o, at::ScalarType type, std::optional<Tensor>* out) 
         return false;
     *out = t;
     return true;
-}
-
-bool dense(const Tensor& x) {
-    return x.is_contiguous() ||
-           (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-           (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
 }
 
 // batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
