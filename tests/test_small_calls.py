@@ -20,6 +20,7 @@ from bnlab import small_calls
 from bnlab.errors import ChannelMismatchError
 from bnlab.kernels import _build, cpu
 
+from ._twins import make_twins
 from .conftest import count_calls
 
 MAX = small_calls.MAX_BYTES // 4  # float32 values
@@ -43,17 +44,6 @@ def _path_of(y: torch.Tensor) -> str:
 
 def _rows(elements: int, channels: int = 16, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(elements // channels, channels, dtype=dtype)
-
-
-def _pair(cls_ours, cls_theirs, channels, dtype, **kwargs):
-    ours = cls_ours(channels, dtype=dtype, **kwargs)
-    theirs = cls_theirs(channels, dtype=dtype, **kwargs)
-    if ours.affine:
-        with torch.no_grad():
-            ours.weight.uniform_(0.5, 1.5)
-            ours.bias.uniform_(-1, 1)
-    theirs.load_state_dict(ours.state_dict())
-    return ours, theirs
 
 
 @pytest.mark.parametrize(
@@ -96,7 +86,7 @@ def test_the_crossover_is_in_bytes(dtype):
 def test_node_matches_torch_nn_in_float64(cls, shape, layout, kwargs, train):
     """Outputs, every gradient and the running buffers, over three steps (the cumulative
     momentum takes a tensor momentum, which the node declines: the function runs)."""
-    ours, theirs = _pair(getattr(bnlab.nn, cls), getattr(torch.nn, cls), 6, torch.float64, **kwargs)
+    theirs, ours = make_twins(cls, 6, **kwargs)
     for m in (ours, theirs):
         m.train(train)
     for _ in range(3):
@@ -145,13 +135,7 @@ def test_node_gives_the_function_numbers_exactly(dtype, train, monkeypatch):
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 def test_double_backward_matches_torch(train, affine):
-    ours, theirs = _pair(
-        bnlab.nn.BatchNorm1d, torch.nn.BatchNorm1d, 3, torch.float64, affine=affine
-    )
-    with torch.no_grad():
-        ours.running_mean.uniform_(-1, 1)
-        ours.running_var.uniform_(0.5, 2)
-    theirs.load_state_dict(ours.state_dict())
+    theirs, ours = make_twins("BatchNorm1d", 3, affine=affine)  # random running statistics
     for m in (ours, theirs):
         m.train(train)
     x = torch.randn(8, 3, dtype=torch.float64)
@@ -186,7 +170,7 @@ def test_gradcheck_and_gradgradcheck(train):
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_batched_gradients_match_torch(train):
     """autograd.grad(..., is_grads_batched=True) vmaps the backward over dy."""
-    ours, theirs = _pair(bnlab.nn.BatchNorm2d, torch.nn.BatchNorm2d, 3, torch.float64)
+    theirs, ours = make_twins("BatchNorm2d", 3)
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
     dys = torch.randn(5, *x.shape, dtype=torch.float64)
     results = []
@@ -204,7 +188,7 @@ def test_calls_without_a_graph_take_the_node(train, monkeypatch):
     """No graph, small: the node, not the Python backend; above the crossover, the backend."""
     name = "eager_forward_train" if train else "eager_forward_eval"
     calls = count_calls(monkeypatch, cpu, name)
-    ours, theirs = _pair(bnlab.nn.BatchNorm1d, torch.nn.BatchNorm1d, 16, torch.float32)
+    theirs, ours = (m.float() for m in make_twins("BatchNorm1d", 16))
     x = _rows(64) * 2 + 1
     with torch.no_grad():
         for m in (ours, theirs):
@@ -315,9 +299,7 @@ def test_a_dispatch_mode_sees_the_function_run():
 
 def test_a_declined_call_still_gives_torch_numbers():
     """A strided input and a tensor momentum take the function: same results as torch.nn."""
-    ours, theirs = _pair(
-        bnlab.nn.BatchNorm1d, torch.nn.BatchNorm1d, 6, torch.float64, momentum=None
-    )
+    theirs, ours = make_twins("BatchNorm1d", 6, momentum=None)
     x = torch.randn(6, 32, dtype=torch.float64).t()
     ya, yb = ours(x.requires_grad_()), theirs(x)
     assert _path_of(ya) == "function"
