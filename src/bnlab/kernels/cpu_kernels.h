@@ -54,6 +54,9 @@
 // overwrite). On Linux, large fresh outputs are advised as huge pages
 // before their first touch: one page fault per 2 MiB instead of one per 4 KiB,
 // which on some machines costs more than the pass itself.
+// The by-channel passes over short runs (14x14 and 7x7 planes) fetch the
+// next channel's runs ahead (prefetch_run): the hardware prefetchers do not
+// follow runs that short and that far apart.
 //
 // cpu_kernels.cpp compiles this header into the Python functions that take
 // data pointers and sizes (Python headers only, compiled in seconds), and
@@ -390,6 +393,40 @@ inline typename Elem<T>::V tail_ones(int64_t rem) {
 
 // ---- passes over contiguous runs (plane traversal) --------------------------------
 
+// A channel of (outer, C, inner) is `outer` runs a plane apart. When runs are
+// short (ResNet's 14x14 and 7x7 stages: 392 and 98 bytes in 16 bits), each is
+// too short and too far from the last for the hardware prefetchers, and the
+// by-channel passes wait on memory at every run. The next channel's run o lies
+// right after this channel's, so while a channel is summed, the same runs of
+// its successor are fetched into L2 (reads) or L1 (lines its outputs will be
+// written to), one request per line.
+// Longer runs stream by themselves; shorter ones are always written through
+// the caches (kStreamRunBytes below), so their outputs' lines are fetched too.
+constexpr int64_t kPrefetchRunBytes = 4096;
+// Smaller tensors stay in a core's L2 (1 MiB on the machines measured) between
+// passes, where the requests only cost: LeNet-5's conv1 (1.2 MB) ran 10% slower
+// with them, ResNet's stages (6-13 MB) 10-45% faster.
+constexpr int64_t kPrefetchMinBytes = int64_t(2) << 20;
+
+template <typename S>
+inline bool fetch_ahead(const Geometry& g) {
+    return g.inner * int64_t(sizeof(S)) < kPrefetchRunBytes &&
+           g.numel() * int64_t(sizeof(S)) >= kPrefetchMinBytes;
+}
+
+template <typename S>
+inline void prefetch_run(const S* p, int64_t len, bool for_write) {
+    constexpr uintptr_t kLine = 64;
+    uintptr_t q = reinterpret_cast<uintptr_t>(p) & ~(kLine - 1);
+    const uintptr_t end = reinterpret_cast<uintptr_t>(p + len);
+    for (; q < end; q += kLine) {
+        if (for_write)
+            __builtin_prefetch(reinterpret_cast<const void*>(q), 1, 3);
+        else
+            __builtin_prefetch(reinterpret_cast<const void*>(q), 0, 2);
+    }
+}
+
 // Shifted sums of one run: s1 += sum(x - K), s2 += sum((x - K)^2).
 template <typename S, typename T = Compute<S>>
 __attribute__((always_inline)) inline void shifted_sums(const S* x, int64_t len, T K, Sums<T>& s) {
@@ -460,6 +497,7 @@ __attribute__((always_inline)) inline void grad_sums(const S* dy, const S* x, in
 // Runs shorter than this are never written around the caches: their first
 // and last lines would be partial, which non-temporal stores handle badly.
 constexpr int64_t kStreamRunBytes = 4096;
+static_assert(kPrefetchRunBytes <= kStreamRunBytes, "prefetched runs take ordinary stores");
 
 // Where streamed stores of S start: a line, or a vector where a vector is less
 // (16-bit types), so at most kLanes - 1 values come before it.
@@ -817,10 +855,16 @@ struct ColumnNormalize {
             vs[u] = Elem<T>::load(s.data() + j + u * kLanes);
             vb[u] = Elem<T>::load(b.data() + j + u * kLanes);
         }
+        // Members in locals: the stores may alias *this as far as the compiler
+        // knows, which made it reload x, y, W and stream after every vector.
+        const S* const xs = x;
+        S* const ys = y;
+        const int64_t w = W;
+        const bool st = stream;
         for (int64_t r = rb; r < re; ++r)
             for (int u = 0; u < U; ++u) {
-                const int64_t e = r * W + j + u * kLanes;
-                store_out(y + e, V((ld(x + e) - vmh[u]) * vs[u] + vb[u]), stream);
+                const int64_t e = r * w + j + u * kLanes;
+                store_out(ys + e, V((ld(xs + e) - vmh[u]) * vs[u] + vb[u]), st);
             }
     }
     inline void scalar(int64_t rb, int64_t re, int64_t j) const {
@@ -890,11 +934,16 @@ struct ColumnGrad {
             vk[u] = Elem<T>::load(k.data() + j + u * kLanes);
             vc[u] = Elem<T>::load(c0.data() + j + u * kLanes);
         }
+        const S* const dys = dy;  // in locals, as in ColumnNormalize::run
+        const S* const xs = x;
+        S* const dxs = dx;
+        const int64_t w = W;
+        const bool st = stream;
         for (int64_t r = rb; r < re; ++r)
             for (int u = 0; u < U; ++u) {
-                const int64_t e = r * W + j + u * kLanes;
-                V t = ld(x + e) - vmh[u];
-                store_out(dx + e, V(ld(dy + e) * va[u] + (vc[u] - t * vk[u])), stream);
+                const int64_t e = r * w + j + u * kLanes;
+                V t = ld(xs + e) - vmh[u];
+                store_out(dxs + e, V(ld(dys + e) * va[u] + (vc[u] - t * vk[u])), st);
             }
     }
     inline void scalar(int64_t rb, int64_t re, int64_t j) const {
@@ -922,16 +971,22 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
             if (split_of(g, sizeof(S), T_) == kByChannel) {
                 int64_t c0, c1;
                 split(C, t, T_, 1, &c0, &c1);
+                const bool ahead = fetch_ahead<S>(g);
                 for (int64_t c = c0; c < c1; ++c) {
+                    const bool next = ahead && c + 1 < c1;
                     Sums<T> sums;
-                    for (int64_t o = 0; o < g.outer; ++o)
-                        shifted_sums(x + (o * C + c) * inner, inner, K[c], sums);
+                    for (int64_t o = 0; o < g.outer; ++o) {
+                        const int64_t off = (o * C + c) * inner;
+                        if (next) prefetch_run(x + off + inner, inner, false);
+                        shifted_sums(x + off, inner, K[c], sums);
+                    }
                     double s1 = 0, s2 = 0;
                     sums.add_to(&s1, &s2);
                     finish_channel(c, n, K.data(), s1, s2, eps, run, stats);
                     const Affine<T> a = affine_of(stats.mean[c], stats.invstd[c], w, b, c);
                     for (int64_t o = 0; o < g.outer; ++o) {
                         const int64_t off = (o * C + c) * inner;
+                        if (next) prefetch_run(y + off + inner, inner, true);
                         normalize_run(x + off, y + off, inner, a, stream);
                     }
                 }
@@ -1182,10 +1237,16 @@ void backward(const S* dy, const S* x, S* dx, const T* w, const double* mean, co
             if (split_of(g, sizeof(S), T_) == kByChannel) {
                 int64_t c0, c1;
                 split(C, t, T_, 1, &c0, &c1);
+                const bool ahead = fetch_ahead<S>(g);
                 for (int64_t c = c0; c < c1; ++c) {
+                    const bool next = ahead && c + 1 < c1;
                     Sums<T> sums;
                     for (int64_t o = 0; o < g.outer; ++o) {
                         const int64_t off = (o * C + c) * inner;
+                        if (next) {
+                            prefetch_run(dy + off + inner, inner, false);
+                            prefetch_run(x + off + inner, inner, false);
+                        }
                         grad_sums(dy + off, x + off, inner, coef[c].mh, sums);
                     }
                     double sdy = 0, sdyx = 0;
@@ -1193,6 +1254,7 @@ void backward(const S* dy, const S* x, S* dx, const T* w, const double* mean, co
                     finish(c, sdy, sdyx);
                     for (int64_t o = 0; o < g.outer; ++o) {
                         const int64_t off = (o * C + c) * inner;
+                        if (next) prefetch_run(dx + off + inner, inner, true);
                         grad_run(dy + off, x + off, dx + off, inner, coef[c], stream);
                     }
                 }
