@@ -393,40 +393,6 @@ inline typename Elem<T>::V tail_ones(int64_t rem) {
 
 // ---- passes over contiguous runs (plane traversal) --------------------------------
 
-// A channel of (outer, C, inner) is `outer` runs a plane apart. When runs are
-// short (ResNet's 14x14 and 7x7 stages: 392 and 98 bytes in 16 bits), each is
-// too short and too far from the last for the hardware prefetchers, and the
-// by-channel passes wait on memory at every run. The next channel's run o lies
-// right after this channel's, so while a channel is summed, the same runs of
-// its successor are fetched into L2 (reads) or L1 (lines its outputs will be
-// written to), one request per line.
-// Longer runs stream by themselves; shorter ones are always written through
-// the caches (kStreamRunBytes below), so their outputs' lines are fetched too.
-constexpr int64_t kPrefetchRunBytes = 4096;
-// Smaller tensors stay in a core's L2 (1 MiB on the machines measured) between
-// passes, where the requests only cost: LeNet-5's conv1 (1.2 MB) ran 10% slower
-// with them, ResNet's stages (6-13 MB) 10-45% faster.
-constexpr int64_t kPrefetchMinBytes = int64_t(2) << 20;
-
-template <typename S>
-inline bool fetch_ahead(const Geometry& g) {
-    return g.inner * int64_t(sizeof(S)) < kPrefetchRunBytes &&
-           g.numel() * int64_t(sizeof(S)) >= kPrefetchMinBytes;
-}
-
-template <typename S>
-inline void prefetch_run(const S* p, int64_t len, bool for_write) {
-    constexpr uintptr_t kLine = 64;
-    uintptr_t q = reinterpret_cast<uintptr_t>(p) & ~(kLine - 1);
-    const uintptr_t end = reinterpret_cast<uintptr_t>(p + len);
-    for (; q < end; q += kLine) {
-        if (for_write)
-            __builtin_prefetch(reinterpret_cast<const void*>(q), 1, 3);
-        else
-            __builtin_prefetch(reinterpret_cast<const void*>(q), 0, 2);
-    }
-}
-
 // Shifted sums of one run: s1 += sum(x - K), s2 += sum((x - K)^2).
 template <typename S, typename T = Compute<S>>
 __attribute__((always_inline)) inline void shifted_sums(const S* x, int64_t len, T K, Sums<T>& s) {
@@ -497,12 +463,51 @@ __attribute__((always_inline)) inline void grad_sums(const S* dy, const S* x, in
 // Runs shorter than this are never written around the caches: their first
 // and last lines would be partial, which non-temporal stores handle badly.
 constexpr int64_t kStreamRunBytes = 4096;
-static_assert(kPrefetchRunBytes <= kStreamRunBytes, "prefetched runs take ordinary stores");
 
 // Where streamed stores of S start: a line, or a vector where a vector is less
 // (16-bit types), so at most kLanes - 1 values come before it.
 template <typename S>
 constexpr int64_t kStreamAlign = 64 < kLanes * sizeof(S) ? 64 : kLanes * sizeof(S);
+
+// A channel of (outer, C, inner) is `outer` runs a plane apart. When runs are
+// short (ResNet's 56x56 stage in 16 bits, its 28x28, 14x14 and 7x7 stages:
+// 6272 to 98 bytes), each is too short and too far from the last for the
+// hardware prefetchers, and the by-channel passes wait on memory at every
+// run. The next channel's run o lies right after this channel's, so while a
+// channel is summed, the same runs of its successor are fetched into L2; while
+// it is written, the lines its successor's outputs go to are fetched into L1
+// (runs shorter than kStreamRunBytes always take ordinary stores).
+constexpr int64_t kPrefetchRunBytes = 8192;  // fp32 56x56 planes (12544 bytes) ran 8% slower
+// Smaller tensors stay in a core's L2 (1 MiB on the machines measured) between
+// passes, where the requests only cost: LeNet-5's conv1 (1.2 MB) ran 10% slower
+// with them, ResNet's stages (6-13 MB) 10-45% faster.
+constexpr int64_t kPrefetchMinBytes = int64_t(2) << 20;
+
+// What the by-channel passes fetch of a channel's successor: its inputs'
+// runs, and the lines of its outputs.
+struct FetchAhead {
+    bool reads, writes;
+};
+template <typename S>
+inline FetchAhead fetch_ahead(const Geometry& g) {
+    const int64_t run = g.inner * int64_t(sizeof(S));
+    const bool reads =
+        run < kPrefetchRunBytes && g.numel() * int64_t(sizeof(S)) >= kPrefetchMinBytes;
+    return FetchAhead{reads, reads && run < kStreamRunBytes};
+}
+
+template <typename S>
+inline void prefetch_run(const S* p, int64_t len, bool for_write) {
+    constexpr uintptr_t kLine = 64;
+    uintptr_t q = reinterpret_cast<uintptr_t>(p) & ~(kLine - 1);
+    const uintptr_t end = reinterpret_cast<uintptr_t>(p + len);
+    for (; q < end; q += kLine) {
+        if (for_write)
+            __builtin_prefetch(reinterpret_cast<const void*>(q), 1, 3);
+        else
+            __builtin_prefetch(reinterpret_cast<const void*>(q), 0, 2);
+    }
+}
 
 // out[i] = f(i) over one run, f giving a vector at i (or a value, scalar). A
 // ragged end recomputes an overlapping vector. When streaming, the whole
@@ -971,9 +976,10 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
             if (split_of(g, sizeof(S), T_) == kByChannel) {
                 int64_t c0, c1;
                 split(C, t, T_, 1, &c0, &c1);
-                const bool ahead = fetch_ahead<S>(g);
+                const FetchAhead ahead = fetch_ahead<S>(g);
                 for (int64_t c = c0; c < c1; ++c) {
-                    const bool next = ahead && c + 1 < c1;
+                    const bool last = c + 1 == c1;
+                    const bool next = ahead.reads && !last, next_out = ahead.writes && !last;
                     Sums<T> sums;
                     for (int64_t o = 0; o < g.outer; ++o) {
                         const int64_t off = (o * C + c) * inner;
@@ -986,7 +992,7 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                     const Affine<T> a = affine_of(stats.mean[c], stats.invstd[c], w, b, c);
                     for (int64_t o = 0; o < g.outer; ++o) {
                         const int64_t off = (o * C + c) * inner;
-                        if (next) prefetch_run(y + off + inner, inner, true);
+                        if (next_out) prefetch_run(y + off + inner, inner, true);
                         normalize_run(x + off, y + off, inner, a, stream);
                     }
                 }
@@ -1237,9 +1243,10 @@ void backward(const S* dy, const S* x, S* dx, const T* w, const double* mean, co
             if (split_of(g, sizeof(S), T_) == kByChannel) {
                 int64_t c0, c1;
                 split(C, t, T_, 1, &c0, &c1);
-                const bool ahead = fetch_ahead<S>(g);
+                const FetchAhead ahead = fetch_ahead<S>(g);
                 for (int64_t c = c0; c < c1; ++c) {
-                    const bool next = ahead && c + 1 < c1;
+                    const bool last = c + 1 == c1;
+                    const bool next = ahead.reads && !last, next_out = ahead.writes && !last;
                     Sums<T> sums;
                     for (int64_t o = 0; o < g.outer; ++o) {
                         const int64_t off = (o * C + c) * inner;
@@ -1254,7 +1261,7 @@ void backward(const S* dy, const S* x, S* dx, const T* w, const double* mean, co
                     finish(c, sdy, sdyx);
                     for (int64_t o = 0; o < g.outer; ++o) {
                         const int64_t off = (o * C + c) * inner;
-                        if (next) prefetch_run(dx + off + inner, inner, true);
+                        if (next_out) prefetch_run(dx + off + inner, inner, true);
                         grad_run(dy + off, x + off, dx + off, inner, coef[c], stream);
                     }
                 }
