@@ -467,6 +467,9 @@ constexpr int64_t kStreamRunBytes = 4096;
 // Where streamed stores of S start: a line, or a vector where a vector is less
 // (16-bit types), so at most kLanes - 1 values come before it.
 template <typename S>
+constexpr int64_t kLineValues = 64 / sizeof(S);  // values of S in a cache line
+
+template <typename S>
 constexpr int64_t kStreamAlign = 64 < kLanes * sizeof(S) ? 64 : kLanes * sizeof(S);
 
 // A channel of (outer, C, inner) is `outer` runs a plane apart. When runs are
@@ -694,17 +697,25 @@ struct ColumnSums {
 // share one update of the partial sums) to the T-precision partial sums p1,
 // p2 (arrays of W), carried into acc1, acc2 every kBlock rows. Columns past
 // the last whole vector go to add_scalar(r, j, acc1 + j, acc2 + j).
-template <typename T, typename Add, typename AddScalar>
+// ahead(r, j) fetches the line at column j of rows [r, r + 4), called once per
+// `line` columns for the next four rows: four rows read side by side are four
+// streams a few KiB long, which the hardware prefetchers follow late (16-bit
+// (8192, 1024) passes ran 1.2-1.3x faster with it; float32 unchanged).
+template <typename T, typename Add, typename AddScalar, typename Ahead>
 void stream_rows(const Block& k, int64_t W, double* acc1, double* acc2, Add add,
-                 AddScalar add_scalar) {
+                 AddScalar add_scalar, Ahead ahead, int64_t line) {
     std::vector<T> p1(W), p2(W);
     const int64_t jv = k.j0 + (k.j1 - k.j0) / kLanes * kLanes;  // end of the whole vectors
     for (int64_t rb = k.r0; rb < k.r1; rb += kBlock) {
         const int64_t re = min64(k.r1, rb + kBlock);
         int64_t r = rb;
-        for (; r + 4 <= re; r += 4)
-            for (int64_t j = k.j0; j < jv; j += kLanes)
+        for (; r + 4 <= re; r += 4) {
+            const bool fetch = r + 8 <= k.r1;
+            for (int64_t j = k.j0; j < jv; j += kLanes) {
+                if (fetch && (j & (line - 1)) == 0) ahead(r + 4, j);  // line: a power of 2
                 add(std::integral_constant<int, 4>{}, r, j, p1.data() + j, p2.data() + j);
+            }
+        }
         for (; r < re; ++r)
             for (int64_t j = k.j0; j < jv; j += kLanes)
                 add(std::integral_constant<int, 1>{}, r, j, p1.data() + j, p2.data() + j);
@@ -723,24 +734,34 @@ void periodic_sums(const ColumnSums<S>& s, const Block& k) {
     typedef Compute<S> T;
     typedef VecOf<S> V;
     if (!wide_rows<S>(s.W)) return for_column_blocks<S>(k, s.W, s);
+    // s's fields copied into the closures: read through s, they were reloaded
+    // after every store to the partial sums, which may alias s for all the
+    // compiler knows.
+    const S* const x = s.x;
+    const T* const K = s.K;
+    const int64_t W = s.W;
     stream_rows<T>(
-        k, s.W, s.acc1, s.acc2,
-        [&](auto rows, int64_t r, int64_t j, T* p1, T* p2) {
-            const V kv = Elem<T>::load(s.K + j);
+        k, W, s.acc1, s.acc2,
+        [=](auto rows, int64_t r, int64_t j, T* p1, T* p2) {
+            const V kv = Elem<T>::load(K + j);
             V a1 = V{}, a2 = V{};
             for (int i = 0; i < decltype(rows)::value; ++i) {
-                V d = ld(s.x + (r + i) * s.W + j) - kv;
+                V d = ld(x + (r + i) * W + j) - kv;
                 a1 += d;
                 a2 += d * d;
             }
             Elem<T>::store(p1, V(Elem<T>::load(p1) + a1), false);
             Elem<T>::store(p2, V(Elem<T>::load(p2) + a2), false);
         },
-        [&](int64_t r, int64_t j, double* a1, double* a2) {
-            double d = static_cast<double>(up(s.x[r * s.W + j]) - s.K[j]);
+        [=](int64_t r, int64_t j, double* a1, double* a2) {
+            double d = static_cast<double>(up(x[r * W + j]) - K[j]);
             *a1 += d;
             *a2 += d * d;
-        });
+        },
+        [=](int64_t r, int64_t j) {
+            for (int i = 0; i < 4; ++i) __builtin_prefetch(x + (r + i) * W + j, 0, 2);
+        },
+        kLineValues<S>);
 }
 
 // acc1[j] += sum_r dy[r, j], acc2[j] += sum_r dy[r, j]*(x[r, j] - MH[j]).
@@ -789,26 +810,37 @@ void periodic_grad_sums(const ColumnGradSums<S>& s, const Block& k) {
     typedef Compute<S> T;
     typedef VecOf<S> V;
     if (!wide_rows<S>(s.W)) return for_column_blocks<S>(k, s.W, s);
+    const S* const dy = s.dy;  // in the closures, as in periodic_sums
+    const S* const x = s.x;
+    const T* const MH = s.MH;
+    const int64_t W = s.W;
     stream_rows<T>(
-        k, s.W, s.acc1, s.acc2,
-        [&](auto rows, int64_t r, int64_t j, T* p1, T* p2) {
-            const V mh = Elem<T>::load(s.MH + j);
+        k, W, s.acc1, s.acc2,
+        [=](auto rows, int64_t r, int64_t j, T* p1, T* p2) {
+            const V mh = Elem<T>::load(MH + j);
             V a1 = V{}, a2 = V{};
             for (int i = 0; i < decltype(rows)::value; ++i) {
-                const int64_t e = (r + i) * s.W + j;
-                V g = ld(s.dy + e);
+                const int64_t e = (r + i) * W + j;
+                V g = ld(dy + e);
                 a1 += g;
-                a2 += g * (ld(s.x + e) - mh);
+                a2 += g * (ld(x + e) - mh);
             }
             Elem<T>::store(p1, V(Elem<T>::load(p1) + a1), false);
             Elem<T>::store(p2, V(Elem<T>::load(p2) + a2), false);
         },
-        [&](int64_t r, int64_t j, double* a1, double* a2) {
-            const int64_t e = r * s.W + j;
-            const T g = up(s.dy[e]);
+        [=](int64_t r, int64_t j, double* a1, double* a2) {
+            const int64_t e = r * W + j;
+            const T g = up(dy[e]);
             *a1 += static_cast<double>(g);
-            *a2 += static_cast<double>(g * (up(s.x[e]) - s.MH[j]));
-        });
+            *a2 += static_cast<double>(g * (up(x[e]) - MH[j]));
+        },
+        [=](int64_t r, int64_t j) {
+            for (int i = 0; i < 4; ++i) {
+                __builtin_prefetch(x + (r + i) * W + j, 0, 2);
+                __builtin_prefetch(dy + (r + i) * W + j, 0, 2);
+            }
+        },
+        kLineValues<S>);
 }
 
 // Affine coefficients per column, and y = (x - mh)*s + b over rows. The
