@@ -348,6 +348,13 @@ SPLITS = {
     "rows-by-column": ((64, 2048), None, "rows by column"),
     "rows-by-column-inner3": ((64, 512, 3), None, "rows by column"),
     "rows-by-column-cl": ((8, 1024, 3, 3), "cl", "rows by column"),
+    # Large enough for the paths memory-bound tensors take: the next channel's
+    # 14x14 runs fetched ahead (over 2 MiB); 512-byte rows streamed by the sums
+    # (a thread's share over 1 MiB in 16 bits) and, over 8 MiB, by inference
+    # row by row; wide rows summed four at a time with the next four fetched.
+    "planes-fetched-ahead": ((16, 512, 14, 14), None, "planes by channel"),
+    "rows-streamed-cl": ((40, 256, 16, 16), "cl", "rows by row"),
+    "wide-rows-by-row": ((1024, 1024), None, "rows by row"),
 }
 HALF = (torch.bfloat16, torch.float16)
 

@@ -603,18 +603,19 @@ struct Block {
     int64_t r0, r1, j0, j1;
 };
 
-// The sums stream rows from kStreamSumsRow bytes on when a thread's share of
-// the rows is more than its L2 holds: from memory, rows read whole come faster
-// than a block's strided runs (channels_last ResNet stages of 256 and 512
-// channels: backward sums 1.1-1.25x faster, float32 forward 1.1-1.2x, 16-bit
-// forward 2-6% slower), while a share the caches hold sums faster in registers.
-constexpr int64_t kStreamSumsRow = 512;
+// Rows of kStreamRow bytes or more that come from memory are read whole, one
+// after the other: memory serves them faster than a block's strided runs.
+// The sums stream them when a thread's share of the rows is more than its L2
+// holds (channels_last ResNet stages of 256 and 512 channels: backward sums
+// 1.1-1.25x faster, float32 forward 1.1-1.2x, 16-bit forward 2-6% slower);
+// a share the caches hold sums faster in registers.
+constexpr int64_t kStreamRow = 512;
 constexpr int64_t kStreamSumsShare = int64_t(1) << 20;
 
 template <typename S>
 bool stream_sums(int64_t W, const Block& k) {
     const int64_t row = W * int64_t(sizeof(S));
-    return wide_rows<S>(W) || (row >= kStreamSumsRow && (k.r1 - k.r0) * row > kStreamSumsShare);
+    return wide_rows<S>(W) || (row >= kStreamRow && (k.r1 - k.r0) * row > kStreamSumsShare);
 }
 
 // Rows by column: a thread takes its channels a panel at a time, a panel
@@ -918,6 +919,32 @@ struct ColumnNormalize {
                 const int64_t e = r * w + j + u * kLanes;
                 store_out(ys + e, V((ld(xs + e) - vmh[u]) * vs[u] + vb[u]), st);
             }
+    }
+    // Rows [r0, r1) one by one, columns [j0, j1): one loop per row, the
+    // coefficients read as operands of the arithmetic and every member in a
+    // local. Through run<U> on one row at a time, GCC spilled the coefficients
+    // it gathered for a single row, called run once per 64 columns and reloaded
+    // the members after every store: 16-bit channels_last inference of 2048
+    // channels ran at half the copy bandwidth.
+    void rows(int64_t r0, int64_t r1, int64_t j0, int64_t j1) const {
+        const T* const m = mh.data();
+        const T* const sc = s.data();
+        const T* const bb = b.data();
+        const S* const xs = x;
+        S* const ys = y;
+        const int64_t w = W;
+        const bool st = stream;
+        const int64_t jv = j0 + (j1 - j0) / kLanes * kLanes;
+        for (int64_t r = r0; r < r1; ++r) {
+            const S* const xr = xs + r * w;
+            S* const yr = ys + r * w;
+            for (int64_t j = j0; j < jv; j += kLanes) {
+                const V v = (ld(xr + j) - Elem<T>::load(m + j)) * Elem<T>::load(sc + j) +
+                            Elem<T>::load(bb + j);
+                store_out(yr + j, v, st);
+            }
+            for (int64_t j = jv; j < j1; ++j) yr[j] = down<S>((up(xr[j]) - m[j]) * sc[j] + bb[j]);
+        }
     }
     inline void scalar(int64_t rb, int64_t re, int64_t j) const {
         for (int64_t r = rb; r < re; ++r) {
@@ -1242,8 +1269,13 @@ void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, con
     else
         norm.set(0, W, per);
     // Tensors the caches hold take blocks of kBlock rows (coefficients loaded
-    // once per block); larger ones read wide rows one by one.
-    const int64_t RB = numel * int64_t(sizeof(S)) <= kStreamBytes ? kBlock : 0;
+    // once per block), unless rows are wide: 16 rows 4 KiB apart fall in one
+    // set of the L1 cache. Larger tensors read rows of kStreamRow bytes or
+    // more one by one (channels_last with 256 channels in 16 bits: 1.3-1.5x
+    // faster than blocks of 16 rows), narrower ones in blocks (rows_per_block).
+    const bool cached = numel * int64_t(sizeof(S)) <= kStreamBytes;
+    const int64_t row_bytes = W * int64_t(sizeof(S));
+    const int64_t RB = wide_rows<S>(W) ? 1 : cached ? kBlock : row_bytes >= kStreamRow ? 1 : 0;
     const bool by_column = split_of(g, sizeof(S), team) == kByColumn;
     parallel(team, [&](const int t, const int T_) {
         if (by_column && rows <= 4 * kBlock) {
@@ -1252,10 +1284,12 @@ void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, con
             // every thread all the coefficients.
             int64_t j0, j1;
             split(W, t, T_, kAlign, &j0, &j1);
+            if (RB == 1) return norm.rows(0, rows, j0, j1);
             return for_column_blocks<S>(Block{0, rows, j0, j1}, W, norm, RB);
         }
         int64_t r0, r1;
         split(rows, t, T_, 1, &r0, &r1);
+        if (RB == 1) return norm.rows(r0, r1, 0, W);
         for_column_blocks<S>(Block{r0, r1, 0, W}, W, norm, RB);
     });
     for (int64_t e = tail; e < numel; ++e) {
