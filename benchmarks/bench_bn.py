@@ -327,7 +327,7 @@ LARGE_SPEEDUP = 1.5  # over torch, on the large shapes
 # Eval and the training forward are passes torch also runs near the memory's
 # bandwidth, so the 1.5× is asked of the whole training step only.
 LARGE_SPEEDUP_MODES = ("fwd+bwd",)
-# 16 shapes × 3 dtypes × 2 thread counts: half the table's round time halves
+# 19 shapes × 3 dtypes × 2 thread counts: half the table's round time halves
 # the small shapes' share of the run, and a median of many rounds still settles.
 SWEEP_ROUND_TIME = 0.01
 

@@ -103,6 +103,9 @@ constexpr int64_t kPanelBytes = int64_t(256) << 10;
 // what the OS reports is unreliable in VMs); benchmarks/bench_bn.py's large
 // shapes (16-26 MB outputs) measure the choice.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
+// Tensors of this many bytes or more are beyond a core's L2 cache (1 MiB on
+// the machines measured) with their outputs: their passes read from L3 or memory.
+constexpr int64_t kBeyondL2Bytes = int64_t(2) << 20;
 // Inference makes one pass, so the input need not stay cached for a second
 // one: it streams only when input and output together fill the last-level
 // cache (2 x 16 MiB) or more; below that, the layer that reads y next finds
@@ -481,10 +484,10 @@ constexpr int64_t kStreamAlign = 64 < kLanes * sizeof(S) ? 64 : kLanes * sizeof(
 // it is written, the lines its successor's outputs go to are fetched into L1
 // (runs shorter than kStreamRunBytes always take ordinary stores).
 constexpr int64_t kPrefetchRunBytes = 8192;  // fp32 56x56 planes (12544 bytes) ran 8% slower
-// Smaller tensors stay in a core's L2 (1 MiB on the machines measured) between
-// passes, where the requests only cost: LeNet-5's conv1 (1.2 MB) ran 10% slower
-// with them, ResNet's stages (6-13 MB) 10-45% faster.
-constexpr int64_t kPrefetchMinBytes = int64_t(2) << 20;
+// Smaller tensors stay in a core's L2 between passes, where the requests only
+// cost: LeNet-5's conv1 (1.2 MB) ran 10% slower with them, ResNet's stages
+// (6-13 MB) 10-45% faster.
+constexpr int64_t kPrefetchMinBytes = kBeyondL2Bytes;
 
 // What the by-channel passes fetch of a channel's successor: its inputs'
 // runs, and the lines of its outputs.
@@ -616,6 +619,21 @@ template <typename S>
 bool stream_sums(int64_t W, const Block& k) {
     const int64_t row = W * int64_t(sizeof(S));
     return wide_rows<S>(W) || (row >= kStreamRow && (k.r1 - k.r0) * row > kStreamSumsShare);
+}
+
+// Rows per block of the elementwise passes over periodic rows. Rows of
+// kStreamRow bytes or more are taken one by one when the tensor is beyond a
+// core's L2 (channels_last ResNet stages of 256 and 512 channels: backward
+// 1.1-1.5x and inference 1.2-1.5x faster than in blocks of 16 rows), and wide
+// rows always (16 rows 4 KiB apart fall in one set of the L1 cache). Otherwise
+// blocks: kBlock rows while the caches hold the tensor (coefficients loaded
+// once per block; a 1.6 MB bfloat16 inference ran 1.3x faster so), else
+// rows_per_block.
+template <typename S>
+int64_t elementwise_rows(int64_t W, int64_t numel) {
+    const int64_t row = W * int64_t(sizeof(S)), bytes = numel * int64_t(sizeof(S));
+    if (wide_rows<S>(W) || (row >= kStreamRow && bytes >= kBeyondL2Bytes)) return 1;
+    return bytes <= kStreamBytes ? kBlock : rows_per_block<S>(W);
 }
 
 // Rows by column: a thread takes its channels a panel at a time, a panel
@@ -1025,6 +1043,30 @@ struct ColumnGrad {
                 store_out(dxs + e, V(ld(dys + e) * va[u] + (vc[u] - t * vk[u])), st);
             }
     }
+    // Rows one by one, as ColumnNormalize::rows.
+    void rows(int64_t r0, int64_t r1, int64_t j0, int64_t j1) const {
+        const T* const m = mh.data();
+        const T* const ca = a.data();
+        const T* const ck = k.data();
+        const T* const cc = c0.data();
+        const S* const dys = dy;
+        const S* const xs = x;
+        S* const dxs = dx;
+        const int64_t w = W;
+        const bool st = stream;
+        const int64_t jv = j0 + (j1 - j0) / kLanes * kLanes;
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t o = r * w;
+            for (int64_t j = j0; j < jv; j += kLanes) {
+                const V t = ld(xs + o + j) - Elem<T>::load(m + j);
+                const V v = ld(dys + o + j) * Elem<T>::load(ca + j) +
+                            (Elem<T>::load(cc + j) - t * Elem<T>::load(ck + j));
+                store_out(dxs + o + j, v, st);
+            }
+            for (int64_t j = jv; j < j1; ++j)
+                dxs[o + j] = down<S>(up(dys[o + j]) * ca[j] + (cc[j] - (up(xs[o + j]) - m[j]) * ck[j]));
+        }
+    }
     inline void scalar(int64_t rb, int64_t re, int64_t j) const {
         for (int64_t r = rb; r < re; ++r) {
             const int64_t e = r * W + j;
@@ -1032,6 +1074,14 @@ struct ColumnGrad {
         }
     }
 };
+
+// The elementwise passes (ColumnNormalize, ColumnGrad) over a block of rows:
+// RB == 1, rows one by one in one loop each; else for_column_blocks.
+template <typename S, typename Sweep>
+void elementwise_blocks(const Block& k, int64_t W, const Sweep& sweep, int64_t RB) {
+    if (RB == 1) return sweep.rows(k.r0, k.r1, k.j0, k.j1);
+    for_column_blocks<S>(k, W, sweep, RB);
+}
 
 // ---- forward, batch statistics -------------------------------------------------------
 
@@ -1168,7 +1218,7 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                 per[c] = affine_of(stats.mean[c], stats.invstd[c], w, b, c);
             norm = &(new ColumnNormalize<S>(&chan, W, x, y, stream))->set(0, W, per);
         }
-        for_column_blocks<S>(k, W, *norm);
+        elementwise_blocks<S>(k, W, *norm, elementwise_rows<S>(W, numel));
     });
     delete norm;
     for (int64_t e = tail; e < numel; ++e) {
@@ -1268,14 +1318,7 @@ void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, con
         norm.set_channels(0, W, mean, invstd, w, b);
     else
         norm.set(0, W, per);
-    // Tensors the caches hold take blocks of kBlock rows (coefficients loaded
-    // once per block), unless rows are wide: 16 rows 4 KiB apart fall in one
-    // set of the L1 cache. Larger tensors read rows of kStreamRow bytes or
-    // more one by one (channels_last with 256 channels in 16 bits: 1.3-1.5x
-    // faster than blocks of 16 rows), narrower ones in blocks (rows_per_block).
-    const bool cached = numel * int64_t(sizeof(S)) <= kStreamBytes;
-    const int64_t row_bytes = W * int64_t(sizeof(S));
-    const int64_t RB = wide_rows<S>(W) ? 1 : cached ? kBlock : row_bytes >= kStreamRow ? 1 : 0;
+    const int64_t RB = elementwise_rows<S>(W, numel);
     const bool by_column = split_of(g, sizeof(S), team) == kByColumn;
     parallel(team, [&](const int t, const int T_) {
         if (by_column && rows <= 4 * kBlock) {
@@ -1284,13 +1327,11 @@ void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, con
             // every thread all the coefficients.
             int64_t j0, j1;
             split(W, t, T_, kAlign, &j0, &j1);
-            if (RB == 1) return norm.rows(0, rows, j0, j1);
-            return for_column_blocks<S>(Block{0, rows, j0, j1}, W, norm, RB);
+            return elementwise_blocks<S>(Block{0, rows, j0, j1}, W, norm, RB);
         }
         int64_t r0, r1;
         split(rows, t, T_, 1, &r0, &r1);
-        if (RB == 1) return norm.rows(r0, r1, 0, W);
-        for_column_blocks<S>(Block{r0, r1, 0, W}, W, norm, RB);
+        elementwise_blocks<S>(Block{r0, r1, 0, W}, W, norm, RB);
     });
     for (int64_t e = tail; e < numel; ++e) {
         const Affine<T>& a = per[chan[e - tail]];
@@ -1436,7 +1477,7 @@ void backward(const S* dy, const S* x, S* dx, const T* w, const double* mean, co
             for (int64_t c = 0; c < C; ++c) finish(c, sdy[c], sdyx[c]);
             grad = &(new ColumnGrad<S>(chan, dy, x, dx, stream))->set(0, W, coef);
         }
-        for_column_blocks<S>(k, W, *grad);
+        elementwise_blocks<S>(k, W, *grad, elementwise_rows<S>(W, numel));
     });
     delete grad;
     for (int64_t e = tail; e < numel; ++e) {
