@@ -687,6 +687,24 @@ void for_column_blocks(const Block& k, int64_t W, const Sweep& sweep, int64_t RB
     }
 }
 
+// Rows [r0, r1) of width W one by one, columns [j0, j1): vector(e, j) at each
+// whole vector (e the flat index of column j), scalar(e, j) at the columns
+// past them. The elementwise passes' rows() call it with their coefficients
+// and pointers copied into the closures: read through the object, GCC reloaded
+// them after every store (which may alias it) and, gathering a single row's
+// coefficients into registers, spilled them; 16-bit channels_last inference of
+// 2048 channels ran at half the copy bandwidth.
+template <typename Vector, typename Scalar>
+inline void for_rows(int64_t r0, int64_t r1, int64_t j0, int64_t j1, int64_t W, Vector vector,
+                     Scalar scalar) {
+    const int64_t jv = j0 + (j1 - j0) / kLanes * kLanes;
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t o = r * W;
+        for (int64_t j = j0; j < jv; j += kLanes) vector(o + j, j);
+        for (int64_t j = jv; j < j1; ++j) scalar(o + j, j);
+    }
+}
+
 // acc1[j] += sum_r (x[r, j] - K[j]), acc2[j] += sum_r (x[r, j] - K[j])^2.
 template <typename S>
 struct ColumnSums {
@@ -938,31 +956,20 @@ struct ColumnNormalize {
                 store_out(ys + e, V((ld(xs + e) - vmh[u]) * vs[u] + vb[u]), st);
             }
     }
-    // Rows [r0, r1) one by one, columns [j0, j1): one loop per row, the
-    // coefficients read as operands of the arithmetic and every member in a
-    // local. Through run<U> on one row at a time, GCC spilled the coefficients
-    // it gathered for a single row, called run once per 64 columns and reloaded
-    // the members after every store: 16-bit channels_last inference of 2048
-    // channels ran at half the copy bandwidth.
+    // Rows [r0, r1) one by one, columns [j0, j1) (for_rows).
     void rows(int64_t r0, int64_t r1, int64_t j0, int64_t j1) const {
-        const T* const m = mh.data();
-        const T* const sc = s.data();
-        const T* const bb = b.data();
+        const T *const m = mh.data(), *const sc = s.data(), *const bb = b.data();
         const S* const xs = x;
         S* const ys = y;
-        const int64_t w = W;
         const bool st = stream;
-        const int64_t jv = j0 + (j1 - j0) / kLanes * kLanes;
-        for (int64_t r = r0; r < r1; ++r) {
-            const S* const xr = xs + r * w;
-            S* const yr = ys + r * w;
-            for (int64_t j = j0; j < jv; j += kLanes) {
-                const V v = (ld(xr + j) - Elem<T>::load(m + j)) * Elem<T>::load(sc + j) +
+        for_rows(
+            r0, r1, j0, j1, W,
+            [=](int64_t e, int64_t j) {
+                const V v = (ld(xs + e) - Elem<T>::load(m + j)) * Elem<T>::load(sc + j) +
                             Elem<T>::load(bb + j);
-                store_out(yr + j, v, st);
-            }
-            for (int64_t j = jv; j < j1; ++j) yr[j] = down<S>((up(xr[j]) - m[j]) * sc[j] + bb[j]);
-        }
+                store_out(ys + e, v, st);
+            },
+            [=](int64_t e, int64_t j) { ys[e] = down<S>((up(xs[e]) - m[j]) * sc[j] + bb[j]); });
     }
     inline void scalar(int64_t rb, int64_t re, int64_t j) const {
         for (int64_t r = rb; r < re; ++r) {
@@ -1043,29 +1050,24 @@ struct ColumnGrad {
                 store_out(dxs + e, V(ld(dys + e) * va[u] + (vc[u] - t * vk[u])), st);
             }
     }
-    // Rows one by one, as ColumnNormalize::rows.
+    // Rows [r0, r1) one by one, columns [j0, j1) (for_rows).
     void rows(int64_t r0, int64_t r1, int64_t j0, int64_t j1) const {
-        const T* const m = mh.data();
-        const T* const ca = a.data();
-        const T* const ck = k.data();
+        const T *const m = mh.data(), *const ca = a.data(), *const ck = k.data();
         const T* const cc = c0.data();
-        const S* const dys = dy;
-        const S* const xs = x;
+        const S *const dys = dy, *const xs = x;
         S* const dxs = dx;
-        const int64_t w = W;
         const bool st = stream;
-        const int64_t jv = j0 + (j1 - j0) / kLanes * kLanes;
-        for (int64_t r = r0; r < r1; ++r) {
-            const int64_t o = r * w;
-            for (int64_t j = j0; j < jv; j += kLanes) {
-                const V t = ld(xs + o + j) - Elem<T>::load(m + j);
-                const V v = ld(dys + o + j) * Elem<T>::load(ca + j) +
+        for_rows(
+            r0, r1, j0, j1, W,
+            [=](int64_t e, int64_t j) {
+                const V t = ld(xs + e) - Elem<T>::load(m + j);
+                const V v = ld(dys + e) * Elem<T>::load(ca + j) +
                             (Elem<T>::load(cc + j) - t * Elem<T>::load(ck + j));
-                store_out(dxs + o + j, v, st);
-            }
-            for (int64_t j = jv; j < j1; ++j)
-                dxs[o + j] = down<S>(up(dys[o + j]) * ca[j] + (cc[j] - (up(xs[o + j]) - m[j]) * ck[j]));
-        }
+                store_out(dxs + e, v, st);
+            },
+            [=](int64_t e, int64_t j) {
+                dxs[e] = down<S>(up(dys[e]) * ca[j] + (cc[j] - (up(xs[e]) - m[j]) * ck[j]));
+            });
     }
     inline void scalar(int64_t rb, int64_t re, int64_t j) const {
         for (int64_t r = rb; r < re; ++r) {
