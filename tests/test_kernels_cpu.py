@@ -636,6 +636,27 @@ def test_every_16_bit_value_converts_both_ways(dtype):
     assert not changed.any(), x[changed][:8]
 
 
+@pytest.mark.parametrize(
+    "shape, fmt", [((40, 256, 16, 16), "cl"), ((64, 2048), None)], ids=["cl-512B-rows", "NC-wide"]
+)
+@pytest.mark.parametrize("far", [False, True], ids=["near-zero", "far-from-zero"])
+def test_inference_rows_keep_float32_accuracy_near_and_far_from_zero(shape, fmt, far):
+    """Rows taken one by one use y = x*s + (beta - mean*s) when every channel's
+    |mean|*invstd is at most 1, and the centered (x - mh)*s + b otherwise: the
+    uncentered form far from zero (mean 1e3, std 1) would be off by about
+    1e3 * 2^-24 * |w|, some 16x the bound; near zero both hold it."""
+    c = shape[1]
+    offset = 1e3 if far else 0.0
+    x = _make(shape, fmt, F32, mean=offset, std=1.0)
+    w, b = _params(c, F32)
+    rm = (torch.rand(c, dtype=F64) * 0.5 + offset).float()
+    rv = torch.rand(c, dtype=F64).add(0.5).float()
+    y, _ = _cpu_native.forward_eval(x, w, b, rm, rv, 1e-5, False)
+    invstd = torch.rsqrt(rv.double() + 1e-5)
+    truth = reference.normalize(x.double(), rm.double(), invstd, w.double(), b.double())
+    _close_to_truth("eval y", y, truth, F32)
+
+
 @pytest.mark.parametrize("inner_shape", [(7, 7), (229, 231)], ids=["7x7", "229x231"])
 @pytest.mark.parametrize("dtype", [F32, *HALF], ids=str)
 def test_streamed_planes_match_the_float64_truth(inner_shape, dtype):
