@@ -623,18 +623,18 @@ bool stream_sums(int64_t W, const Block& k) {
     return wide_rows<S>(W) || (row >= kStreamRow && (k.r1 - k.r0) * row > kStreamSumsShare);
 }
 
-// Rows per block of the elementwise passes over periodic rows. Rows of
-// kStreamRow bytes or more are taken one by one when the tensor is beyond a
-// core's L2 (channels_last ResNet stages of 256 and 512 channels: backward
-// 1.1-1.5x and inference 1.2-1.5x faster than in blocks of 16 rows), and wide
-// rows always (16 rows 4 KiB apart fall in one set of the L1 cache). Otherwise
-// blocks: kBlock rows while the caches hold the tensor (coefficients loaded
-// once per block; a 1.6 MB bfloat16 inference ran 1.3x faster so), else
-// rows_per_block.
+// Rows per block of the elementwise passes over periodic rows. Tensors a
+// core's L2 holds take blocks of kBlock rows (coefficients loaded once per
+// block: (32, 4096) 16-bit inference ran 1.1-1.3x faster so than row by row).
+// Beyond L2, rows of kStreamRow bytes or more are taken one by one
+// (channels_last ResNet stages of 256 and 512 channels: backward 1.1-1.5x and
+// inference 1.2-1.5x faster than in blocks of 16 rows; wide rows, 16 rows 4 KiB
+// apart, also fall in one set of the L1 cache), narrower ones in blocks.
 template <typename S>
 int64_t elementwise_rows(int64_t W, int64_t numel) {
     const int64_t row = W * int64_t(sizeof(S)), bytes = numel * int64_t(sizeof(S));
-    if (wide_rows<S>(W) || (row >= kStreamRow && bytes >= kBeyondL2Bytes)) return 1;
+    if (bytes < kBeyondL2Bytes) return kBlock;
+    if (row >= kStreamRow) return 1;
     return bytes <= kStreamBytes ? kBlock : rows_per_block<S>(W);
 }
 
