@@ -56,9 +56,11 @@
 // overwrite). On Linux, large fresh outputs are advised as huge pages
 // before their first touch: one page fault per 2 MiB instead of one per 4 KiB,
 // which on some machines costs more than the pass itself.
-// The by-channel passes over short runs (14x14 and 7x7 planes) fetch the
-// next channel's runs ahead (prefetch_run): the hardware prefetchers do not
-// follow runs that short and that far apart.
+// The by-channel passes over short runs (ResNet's 7x7 to 28x28 planes, and
+// 56x56 in 16 bits) fetch the next channel's runs ahead (prefetch_run): the
+// hardware prefetchers do not follow runs that short and that far apart.
+// Periodic rows of 512 bytes or more that come from memory are read whole,
+// one after the other (stream_sums, elementwise_rows).
 //
 // cpu_kernels.cpp compiles this header into the Python functions that take
 // data pointers and sizes (Python headers only, compiled in seconds), and
@@ -469,11 +471,11 @@ __attribute__((always_inline)) inline void grad_sums(const S* dy, const S* x, in
 // and last lines would be partial, which non-temporal stores handle badly.
 constexpr int64_t kStreamRunBytes = 4096;
 
-// Where streamed stores of S start: a line, or a vector where a vector is less
-// (16-bit types), so at most kLanes - 1 values come before it.
 template <typename S>
 constexpr int64_t kLineValues = 64 / sizeof(S);  // values of S in a cache line
 
+// Where streamed stores of S start: a line, or a vector where a vector is less
+// (16-bit types), so at most kLanes - 1 values come before it.
 template <typename S>
 constexpr int64_t kStreamAlign = 64 < kLanes * sizeof(S) ? 64 : kLanes * sizeof(S);
 

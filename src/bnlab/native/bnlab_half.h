@@ -196,14 +196,10 @@ inline u16x16 float_to_half16(f32x16 v) {
 template <typename S>
 struct Elem;
 
-// float and double: stored as computed.
-template <typename S>
-struct Native;
-
 #if defined(__AVX512F__)
 // A float vector is one register: stored with one instruction. Through
 // store_bytes (its address taken for memcpy) GCC spilled it to the stack
-// first, and float32 channels_last inference ran far below the copy bandwidth.
+// first, a store and a reload more per vector.
 inline void store_f32x16(float* p, f32x16 v, bool stream) {
     const __m512 m = (__m512)v;
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
@@ -219,6 +215,7 @@ inline void store_f32x16(float* p, f32x16 v, bool stream) {
 }
 #endif
 
+// float and double: stored as computed.
 template <typename S>
 struct Native {
     typedef S T;
