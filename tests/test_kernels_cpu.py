@@ -644,7 +644,7 @@ def test_inference_rows_keep_float32_accuracy_near_and_far_from_zero(shape, fmt,
     """Rows taken one by one use y = x*s + (beta - mean*s) when every channel's
     |mean|*invstd is at most 1, and the centered (x - mh)*s + b otherwise: the
     uncentered form far from zero (mean 1e3, std 1) would be off by about
-    1e3 * 2^-24 * |w|, some 16x the bound; near zero both hold it."""
+    1e3 * 2^-24 * |w|, several times the bound; near zero both hold it."""
     c = shape[1]
     offset = 1e3 if far else 0.0
     x = _make(shape, fmt, F32, mean=offset, std=1.0)
