@@ -260,10 +260,14 @@ struct Affine {
     T mh, s, b;
 };
 
+// Uncentered (centered false): mh = 0, so b = beta - mean*s, all of the mean
+// folded into the constant (see ColumnNormalize::set_channels for where that
+// is as accurate).
 template <typename T>
-Affine<T> affine_of(double mean, double invstd, const T* w, const T* b, int64_t c) {
+Affine<T> affine_of(double mean, double invstd, const T* w, const T* b, int64_t c,
+                    bool centered = true) {
     Affine<T> a;
-    a.mh = static_cast<T>(mean);
+    a.mh = centered ? static_cast<T>(mean) : T(0);
     const double s = invstd * (w ? static_cast<double>(w[c]) : 1.0);
     a.s = static_cast<T>(s);
     a.b = static_cast<T>((b ? static_cast<double>(b[c]) : 0.0) - (mean - double(a.mh)) * s);
@@ -473,13 +477,16 @@ __attribute__((always_inline)) inline void grad_sums(const S* dy, const S* x, in
 // and last lines would be partial, which non-temporal stores handle badly.
 constexpr int64_t kStreamRunBytes = 4096;
 
+constexpr int64_t kLineBytes = 64;  // a cache line
+
 template <typename S>
-constexpr int64_t kLineValues = 64 / sizeof(S);  // values of S in a cache line
+constexpr int64_t kLineValues = kLineBytes / sizeof(S);  // values of S in a cache line
 
 // Where streamed stores of S start: a line, or a vector where a vector is less
 // (16-bit types), so at most kLanes - 1 values come before it.
 template <typename S>
-constexpr int64_t kStreamAlign = 64 < kLanes * sizeof(S) ? 64 : kLanes * sizeof(S);
+constexpr int64_t kStreamAlign =
+    kLineBytes < int64_t(kLanes * sizeof(S)) ? kLineBytes : int64_t(kLanes * sizeof(S));
 
 // A channel of (outer, C, inner) is `outer` runs a plane apart. When runs are
 // short (ResNet's 56x56 stage in 16 bits, its 28x28, 14x14 and 7x7 stages:
@@ -510,10 +517,10 @@ inline FetchAhead fetch_ahead(const Geometry& g) {
 
 template <typename S>
 inline void prefetch_run(const S* p, int64_t len, bool for_write) {
-    constexpr uintptr_t kLine = 64;
-    uintptr_t q = reinterpret_cast<uintptr_t>(p) & ~(kLine - 1);
+    constexpr uintptr_t line = kLineBytes;
+    uintptr_t q = reinterpret_cast<uintptr_t>(p) & ~(line - 1);
     const uintptr_t end = reinterpret_cast<uintptr_t>(p + len);
-    for (; q < end; q += kLine) {
+    for (; q < end; q += line) {
         if (for_write)
             __builtin_prefetch(reinterpret_cast<const void*>(q), 1, 3);
         else
@@ -946,21 +953,13 @@ struct ColumnNormalize {
         T* __restrict bb = b.data();
         double far = 0;
         for (int64_t c = c0; c < c1; ++c) far = std::fmax(far, std::fabs(mean[c] * invstd[c]));
-        if (!(far <= 1.0)) {  // NaN statistics too
-            centered = true;
-            for (int64_t c = c0; c < c1; ++c) {
-                const Affine<T> q = affine_of(mean[c], invstd[c], weight, bias, c);
-                m[c] = q.mh;
-                sc[c] = q.s;
-                bb[c] = q.b;
-            }
-            return *this;
-        }
+        const bool centered_here = !(far <= 1.0);  // NaN statistics too
+        centered = centered || centered_here;
         for (int64_t c = c0; c < c1; ++c) {
-            const double sd = invstd[c] * (weight ? static_cast<double>(weight[c]) : 1.0);
-            m[c] = T(0);
-            sc[c] = static_cast<T>(sd);
-            bb[c] = static_cast<T>((bias ? static_cast<double>(bias[c]) : 0.0) - mean[c] * sd);
+            const Affine<T> q = affine_of(mean[c], invstd[c], weight, bias, c, centered_here);
+            m[c] = q.mh;
+            sc[c] = q.s;
+            bb[c] = q.b;
         }
         return *this;
     }
