@@ -2,13 +2,18 @@
 
 Machines are noisy (other processes, frequency changes), so contenders are
 timed in alternation, many short rounds each, and compared by their medians:
-a disturbance hits both sides instead of one.
+a disturbance hits both sides instead of one. Where one ratio matters (bnlab
+against torch), it is taken round by round, between the two timings made back
+to back, and the median of those ratios comes with a confidence interval
+(``median_interval``), which says whether a cell just under 1.0 is slower
+beyond the machine's noise.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import re
@@ -26,11 +31,20 @@ import torch
 def interleaved(
     fns: dict[str, Callable[[], object]], rounds: int = 15, round_time: float = 0.02
 ) -> dict[str, float]:
-    """Median seconds per call of each function, timed in alternating rounds.
+    """Median seconds per call of each function, timed in alternating rounds."""
+    samples = interleaved_samples(fns, rounds, round_time)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def interleaved_samples(
+    fns: dict[str, Callable[[], object]], rounds: int = 15, round_time: float = 0.02
+) -> dict[str, list[float]]:
+    """Seconds per call of each function in each round, timed in alternating rounds.
 
     Each function is first warmed up and calibrated to a number of calls that
     takes about ``round_time``; then every round times each function once (in
-    an order that rotates, so none always runs first).
+    an order that rotates, so none always runs first). Entry r of every list
+    comes from round r, so ratios between two functions can be taken round by round.
     """
     calls = {}
     for name, fn in fns.items():
@@ -49,7 +63,44 @@ def interleaved(
             for _ in range(k):
                 fn()
             samples[name].append((time.perf_counter() - start) / k)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def round_ratios(
+    samples: dict[str, list[float]], numerator: str, denominator: str
+) -> tuple[float, ...]:
+    """numerator's time over denominator's, round by round.
+
+    The two timings of a round ran back to back, so their ratio cancels what
+    slows the machine for seconds at a time; a speedup is these ratios' median.
+    """
+    pairs = zip(samples[numerator], samples[denominator], strict=True)
+    return tuple(a / b for a, b in pairs)
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median of ``values``.
+
+    The median lies below the k-th smallest of n independent values with
+    probability P(Binomial(n, 1/2) < k), whatever their distribution, so the
+    interval runs from the k-th smallest to the k-th largest value, with k the
+    largest order for which both tails together stay within 1 - confidence.
+    Fewer than 6 values cannot reach 95%: the interval is then their whole range.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("median_interval needs at least one value")
+    tail = (1 - confidence) / 2
+    below = 0.0  # P(Binomial(n, 1/2) < k), for k = 1, 2, ...
+    k = 0
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n
+        if below > tail:
+            break
+        k += 1
+    k = max(k, 1)
+    return ordered[k - 1], ordered[n - k]
 
 
 def training_step(f: Callable, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:

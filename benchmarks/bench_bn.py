@@ -15,7 +15,10 @@ Module level, float32: ``bnlab.nn.BatchNorm{1,2,3}d`` against
 * train    — training forward alone (running stats updated, graph recorded)
 * eval     — inference: ``m.eval()`` under ``torch.no_grad()``
 
-Times are medians of interleaved rounds (torch, bnlab, torch, ...). GB/s
+Times are medians of interleaved rounds (torch, bnlab, torch, ...); a
+speedup is the median of torch/bnlab taken round by round, between the two
+timings made back to back, which cancels what slows the machine for seconds
+at a time. GB/s
 counts the bytes each pass must move at least, with S = x's size in bytes:
 the training forward reads x for the statistics and again to write y (3S),
 the backward reads dy and x for the sums and again to write dx (5S), eval
@@ -41,7 +44,9 @@ autocast hands batch norm a bfloat16 input), on LeNet-5's and ResNet's
 shapes, (N, C) and (N, C, L) inputs, one image and a 3d volume, each on one
 thread and on all of torch's (both contenders under the same setting). It
 prints a matrix of speedups (torch time / bnlab time, above 1 when bnlab is
-faster; cells below 1 are marked), the cells below 1, and for the shapes
+faster; cells below 1 are marked), the cells below 1 with the 95%
+confidence interval of their median (a cell whose interval lies wholly under
+1.0 is slower beyond the noise of its rounds), and for the shapes
 over 8 MiB in float32: bnlab's GB/s per dtype and mode (S counted in the
 input's dtype), with two checks — bfloat16 and float16 reach at least 70% of
 float32's bandwidth, and training fwd+bwd is at least 1.5× torch's.
@@ -56,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,7 +85,10 @@ from _timing import (
     copy_bandwidth,
     inference,
     interleaved,
+    interleaved_samples,
+    median_interval,
     publish,
+    round_ratios,
     rounds_for,
     training_step,
 )
@@ -143,8 +152,8 @@ def _settle_mmap_threshold() -> None:
     del block
 
 
-def measure(case: Case, rounds: int, round_time: float = 0.02) -> dict[str, dict[str, float]]:
-    """{mode: {"torch": seconds, "bnlab": seconds}} for one case."""
+def measure(case: Case, rounds: int, round_time: float = 0.02) -> dict[str, dict[str, list[float]]]:
+    """{mode: {"torch": seconds per round, "bnlab": seconds per round}} for one case."""
     theirs, ours = _modules(case)
     x = _input(case).requires_grad_()
     dy = _input(case)
@@ -163,7 +172,7 @@ def measure(case: Case, rounds: int, round_time: float = 0.02) -> dict[str, dict
         for m in (theirs, ours):
             m.train(mode != "eval")
         contenders = {"torch": make(theirs), "bnlab": make(ours)}
-        results[mode] = interleaved(contenders, rounds=rounds, round_time=round_time)
+        results[mode] = interleaved_samples(contenders, rounds=rounds, round_time=round_time)
     return results
 
 
@@ -270,6 +279,12 @@ def compile_costs() -> tuple[float, float]:
     return times[0], times[1]
 
 
+def paired(samples: dict[str, list[float]]) -> tuple[float, float, tuple[float, ...]]:
+    """torch's and bnlab's median seconds, and torch/bnlab round by round."""
+    ratios = round_ratios(samples, "torch", "bnlab")
+    return statistics.median(samples["torch"]), statistics.median(samples["bnlab"]), ratios
+
+
 def table(rows: list[tuple[Case, dict]], copy_gbs: float) -> str:
     lines = [
         "| shape | mode | torch µs | bnlab µs | speedup | target | torch GB/s | bnlab GB/s |",
@@ -277,13 +292,14 @@ def table(rows: list[tuple[Case, dict]], copy_gbs: float) -> str:
     ]
     for case, results in rows:
         nbytes = case.nbytes
-        for mode, t in results.items():
+        for mode, samples in results.items():
             target = case.target if mode == "fwd+bwd" else 1.0
-            speedup = t["torch"] / t["bnlab"]
-            gbs = [BYTES_PER_PASS[mode] * nbytes / t[k] / 1e9 for k in ("torch", "bnlab")]
+            theirs, ours, ratios = paired(samples)
+            speedup = statistics.median(ratios)
+            gbs = [BYTES_PER_PASS[mode] * nbytes / t / 1e9 for t in (theirs, ours)]
             mark = "" if speedup >= target else " ✗"
             lines.append(
-                f"| {case.label} | {mode} | {t['torch'] * 1e6:.0f} | {t['bnlab'] * 1e6:.0f} | "
+                f"| {case.label} | {mode} | {theirs * 1e6:.0f} | {ours * 1e6:.0f} | "
                 f"{speedup:.2f}×{mark} | ≥{target:g}× | {gbs[0]:.1f} | {gbs[1]:.1f} |"
             )
     lines.append("")
@@ -339,12 +355,23 @@ class Cell:
     case: Case
     mode: str
     threads: int
-    torch_s: float
+    torch_s: float  # median seconds per call
     bnlab_s: float
+    ratios: tuple[float, ...]  # torch/bnlab, round by round
 
     @property
     def speedup(self) -> float:
-        return self.torch_s / self.bnlab_s
+        return statistics.median(self.ratios)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The speedup's 95% confidence interval."""
+        return median_interval(list(self.ratios))
+
+    @property
+    def slower_beyond_noise(self) -> bool:
+        """Below 1.0 with the whole interval: slower than the rounds' spread explains."""
+        return self.interval[1] < 1
 
     @property
     def column(self) -> str:
@@ -410,8 +437,7 @@ def sweep(
                 with num_threads(n):
                     results = measure(case, rounds, SWEEP_ROUND_TIME)
                 for mode in SWEEP_MODES:  # in the matrix's order, which the lists below keep
-                    t = results[mode]
-                    cells.append(Cell(case, mode, n, t["torch"], t["bnlab"]))
+                    cells.append(Cell(case, mode, n, *paired(results[mode])))
         elapsed = time.perf_counter() - start
         print(f"  [{i}/{len(cases)}] {shape.title} ({elapsed:.0f} s)", file=sys.stderr)
     return cells
@@ -439,16 +465,24 @@ def speedup_matrix(cells: list[Cell]) -> str:
 
 
 def below_one(cells: list[Cell]) -> str:
-    """How many cells reach 1.0×, and the others, one line per row of the matrix."""
+    """How many cells reach 1.0×, and the others with their intervals, one line per row."""
     below = [c for c in cells if c.speedup < 1]
-    lines = [f"{len(cells) - len(below)} of {len(cells)} cells at or above 1.0×."]
+    beyond = [c for c in below if c.slower_beyond_noise]
+    lines = [
+        f"{len(cells) - len(below)} of {len(cells)} cells at or above 1.0×; "
+        f"{len(beyond)} below it beyond the noise (95% interval of the median wholly under 1.0)."
+    ]
     rows: dict[Case, list[Cell]] = {}
     for cell in below:
         rows.setdefault(cell.case, []).append(cell)
     if rows:
-        lines += ["", "Below 1.0×:", ""]
+        lines += ["", "Below 1.0× (95% interval; †: wholly under 1.0):", ""]
     for case, row in rows.items():
-        listed = ", ".join(f"{c.column} {c.speedup:.2f}×" for c in row)
+        listed = ", ".join(
+            f"{c.column} {c.speedup:.2f}× ({c.interval[0]:.2f}–{c.interval[1]:.2f})"
+            + ("†" if c.slower_beyond_noise else "")
+            for c in row
+        )
         lines.append(f"- {case.title} {SHORT_NAMES[case.dtype]}: {listed}")
     return "\n".join(lines)
 

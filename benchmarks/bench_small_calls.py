@@ -17,11 +17,15 @@ three contenders are timed in interleaved rounds, module level:
   ``MAX_BYTES`` behind the node, larger ones on the function.
 
 "bnlab" should be at or above 1.0 everywhere; "function" shows what the
-node saves, and where that stops mattering.
+node saves, and where that stops mattering. A ratio is the median of the
+rounds' torch/contender ratios; bnlab's cells below 1.0 are listed with the
+95% confidence interval of that median, which says whether they are slower
+beyond the noise of their rounds.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 
@@ -31,7 +35,16 @@ import bnlab.nn
 from bnlab import small_calls
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import arguments, inference, interleaved, publish, rounds_for, training_step
+from _timing import (
+    arguments,
+    inference,
+    interleaved_samples,
+    median_interval,
+    publish,
+    round_ratios,
+    rounds_for,
+    training_step,
+)
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -43,7 +56,10 @@ SHAPES = [(64, 16), (64, 84), (64, 120), (128, 120), (64, 6, 8, 8), (256, 120), 
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def measure(shape: tuple[int, ...], dtype: torch.dtype, mode: str, rounds: int) -> dict:
+def measure(
+    shape: tuple[int, ...], dtype: torch.dtype, mode: str, rounds: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each contender, round by round."""
     cls = {2: "BatchNorm1d", 4: "BatchNorm2d"}[len(shape)]
     contenders = {
         "torch": getattr(torch.nn, cls)(shape[1]),
@@ -70,7 +86,7 @@ def measure(shape: tuple[int, ...], dtype: torch.dtype, mode: str, rounds: int) 
     else:
         fns = {k: inference(m, x) for k, m in contenders.items()}
     fns["function"] = on_function(fns["function"])
-    return interleaved(fns, rounds=rounds)
+    return interleaved_samples(fns, rounds=rounds)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,17 +106,33 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---:|" + "---:|" * len(columns),
     ]
     before = torch.get_num_threads()
+    below, beyond, count = [], 0, 0
     for shape in SHAPES:
         cells = []
         for mode, dtype, n in columns:
             torch.set_num_threads(n)
             t = measure(shape, dtype, mode, rounds)
-            fn, ours = t["torch"] / t["function"], t["torch"] / t["bnlab"]
+            fn = statistics.median(round_ratios(t, "torch", "function"))
+            ratios = round_ratios(t, "torch", "bnlab")
+            ours = statistics.median(ratios)
             cells.append(f"{fn:.2f}{'✗' if fn < 1 else ''} / {ours:.2f}{'✗' if ours < 1 else ''}")
+            count += 1
+            if ours < 1:
+                lo, hi = median_interval(list(ratios))
+                beyond += hi < 1
+                where = f"{'×'.join(map(str, shape))} {mode} {str(dtype).removeprefix('torch.')}"
+                below.append(f"- {where} {n}t: {ours:.2f}× ({lo:.2f}–{hi:.2f}){'†' * (hi < 1)}")
         torch.set_num_threads(before)
         numel = torch.Size(shape).numel()
         lines.append(f"| {'×'.join(map(str, shape))} | {numel} | {' | '.join(cells)} |")
         print(f"  measured {shape}", file=sys.stderr)
+    lines += [
+        "",
+        f"bnlab: {count - len(below)} of {count} cells at or above 1.0×; {beyond} below it "
+        "beyond the noise (95% interval of the median wholly under 1.0).",
+    ]
+    if below:
+        lines += ["", "bnlab below 1.0× (95% interval; †: wholly under 1.0):", "", *below]
     publish(
         "\n".join(lines) + "\n",
         RESULTS_MD,
