@@ -355,7 +355,12 @@ SPLITS = {
     "planes-fetched-ahead": ((16, 512, 14, 14), None, "planes by channel"),
     "rows-streamed-cl": ((40, 256, 16, 16), "cl", "rows by row"),
     "wide-rows-by-row": ((1024, 1024), None, "rows by row"),
+    # Over STREAM_BYTES in every dtype, with runs of 299 values (598 to 2392
+    # bytes) at every alignment: each run's whole lines streamed, its part
+    # lines at both ends written with ordinary stores.
+    "planes-streamed-short-runs": ((224, 64, 13, 23), None, "planes by channel"),
 }
+STREAMED_SPLIT = "planes-streamed-short-runs"
 HALF = (torch.bfloat16, torch.float16)
 
 
@@ -387,6 +392,12 @@ def test_each_split_is_chosen_where_it_pays(case):
     # One thread owns everything: planes go channel by channel.
     if split.startswith("planes"):
         assert _cpu_native.plan(x, threads=1) == ("planes by channel", 1)
+
+
+def test_streamed_split_is_streamed_in_every_dtype():
+    shape = SPLITS[STREAMED_SPLIT][0]
+    smallest = torch.Size(shape).numel() * torch.bfloat16.itemsize
+    assert smallest >= _build.native().STREAM_BYTES
 
 
 def test_small_calls_run_on_one_thread():
