@@ -53,9 +53,11 @@
 // half of it for inference's single pass, kStreamEvalBytes) are written
 // around the caches (non-temporal stores: little of them would still be
 // cached when they are read, and the stores skip reading the lines they
-// overwrite). On Linux, large fresh outputs are advised as huge pages
-// before their first touch: one page fault per 2 MiB instead of one per 4 KiB,
-// which on some machines costs more than the pass itself.
+// overwrite); the training passes over planes stream runs of kStreamRunBytes
+// or more, their whole cache lines only (streamed_run). On Linux, large fresh
+// outputs are advised as huge pages before their first touch: one page fault
+// per 2 MiB instead of one per 4 KiB, which on some machines costs more than
+// the pass itself.
 // The by-channel passes over short runs (ResNet's 7x7 to 28x28 planes, and
 // 56x56 in 16 bits) fetch the next channel's runs ahead (prefetch_run): the
 // hardware prefetchers do not follow runs that short and that far apart.
