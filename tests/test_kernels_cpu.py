@@ -668,6 +668,24 @@ def test_inference_rows_keep_float32_accuracy_near_and_far_from_zero(shape, fmt,
     _close_to_truth("eval y", y, truth, F32)
 
 
+@pytest.mark.parametrize("far_channel", [0, 1029, 2047])
+def test_one_channel_far_from_zero_keeps_the_centered_form(far_channel):
+    """The check that picks the uncentered form looks at every channel: one
+    channel far from zero (mean 1e3), wherever it sits among 2048, keeps the
+    centered form, and that channel its float32 accuracy."""
+    shape = (64, 2048)
+    x = _make(shape, None, F32, mean=0.0, std=1.0)
+    x[:, far_channel] += 1e3
+    w, b = _params(shape[1], F32)
+    rm = (torch.rand(shape[1], dtype=F64) * 0.5).float()
+    rm[far_channel] += 1e3
+    rv = torch.rand(shape[1], dtype=F64).add(0.5).float()
+    y, _ = _cpu_native.forward_eval(x, w, b, rm, rv, 1e-5, False)
+    invstd = torch.rsqrt(rv.double() + 1e-5)
+    truth = reference.normalize(x.double(), rm.double(), invstd, w.double(), b.double())
+    _close_to_truth("eval y", y[:, far_channel], truth[:, far_channel], F32)
+
+
 @pytest.mark.parametrize("inner_shape", [(7, 7), (229, 231)], ids=["7x7", "229x231"])
 @pytest.mark.parametrize("dtype", [F32, *HALF], ids=str)
 def test_streamed_planes_match_the_float64_truth(inner_shape, dtype):

@@ -76,6 +76,7 @@
 #include "cpu_kernels_api.h"
 #include "bnlab_native.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -980,11 +981,24 @@ struct ColumnNormalize {
         T* __restrict m = mh.data();
         T* __restrict sc = s.data();
         T* __restrict bb = b.data();
+        // The largest |mean|*invstd, as 8 running maxima: std::fmax was a libm
+        // call per channel (15% of a (1, 4096) inference call), and one running
+        // maximum a chain of dependent steps (another 15%); GCC's vectors of
+        // this loop ran slower than the 8 scalar chains. NaN statistics give
+        // NaN outputs either way.
+        double lane[8] = {};
+        int64_t c = c0;
+        for (; c + 8 <= c1; c += 8)
+            for (int k = 0; k < 8; ++k) {
+                const double d = std::fabs(mean[c + k] * invstd[c + k]);
+                lane[k] = d > lane[k] ? d : lane[k];
+            }
         double far = 0;
-        for (int64_t c = c0; c < c1; ++c) far = std::fmax(far, std::fabs(mean[c] * invstd[c]));
-        const bool centered_here = !(far <= 1.0);  // NaN statistics too
+        for (; c < c1; ++c) far = std::max(far, std::fabs(mean[c] * invstd[c]));
+        for (double d : lane) far = std::max(far, d);
+        const bool centered_here = !(far <= 1.0);
         centered = centered || centered_here;
-        for (int64_t c = c0; c < c1; ++c) {
+        for (c = c0; c < c1; ++c) {
             const Affine<T> q = affine_of(mean[c], invstd[c], weight, bias, c, centered_here);
             m[c] = q.mh;
             sc[c] = q.s;
