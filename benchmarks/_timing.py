@@ -103,6 +103,17 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     return ordered[k - 1], ordered[n - k]
 
 
+def settle_mmap_threshold() -> None:
+    """Raise glibc's dynamic mmap threshold to 16 MiB, as freeing such a tensor does.
+
+    glibc's threshold starts at 128 KiB and rises to the largest mapped block
+    freed so far, so until then every output above it lands on fresh pages
+    (a page fault each 4 KiB); a training process settles it in its first step.
+    """
+    block = torch.empty(16 << 20, dtype=torch.uint8)
+    del block
+
+
 def training_step(f: Callable, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
     """A contender: one forward through ``f`` and its backward from ``dy``, x's gradient
     cleared first (so each step allocates it, as a training step does)."""

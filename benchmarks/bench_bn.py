@@ -90,6 +90,7 @@ from _timing import (
     publish,
     round_ratios,
     rounds_for,
+    settle_mmap_threshold,
     training_step,
 )
 
@@ -144,12 +145,6 @@ def _input(case: Case) -> torch.Tensor:
     if case.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
-
-
-def _settle_mmap_threshold() -> None:
-    """Raise glibc's dynamic mmap threshold to 16 MiB, as freeing such a tensor does."""
-    block = torch.empty(16 << 20, dtype=torch.uint8)
-    del block
 
 
 def measure(case: Case, rounds: int, round_time: float = 0.02) -> dict[str, dict[str, list[float]]]:
@@ -662,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.keep_memory:
         keep_freed_memory()
     else:
-        _settle_mmap_threshold()
+        settle_mmap_threshold()
     allocator = "glibc keeps freed memory" if args.keep_memory else "default allocator"
     if args.sweep:
         run_sweep(args, allocator, all_threads)

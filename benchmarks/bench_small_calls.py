@@ -20,7 +20,9 @@ three contenders are timed in interleaved rounds, module level:
 node saves, and where that stops mattering. A ratio is the median of the
 rounds' torch/contender ratios; bnlab's cells below 1.0 are listed with the
 95% confidence interval of that median, which says whether they are slower
-beyond the noise of their rounds.
+beyond the noise of their rounds. glibc's mmap threshold is settled first,
+as in bench_bn.py, so that outputs do not land on fresh pages in one round
+and on reused ones in the next.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from _timing import (
     publish,
     round_ratios,
     rounds_for,
+    settle_mmap_threshold,
     training_step,
 )
 
@@ -91,6 +94,7 @@ def measure(
 
 def main(argv: list[str] | None = None) -> None:
     args = arguments(__doc__).parse_args(argv)
+    settle_mmap_threshold()
     rounds = rounds_for(args)
     thread_counts = sorted({1, torch.get_num_threads()})
     columns = [(m, d, n) for m in ("fwd+bwd", "eval") for d in DTYPES for n in thread_counts]
