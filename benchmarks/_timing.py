@@ -103,6 +103,27 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     return ordered[k - 1], ordered[n - k]
 
 
+def slower_beyond_noise(ratios: tuple[float, ...]) -> bool:
+    """torch/bnlab ratios whose median's 95% interval lies wholly under 1.0."""
+    return median_interval(list(ratios))[1] < 1
+
+
+def ratio_with_interval(ratios: tuple[float, ...]) -> str:
+    """The ratios' median and its 95% interval, "0.97× (0.95–0.99)", with † when
+    the interval lies wholly under 1.0."""
+    lo, hi = median_interval(list(ratios))
+    return f"{statistics.median(ratios):.2f}× ({lo:.2f}–{hi:.2f}){'†' if hi < 1 else ''}"
+
+
+def below_one_summary(count: int, below: int, beyond: int) -> str:
+    """How many of `count` cells reach 1.0×, and how many of the `below` others lie
+    under it beyond the noise."""
+    return (
+        f"{count - below} of {count} cells at or above 1.0×; {beyond} below it beyond the "
+        "noise (95% interval of the median wholly under 1.0)."
+    )
+
+
 def settle_mmap_threshold() -> None:
     """Raise glibc's dynamic mmap threshold to 16 MiB, as freeing such a tensor does.
 

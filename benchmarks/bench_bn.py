@@ -82,15 +82,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _empty_op import empty_cpp_op
 from _timing import (
     arguments,
+    below_one_summary,
     copy_bandwidth,
     inference,
     interleaved,
     interleaved_samples,
-    median_interval,
     publish,
+    ratio_with_interval,
     round_ratios,
     rounds_for,
     settle_mmap_threshold,
+    slower_beyond_noise,
     training_step,
 )
 
@@ -359,16 +361,6 @@ class Cell:
         return statistics.median(self.ratios)
 
     @property
-    def interval(self) -> tuple[float, float]:
-        """The speedup's 95% confidence interval."""
-        return median_interval(list(self.ratios))
-
-    @property
-    def slower_beyond_noise(self) -> bool:
-        """Below 1.0 with the whole interval: slower than the rounds' spread explains."""
-        return self.interval[1] < 1
-
-    @property
     def column(self) -> str:
         return f"{self.mode} {self.threads}t"
 
@@ -462,22 +454,15 @@ def speedup_matrix(cells: list[Cell]) -> str:
 def below_one(cells: list[Cell]) -> str:
     """How many cells reach 1.0×, and the others with their intervals, one line per row."""
     below = [c for c in cells if c.speedup < 1]
-    beyond = [c for c in below if c.slower_beyond_noise]
-    lines = [
-        f"{len(cells) - len(below)} of {len(cells)} cells at or above 1.0×; "
-        f"{len(beyond)} below it beyond the noise (95% interval of the median wholly under 1.0)."
-    ]
+    beyond = [c for c in below if slower_beyond_noise(c.ratios)]
+    lines = [below_one_summary(len(cells), len(below), len(beyond))]
     rows: dict[Case, list[Cell]] = {}
     for cell in below:
         rows.setdefault(cell.case, []).append(cell)
     if rows:
         lines += ["", "Below 1.0× (95% interval; †: wholly under 1.0):", ""]
     for case, row in rows.items():
-        listed = ", ".join(
-            f"{c.column} {c.speedup:.2f}× ({c.interval[0]:.2f}–{c.interval[1]:.2f})"
-            + ("†" if c.slower_beyond_noise else "")
-            for c in row
-        )
+        listed = ", ".join(f"{c.column} {ratio_with_interval(c.ratios)}" for c in row)
         lines.append(f"- {case.title} {SHORT_NAMES[case.dtype]}: {listed}")
     return "\n".join(lines)
 

@@ -39,13 +39,15 @@ from bnlab import small_calls
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (
     arguments,
+    below_one_summary,
     inference,
     interleaved_samples,
-    median_interval,
     publish,
+    ratio_with_interval,
     round_ratios,
     rounds_for,
     settle_mmap_threshold,
+    slower_beyond_noise,
     training_step,
 )
 
@@ -122,19 +124,14 @@ def main(argv: list[str] | None = None) -> None:
             cells.append(f"{fn:.2f}{'✗' if fn < 1 else ''} / {ours:.2f}{'✗' if ours < 1 else ''}")
             count += 1
             if ours < 1:
-                lo, hi = median_interval(list(ratios))
-                beyond += hi < 1
+                beyond += slower_beyond_noise(ratios)
                 where = f"{'×'.join(map(str, shape))} {mode} {str(dtype).removeprefix('torch.')}"
-                below.append(f"- {where} {n}t: {ours:.2f}× ({lo:.2f}–{hi:.2f}){'†' * (hi < 1)}")
+                below.append(f"- {where} {n}t: {ratio_with_interval(ratios)}")
         torch.set_num_threads(before)
         numel = torch.Size(shape).numel()
         lines.append(f"| {'×'.join(map(str, shape))} | {numel} | {' | '.join(cells)} |")
         print(f"  measured {shape}", file=sys.stderr)
-    lines += [
-        "",
-        f"bnlab: {count - len(below)} of {count} cells at or above 1.0×; {beyond} below it "
-        "beyond the noise (95% interval of the median wholly under 1.0).",
-    ]
+    lines += ["", "bnlab: " + below_one_summary(count, len(below), beyond)]
     if below:
         lines += ["", "bnlab below 1.0× (95% interval; †: wholly under 1.0):", "", *below]
     publish(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _timing import median_interval
+from _timing import below_one_summary, median_interval, ratio_with_interval, slower_beyond_noise
 
 
 def _binomial_below(n: int, k: int) -> float:
@@ -57,3 +57,19 @@ def test_covers_the_true_median_about_as_often_as_it_claims():
     # Order statistics give at least 95% (97.1% for n = 41); 2000 trials put
     # the observed rate within about ±1.2% of that.
     assert 0.95 <= hits / trials <= 0.99
+
+
+def test_a_cell_is_slower_beyond_noise_only_when_its_whole_interval_is_under_one():
+    under = tuple(0.90 + 0.001 * i for i in range(41))  # interval 0.913-0.927
+    straddling = tuple(0.98 + 0.001 * i for i in range(41))  # median 1.0, interval to 1.007
+    assert slower_beyond_noise(under)
+    assert not slower_beyond_noise(straddling)
+    assert ratio_with_interval(under) == "0.92× (0.91–0.93)†"
+    assert ratio_with_interval(straddling) == "1.00× (0.99–1.01)"
+
+
+def test_below_one_summary_counts():
+    assert below_one_summary(342, 5, 2) == (
+        "337 of 342 cells at or above 1.0×; 2 below it beyond the noise "
+        "(95% interval of the median wholly under 1.0)."
+    )
