@@ -359,6 +359,12 @@ SPLITS = {
     # bytes) at every alignment: each run's whole lines streamed, its part
     # lines at both ends written with ordinary stores.
     "planes-streamed-short-runs": ((224, 64, 13, 23), None, "planes by channel"),
+    # Rows wide enough that the elementwise passes go two rows at a time (in
+    # every pass: 2069 columns' coefficients outgrow half an L1 cache even
+    # uncentered), over 2 MiB in every dtype, with an odd row count (one row
+    # left alone), a whole vector past the last group of a cache line in 16
+    # bits, and five columns past the last whole vector.
+    "wide-rows-in-pairs": ((521, 2069), None, "rows by row"),
 }
 STREAMED_SPLIT = "planes-streamed-short-runs"
 HALF = (torch.bfloat16, torch.float16)

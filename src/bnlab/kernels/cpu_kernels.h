@@ -730,22 +730,57 @@ void for_column_blocks(const Block& k, int64_t W, const Sweep& sweep, int64_t RB
     }
 }
 
-// Rows [r0, r1) of width W one by one, columns [j0, j1): vector(e, j) at each
-// whole vector (e the flat index of column j), scalar(e, j) at the columns
-// past them. The elementwise passes' rows() call it with their coefficients
+// Rows [r0, r1) of width W, columns [j0, j1): vector(e, j, rows, vecs, w)
+// writes `vecs` whole vectors from column j (flat index e) in each of `rows`
+// rows w apart (both compile-time), scalar(e, j) one column past the whole
+// vectors. The elementwise passes' rows() call it with their coefficients
 // and pointers copied into the closures: read through the object, GCC reloaded
 // them after every store (which may alias it) and, gathering a single row's
 // coefficients into registers, spilled them; 16-bit channels_last inference of
 // 2048 channels ran at half the copy bandwidth.
-template <typename Vector, typename Scalar>
-inline void for_rows(int64_t r0, int64_t r1, int64_t j0, int64_t j1, int64_t W, Vector vector,
-                     Scalar scalar) {
+//
+// With `pairs`, rows go two at a time, each coefficient vector loaded once
+// for both, and a group of vectors covers a cache line of S, so a streamed
+// output line is written whole before the next row's (pair_rows says when).
+template <typename S>
+constexpr int kRowGroup = kLineValues<S> > kLanes ? int(kLineValues<S> / kLanes) : 1;
+
+template <int Vecs, typename Vector, typename Scalar>
+inline void for_rows(int64_t r0, int64_t r1, int64_t j0, int64_t j1, int64_t W, bool pairs,
+                     Vector vector, Scalar scalar) {
+    using One = std::integral_constant<int, 1>;
     const int64_t jv = j0 + (j1 - j0) / kLanes * kLanes;
-    for (int64_t r = r0; r < r1; ++r) {
-        const int64_t o = r * W;
-        for (int64_t j = j0; j < jv; j += kLanes) vector(o + j, j);
+    const int64_t jg = j0 + (j1 - j0) / (Vecs * kLanes) * (Vecs * kLanes);
+    const auto rest_of_row = [&](int64_t o, int64_t from) {
+        for (int64_t j = from; j < jv; j += kLanes) vector(o + j, j, One{}, One{}, W);
         for (int64_t j = jv; j < j1; ++j) scalar(o + j, j);
-    }
+    };
+    int64_t r = r0;
+    if (pairs)
+        for (; r + 2 <= r1; r += 2) {
+            const int64_t o = r * W;
+            for (int64_t j = j0; j < jg; j += Vecs * kLanes)
+                vector(o + j, j, std::integral_constant<int, 2>{},
+                       std::integral_constant<int, Vecs>{}, W);
+            rest_of_row(o, jg);
+            rest_of_row(o + W, jg);
+        }
+    for (; r < r1; ++r) rest_of_row(r * W, j0);
+}
+
+// Rows one by one read each row's coefficients again. Once a sweep's
+// coefficient arrays (`arrays` of W values of T) take more than half of a
+// 32 KiB L1 data cache, those reads come from L2 and outnumber the data's:
+// rows then go in pairs (for_rows). Wide rows measured in-process, paired
+// against one by one: channels_last ResNet stage 4 (2048 channels) training
+// 1.06-1.15x and (1024, 4096) float16 training and inference 1.2x faster;
+// (2048, 1536) training 1.05-1.07x. At 1024 channels (16 KiB of gradient
+// coefficients) pairs ran 0.74-0.88x, and 1024-channel inference 0.4x.
+constexpr int64_t kPairCoefBytes = int64_t(16) << 10;
+
+template <typename T>
+bool pair_rows(int arrays, int64_t W) {
+    return arrays * W * int64_t(sizeof(T)) > kPairCoefBytes;
 }
 
 // acc1[j] += sum_r (x[r, j] - K[j]), acc2[j] += sum_r (x[r, j] - K[j])^2.
@@ -1026,7 +1061,7 @@ struct ColumnNormalize {
                 store_out(ys + e, V((ld(xs + e) - vmh[u]) * vs[u] + vb[u]), st);
             }
     }
-    // Rows [r0, r1) one by one, columns [j0, j1) (for_rows).
+    // Rows [r0, r1), columns [j0, j1): one by one, or in pairs (for_rows).
     void rows(int64_t r0, int64_t r1, int64_t j0, int64_t j1) const {
         const T *const m = mh.data(), *const sc = s.data(), *const bb = b.data();
         const S* const xs = x;
@@ -1036,19 +1071,37 @@ struct ColumnNormalize {
             ys[e] = down<S>((up(xs[e]) - m[j]) * sc[j] + bb[j]);
         };
         if (!centered)
-            return for_rows(
-                r0, r1, j0, j1, W,
-                [=](int64_t e, int64_t j) {
-                    store_out(ys + e, V(ld(xs + e) * Elem<T>::load(sc + j) + Elem<T>::load(bb + j)),
-                              st);
+            return for_rows<kRowGroup<S>>(
+                r0, r1, j0, j1, W, pair_rows<T>(2, W),
+                [=](int64_t e, int64_t j, auto rows, auto vecs, int64_t w) {
+                    constexpr int R = decltype(rows)::value, U = decltype(vecs)::value;
+                    V vs[U], vb[U];
+                    for (int u = 0; u < U; ++u) {
+                        vs[u] = Elem<T>::load(sc + j + u * kLanes);
+                        vb[u] = Elem<T>::load(bb + j + u * kLanes);
+                    }
+                    for (int i = 0; i < R; ++i)
+                        for (int u = 0; u < U; ++u) {
+                            const int64_t f = e + i * w + u * kLanes;
+                            store_out(ys + f, V(ld(xs + f) * vs[u] + vb[u]), st);
+                        }
                 },
                 last);
-        for_rows(
-            r0, r1, j0, j1, W,
-            [=](int64_t e, int64_t j) {
-                const V v = (ld(xs + e) - Elem<T>::load(m + j)) * Elem<T>::load(sc + j) +
-                            Elem<T>::load(bb + j);
-                store_out(ys + e, v, st);
+        for_rows<kRowGroup<S>>(
+            r0, r1, j0, j1, W, pair_rows<T>(3, W),
+            [=](int64_t e, int64_t j, auto rows, auto vecs, int64_t w) {
+                constexpr int R = decltype(rows)::value, U = decltype(vecs)::value;
+                V vm[U], vs[U], vb[U];
+                for (int u = 0; u < U; ++u) {
+                    vm[u] = Elem<T>::load(m + j + u * kLanes);
+                    vs[u] = Elem<T>::load(sc + j + u * kLanes);
+                    vb[u] = Elem<T>::load(bb + j + u * kLanes);
+                }
+                for (int i = 0; i < R; ++i)
+                    for (int u = 0; u < U; ++u) {
+                        const int64_t f = e + i * w + u * kLanes;
+                        store_out(ys + f, V((ld(xs + f) - vm[u]) * vs[u] + vb[u]), st);
+                    }
             },
             last);
     }
@@ -1131,20 +1184,30 @@ struct ColumnGrad {
                 store_out(dxs + e, V(ld(dys + e) * va[u] + (vc[u] - t * vk[u])), st);
             }
     }
-    // Rows [r0, r1) one by one, columns [j0, j1) (for_rows).
+    // Rows [r0, r1), columns [j0, j1): one by one, or in pairs (for_rows).
     void rows(int64_t r0, int64_t r1, int64_t j0, int64_t j1) const {
         const T *const m = mh.data(), *const ca = a.data(), *const ck = k.data();
         const T* const cc = c0.data();
         const S *const dys = dy, *const xs = x;
         S* const dxs = dx;
         const bool st = stream;
-        for_rows(
-            r0, r1, j0, j1, W,
-            [=](int64_t e, int64_t j) {
-                const V t = ld(xs + e) - Elem<T>::load(m + j);
-                const V v = ld(dys + e) * Elem<T>::load(ca + j) +
-                            (Elem<T>::load(cc + j) - t * Elem<T>::load(ck + j));
-                store_out(dxs + e, v, st);
+        for_rows<kRowGroup<S>>(
+            r0, r1, j0, j1, W, pair_rows<T>(4, W),
+            [=](int64_t e, int64_t j, auto rows, auto vecs, int64_t w) {
+                constexpr int R = decltype(rows)::value, U = decltype(vecs)::value;
+                V vm[U], va[U], vk[U], vc[U];
+                for (int u = 0; u < U; ++u) {
+                    vm[u] = Elem<T>::load(m + j + u * kLanes);
+                    va[u] = Elem<T>::load(ca + j + u * kLanes);
+                    vk[u] = Elem<T>::load(ck + j + u * kLanes);
+                    vc[u] = Elem<T>::load(cc + j + u * kLanes);
+                }
+                for (int i = 0; i < R; ++i)
+                    for (int u = 0; u < U; ++u) {
+                        const int64_t f = e + i * w + u * kLanes;
+                        const V t = ld(xs + f) - vm[u];
+                        store_out(dxs + f, V(ld(dys + f) * va[u] + (vc[u] - t * vk[u])), st);
+                    }
             },
             [=](int64_t e, int64_t j) {
                 dxs[e] = down<S>(up(dys[e]) * ca[j] + (cc[j] - (up(xs[e]) - m[j]) * ck[j]));
@@ -1324,13 +1387,20 @@ void running_stats(const R* __restrict rm, const R* __restrict rv, int64_t C, do
     }
 }
 
-// y = (x - mh)*s + b over the elements [e0, e1) of planes (inner >= kLanes),
-// written around the caches: whole aligned vectors all along, a vector that
-// straddles two planes taking each lane's coefficients from its own plane.
-// (Runs of one plane each would leave their first and last lines partial.)
+// y = (x - mh)*s + b over the elements [e0, e1) of planes (inner >= kLanes):
+// whole aligned vectors all along, a vector that straddles two planes taking
+// each lane's coefficients from its own plane. Inference takes it for
+//   - a streamed output: runs of one plane each would leave their first and
+//     last lines partial;
+//   - planes shorter than kShortPlane: there a run's overlapping last vector
+//     and the call per run cost more than the straddling vectors (7x7
+//     inference 1.05-1.07x faster, 6x6 1.33x; 10x10 and 14x14 16-bit planes
+//     ran 0.87-0.94x).
+constexpr int64_t kShortPlane = 4 * kLanes;
+
 template <typename S, typename T = Compute<S>>
 void normalize_range(const S* x, S* y, int64_t e0, int64_t e1, const Geometry& g,
-                     const std::vector<Affine<T>>& per) {
+                     const std::vector<Affine<T>>& per, bool stream) {
     typedef VecOf<S> V;
     constexpr int64_t line = kStreamAlign<S>;
     auto one = [&](int64_t e) {
@@ -1341,32 +1411,33 @@ void normalize_range(const S* x, S* y, int64_t e0, int64_t e1, const Geometry& g
     for (; e < e1 && (reinterpret_cast<uintptr_t>(y + e) & (line - 1)) != 0; ++e) one(e);
     V lane{};
     for (int k = 0; k < kLanes; ++k) lane[k] = T(k);
-    int64_t plane = e / g.inner, end = (plane + 1) * g.inner;
+    const int64_t plane = e / g.inner;
+    int64_t end = (plane + 1) * g.inner, c = plane % g.C;
     for (; e + kLanes <= e1; e += kLanes) {
         if (e >= end) {
-            ++plane;
             end += g.inner;
+            if (++c == g.C) c = 0;
         }
-        const Affine<T>& a = per[plane % g.C];
+        const Affine<T>& a = per[c];
         if (e + 2 * kLanes <= end && e + 2 * kLanes <= e1) {  // two vectors of one plane
             const V v0 = (ld(x + e) - a.mh) * a.s + a.b;
             const V v1 = (ld(x + e + kLanes) - a.mh) * a.s + a.b;
-            store_out(y + e, v0, true);
-            store_out(y + e + kLanes, v1, true);
+            store_out(y + e, v0, stream);
+            store_out(y + e + kLanes, v1, stream);
             e += kLanes;
             continue;
         }
         if (e + kLanes <= end) {
-            store_out(y + e, V((ld(x + e) - a.mh) * a.s + a.b), true);
+            store_out(y + e, V((ld(x + e) - a.mh) * a.s + a.b), stream);
             continue;
         }
         // Lanes from end - e on belong to the next plane.
-        const Affine<T>& n = per[(plane + 1) % g.C];
+        const Affine<T>& n = per[c + 1 == g.C ? 0 : c + 1];
         const auto next = lane >= T(end - e);
         const V mh = next ? V{} + n.mh : V{} + a.mh;
         const V sc = next ? V{} + n.s : V{} + a.s;
         const V bb = next ? V{} + n.b : V{} + a.b;
-        store_out(y + e, V((ld(x + e) - mh) * sc + bb), true);
+        store_out(y + e, V((ld(x + e) - mh) * sc + bb), stream);
     }
     for (; e < e1; ++e) one(e);
 }
@@ -1387,7 +1458,8 @@ void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, con
         parallel(team, [&](const int t, const int T_) {
             int64_t e0, e1;
             split(numel, t, T_, kAlign, &e0, &e1);
-            if (stream) return normalize_range(x, y, e0, e1, g, per);
+            if (stream || g.inner < kShortPlane)
+                return normalize_range(x, y, e0, e1, g, per, stream);
             for_plane_pieces(g, e0, e1, [&](int64_t c, int64_t off, int64_t len) {
                 normalize_run(x + off, y + off, len, per[c], false);
             });
