@@ -365,6 +365,9 @@ SPLITS = {
     # left alone), a whole vector past the last group of a cache line in 16
     # bits, and five columns past the last whole vector.
     "wide-rows-in-pairs": ((521, 2069), None, "rows by row"),
+    # Float32 inference over 8 MiB whose 225-value runs are not whole vectors:
+    # one range of elements, vectors straddling planes (float64 streams it).
+    "planes-misaligned-by-range": ((48, 200, 15, 15), None, "planes by channel"),
 }
 STREAMED_SPLIT = "planes-streamed-short-runs"
 HALF = (torch.bfloat16, torch.float16)

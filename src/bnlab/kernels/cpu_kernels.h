@@ -1389,14 +1389,26 @@ void running_stats(const R* __restrict rm, const R* __restrict rv, int64_t C, do
 
 // y = (x - mh)*s + b over the elements [e0, e1) of planes (inner >= kLanes):
 // whole aligned vectors all along, a vector that straddles two planes taking
-// each lane's coefficients from its own plane. Inference takes it for
-//   - a streamed output: runs of one plane each would leave their first and
-//     last lines partial;
-//   - planes shorter than kShortPlane: there a run's overlapping last vector
-//     and the call per run cost more than the straddling vectors (7x7
+// each lane's coefficients from its own plane. Inference takes it (by_range)
+//   - for a streamed output: runs of one plane each would leave their first
+//     and last lines partial;
+//   - for planes shorter than kShortPlane: there a run's overlapping last
+//     vector and the call per run cost more than the straddling vectors (7x7
 //     inference 1.05-1.07x faster, 6x6 1.33x; 10x10 and 14x14 16-bit planes
-//     ran 0.87-0.94x).
+//     ran 0.87-0.94x);
+//   - where a float32 or float64 vector is whole cache lines, runs are not
+//     whole vectors, and the tensor is too large for the caches to hold with
+//     its output (kStreamBytes): run by run, nearly every vector would then
+//     straddle two lines that come from memory (14x14 and 17x17 float32
+//     inference 1.12-1.14x faster on one thread; 10x10 in cache ran 0.9x).
 constexpr int64_t kShortPlane = 4 * kLanes;
+
+template <typename S>
+bool by_range(const Geometry& g, bool stream) {
+    const bool misaligned_runs = sizeof(S) >= 4 && g.inner % kLanes != 0 &&
+                                 g.numel() * int64_t(sizeof(S)) >= kStreamBytes;
+    return stream || g.inner < kShortPlane || misaligned_runs;
+}
 
 template <typename S, typename T = Compute<S>>
 void normalize_range(const S* x, S* y, int64_t e0, int64_t e1, const Geometry& g,
@@ -1458,8 +1470,7 @@ void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, con
         parallel(team, [&](const int t, const int T_) {
             int64_t e0, e1;
             split(numel, t, T_, kAlign, &e0, &e1);
-            if (stream || g.inner < kShortPlane)
-                return normalize_range(x, y, e0, e1, g, per, stream);
+            if (by_range<S>(g, stream)) return normalize_range(x, y, e0, e1, g, per, stream);
             for_plane_pieces(g, e0, e1, [&](int64_t c, int64_t off, int64_t len) {
                 normalize_run(x + off, y + off, len, per[c], false);
             });
