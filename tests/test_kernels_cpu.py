@@ -695,12 +695,16 @@ def test_one_channel_far_from_zero_keeps_the_centered_form(far_channel):
     _close_to_truth("eval y", y[:, far_channel], truth[:, far_channel], F32)
 
 
-@pytest.mark.parametrize("inner_shape", [(7, 7), (229, 231)], ids=["7x7", "229x231"])
+@pytest.mark.parametrize(
+    "inner_shape", [(7, 7), (13, 23), (229, 231)], ids=["7x7", "13x23", "229x231"]
+)
 @pytest.mark.parametrize("dtype", [F32, *HALF], ids=str)
 def test_streamed_planes_match_the_float64_truth(inner_shape, dtype):
     """Above STREAM_EVAL_BYTES, inference writes a thread's planes as one range of aligned
-    vectors, blending two planes' coefficients where a vector straddles them; 7×7 planes
-    straddle in almost every vector, 229×231 ones start at every alignment."""
+    vectors, blending two planes' coefficients where a vector straddles them (7×7 planes
+    straddle in almost every vector), or, for 16-bit planes of 512 bytes or more, run by
+    run, each run's whole lines streamed and its part lines at both ends stored (13×23
+    runs are 598 bytes); 13×23 and 229×231 planes start at every alignment."""
     per_row = dtype.itemsize * 8 * torch.Size(inner_shape).numel()
     shape = (_build.native().STREAM_EVAL_BYTES // per_row + 1, 8, *inner_shape)
     x = _make(shape, None, dtype)
