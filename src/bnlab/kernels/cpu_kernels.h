@@ -1402,9 +1402,8 @@ void running_stats(const R* __restrict rm, const R* __restrict rv, int64_t C, do
 //   - for a streamed output: runs of one plane each would leave their first
 //     and last lines partial; but 16-bit planes of kStreamRunBytes or more go
 //     run by run, each run's whole lines streamed (streamed_run), as training
-//     writes them: the range's per-vector branches cost more per byte in 16
-//     bits (56x56 16-bit inference 1.14-1.49x faster run by run, 28x28
-//     0.99-1.05x; float32 14x14 planes ran 0.58x so);
+//     writes them, which measured faster there (56x56 16-bit inference
+//     1.14-1.49x, 28x28 0.99-1.05x; float32 14x14 planes ran 0.58x so);
 //   - for planes shorter than kShortPlane: there a run's overlapping last
 //     vector and the call per run cost more than the straddling vectors (7x7
 //     inference 1.05-1.07x faster, 6x6 1.33x; 10x10 and 14x14 16-bit planes
