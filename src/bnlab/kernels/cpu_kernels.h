@@ -77,6 +77,7 @@
 #include "bnlab_native.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -739,38 +740,40 @@ void for_column_blocks(const Block& k, int64_t W, const Sweep& sweep, int64_t RB
     }
 }
 
-// Rows [r0, r1) of width W, columns [j0, j1): vector(e, j, rows, vecs, w)
-// writes `vecs` whole vectors from column j (flat index e) in each of `rows`
-// rows w apart (both compile-time), scalar(e, j) one column past the whole
-// vectors. The elementwise passes' rows() call it with their coefficients
-// and pointers copied into the closures: read through the object, GCC reloaded
-// them after every store (which may alias it) and, gathering a single row's
-// coefficients into registers, spilled them; 16-bit channels_last inference of
-// 2048 channels ran at half the copy bandwidth.
+// Rows [r0, r1) of width W, columns [j0, j1): apply(f, coef(j)) at each
+// whole vector, f the flat index of column j and coef(j) the coefficient
+// vectors of columns [j, j + kLanes); scalar(e, j) at each column past them.
+// The elementwise passes' rows() call it with their coefficients and pointers
+// copied into the closures: read through the object, GCC reloaded them after
+// every store (which may alias it) and, gathering a single row's coefficients
+// into registers, spilled them; 16-bit channels_last inference of 2048
+// channels ran at half the copy bandwidth.
 //
 // With `pairs`, rows go two at a time, each coefficient vector loaded once
-// for both, and a group of vectors covers a cache line of S, so a streamed
-// output line is written whole before the next row's (pair_rows says when).
+// for both, Vecs vectors (a cache line of S) at a time, so a streamed output
+// line is written whole before the next row's (pair_rows says when).
 template <typename S>
 constexpr int kRowGroup = kLineValues<S> > kLanes ? int(kLineValues<S> / kLanes) : 1;
 
-template <int Vecs, typename Vector, typename Scalar>
+template <int Vecs, typename Coef, typename Apply, typename Scalar>
 inline void for_rows(int64_t r0, int64_t r1, int64_t j0, int64_t j1, int64_t W, bool pairs,
-                     Vector vector, Scalar scalar) {
-    using One = std::integral_constant<int, 1>;
+                     Coef coef, Apply apply, Scalar scalar) {
     const int64_t jv = j0 + (j1 - j0) / kLanes * kLanes;
     const int64_t jg = j0 + (j1 - j0) / (Vecs * kLanes) * (Vecs * kLanes);
     const auto rest_of_row = [&](int64_t o, int64_t from) {
-        for (int64_t j = from; j < jv; j += kLanes) vector(o + j, j, One{}, One{}, W);
+        for (int64_t j = from; j < jv; j += kLanes) apply(o + j, coef(j));
         for (int64_t j = jv; j < j1; ++j) scalar(o + j, j);
     };
     int64_t r = r0;
     if (pairs)
         for (; r + 2 <= r1; r += 2) {
             const int64_t o = r * W;
-            for (int64_t j = j0; j < jg; j += Vecs * kLanes)
-                vector(o + j, j, std::integral_constant<int, 2>{},
-                       std::integral_constant<int, Vecs>{}, W);
+            for (int64_t j = j0; j < jg; j += Vecs * kLanes) {
+                decltype(coef(j)) c[Vecs];
+                for (int u = 0; u < Vecs; ++u) c[u] = coef(j + u * kLanes);
+                for (int i = 0; i < 2; ++i)
+                    for (int u = 0; u < Vecs; ++u) apply(o + i * W + j + u * kLanes, c[u]);
+            }
             rest_of_row(o, jg);
             rest_of_row(o + W, jg);
         }
@@ -1082,35 +1085,21 @@ struct ColumnNormalize {
         if (!centered)
             return for_rows<kRowGroup<S>>(
                 r0, r1, j0, j1, W, pair_rows<T>(2, W),
-                [=](int64_t e, int64_t j, auto rows, auto vecs, int64_t w) {
-                    constexpr int R = decltype(rows)::value, U = decltype(vecs)::value;
-                    V vs[U], vb[U];
-                    for (int u = 0; u < U; ++u) {
-                        vs[u] = Elem<T>::load(sc + j + u * kLanes);
-                        vb[u] = Elem<T>::load(bb + j + u * kLanes);
-                    }
-                    for (int i = 0; i < R; ++i)
-                        for (int u = 0; u < U; ++u) {
-                            const int64_t f = e + i * w + u * kLanes;
-                            store_out(ys + f, V(ld(xs + f) * vs[u] + vb[u]), st);
-                        }
+                [=](int64_t j) {
+                    return std::array<V, 2>{Elem<T>::load(sc + j), Elem<T>::load(bb + j)};
+                },
+                [=](int64_t f, const std::array<V, 2>& c) {
+                    store_out(ys + f, V(ld(xs + f) * c[0] + c[1]), st);
                 },
                 last);
         for_rows<kRowGroup<S>>(
             r0, r1, j0, j1, W, pair_rows<T>(3, W),
-            [=](int64_t e, int64_t j, auto rows, auto vecs, int64_t w) {
-                constexpr int R = decltype(rows)::value, U = decltype(vecs)::value;
-                V vm[U], vs[U], vb[U];
-                for (int u = 0; u < U; ++u) {
-                    vm[u] = Elem<T>::load(m + j + u * kLanes);
-                    vs[u] = Elem<T>::load(sc + j + u * kLanes);
-                    vb[u] = Elem<T>::load(bb + j + u * kLanes);
-                }
-                for (int i = 0; i < R; ++i)
-                    for (int u = 0; u < U; ++u) {
-                        const int64_t f = e + i * w + u * kLanes;
-                        store_out(ys + f, V((ld(xs + f) - vm[u]) * vs[u] + vb[u]), st);
-                    }
+            [=](int64_t j) {
+                return std::array<V, 3>{Elem<T>::load(m + j), Elem<T>::load(sc + j),
+                                        Elem<T>::load(bb + j)};
+            },
+            [=](int64_t f, const std::array<V, 3>& c) {
+                store_out(ys + f, V((ld(xs + f) - c[0]) * c[1] + c[2]), st);
             },
             last);
     }
@@ -1202,21 +1191,13 @@ struct ColumnGrad {
         const bool st = stream;
         for_rows<kRowGroup<S>>(
             r0, r1, j0, j1, W, pair_rows<T>(4, W),
-            [=](int64_t e, int64_t j, auto rows, auto vecs, int64_t w) {
-                constexpr int R = decltype(rows)::value, U = decltype(vecs)::value;
-                V vm[U], va[U], vk[U], vc[U];
-                for (int u = 0; u < U; ++u) {
-                    vm[u] = Elem<T>::load(m + j + u * kLanes);
-                    va[u] = Elem<T>::load(ca + j + u * kLanes);
-                    vk[u] = Elem<T>::load(ck + j + u * kLanes);
-                    vc[u] = Elem<T>::load(cc + j + u * kLanes);
-                }
-                for (int i = 0; i < R; ++i)
-                    for (int u = 0; u < U; ++u) {
-                        const int64_t f = e + i * w + u * kLanes;
-                        const V t = ld(xs + f) - vm[u];
-                        store_out(dxs + f, V(ld(dys + f) * va[u] + (vc[u] - t * vk[u])), st);
-                    }
+            [=](int64_t j) {
+                return std::array<V, 4>{Elem<T>::load(m + j), Elem<T>::load(ca + j),
+                                        Elem<T>::load(ck + j), Elem<T>::load(cc + j)};
+            },
+            [=](int64_t f, const std::array<V, 4>& c) {
+                const V t = ld(xs + f) - c[0];
+                store_out(dxs + f, V(ld(dys + f) * c[1] + (c[3] - t * c[2])), st);
             },
             [=](int64_t e, int64_t j) {
                 dxs[e] = down<S>(up(dys[e]) * ca[j] + (cc[j] - (up(xs[e]) - m[j]) * ck[j]));
