@@ -127,7 +127,7 @@ def test_backend_selection():
     assert kernels.select(torch.randn(4, 3).bfloat16()) is CPU
     assert kernels.select(torch.randn(4, 3, dtype=torch.complex64)) is REF
     assert kernels.select(torch.randn(0, 3)) is REF
-    assert kernels.available() == ["cpu", "reference"]
+    assert kernels.available() == ["cpu", "triton", "reference"]
 
 
 # ---- modules against torch.nn ----------------------------------------------------------

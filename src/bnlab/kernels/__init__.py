@@ -2,7 +2,8 @@
 
 Each backend implements :class:`~bnlab.kernels.protocol.Backend` whole. The
 reference backend (plain torch ops, :mod:`bnlab.kernels.reference`) is the
-oracle and takes every input; the fast backends in ``_FAST`` are asked first,
+oracle and takes every input; the fast backends in ``_FAST`` (native CPU
+kernels; Triton kernels for CUDA tensors, when triton is installed) are asked first,
 in order. Adding a backend is adding its module and one entry there.
 ``BNLAB_BACKEND=reference`` keeps everything on the reference backend.
 """
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import _cpu_ops  # noqa: F401  (registers the custom ops torch.compile traces)
+from . import _cpu_ops, _gpu_ops  # noqa: F401  (register the custom ops torch.compile traces)
 from .cpu import CPU
+from .gpu import TRITON
 from .protocol import Backend
 from .reference import REFERENCE
 
-_FAST: tuple[Backend, ...] = (CPU,)
+_FAST: tuple[Backend, ...] = (CPU, TRITON)
 
 
 def select(x: Tensor) -> Backend:

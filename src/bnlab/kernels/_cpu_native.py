@@ -22,11 +22,11 @@ import torch
 from torch import Tensor
 
 from . import _build
+from ._layout import geometry
 
 _F32, _F64 = torch.float32, torch.float64
 # The kernels' dtype codes (DtypeCode in cpu_kernels.cpp).
 DTYPE_CODES = {_F32: 0, _F64: 1, torch.bfloat16: 2, torch.float16: 3}
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 class Mismatch(TypeError, ValueError):
@@ -40,22 +40,6 @@ def _kernels():
             "native batch norm: the CPU kernels are unavailable (see the build warning)"
         )
     return module
-
-
-def geometry(x: Tensor) -> tuple[int, int, int] | None:
-    """(outer, C, inner) such that x's memory is that array, contiguous; None otherwise.
-
-    Contiguous (N, C, *) is (N, C, ∏spatial); channels_last(_3d) and (N, C)
-    are (N·∏spatial, C, 1).
-    """
-    shape = x.shape
-    n, c = shape[0], shape[1]
-    if x.is_contiguous():
-        return n, c, x.numel() // (n * c)
-    fmt = _CHANNELS_LAST.get(x.dim())
-    if fmt is not None and x.is_contiguous(memory_format=fmt):
-        return x.numel() // c, c, 1
-    return None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -29,13 +29,14 @@ from torch import Tensor
 
 from . import _build, _cpu_native, reference
 from ._cpu_native import DTYPE_CODES, compute_dtype
+from ._layout import geometry
 
 _F64 = torch.float64
 
 
 def _dense(x: Tensor) -> Tensor:
     """x in a layout the kernels read (a contiguous copy if needed)."""
-    return x if _cpu_native.geometry(x) is not None else x.contiguous()
+    return x if geometry(x) is not None else x.contiguous()
 
 
 def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
