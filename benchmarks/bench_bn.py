@@ -79,6 +79,7 @@ from bnlab.experiments.memory import keep_freed_memory
 from bnlab.kernels import cpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_cuda
 from _empty_op import empty_cpp_op
 from _timing import (
     arguments,
@@ -633,7 +634,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--shapes", help="sweep only rows whose label contains one of these, e.g. lenet,1d,32x4096"
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: the Triton kernels against torch's on a GPU (_bench_cuda.py)",
+    )
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        if args.sweep or args.floor or args.keep_memory:
+            parser.error("--sweep, --floor and --keep-memory are CPU options")
+        text = _bench_cuda.run(rounds_for(args))
+        publish(text, RESULTS_MD, "GPU batch norm: bnlab (Triton) vs torch.nn", args.record)
+        return
     if not args.sweep and (args.dtypes or args.shapes):
         parser.error("--dtypes and --shapes select what --sweep times")
     if args.sweep and args.floor:

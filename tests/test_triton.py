@@ -152,8 +152,12 @@ def test_running_buffers_of_the_parameters_dtype_move_by_the_fused_update(dtype,
     rm_ref, rv_ref = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)
     calls = count_calls(monkeypatch, gpu.reference, "update_running_stats")
     TRI.forward_train(x, None, None, 1e-5, rm, rv, 0.3)
+    # A one-element tensor (the cumulative average's 1/num_batches_tracked) is read by the
+    # kernel too: no host sync, so a CUDA graph can capture the step.
+    TRI.forward_train(x, None, None, 1e-5, rm, rv, torch.tensor(0.25, dtype=F64))
     assert calls == []
     REF.forward_train(x.double().cpu(), None, None, 1e-5, rm_ref, rv_ref, 0.3)
+    REF.forward_train(x.double().cpu(), None, None, 1e-5, rm_ref, rv_ref, 0.25)
     _check(rm.cpu(), rm_ref, _acc(dtype), "running_mean")
     _check(rv.cpu(), rv_ref, _acc(dtype), "running_var")
 
@@ -310,3 +314,39 @@ def test_compiled_fullgraph_calls_the_triton_ops(on_triton):
         torch.testing.assert_close(eager(x), step(x), atol=1e-6, rtol=1e-6)
     torch.compile(bnlab.nn.BatchNorm2d(3).to(DEVICE), fullgraph=True, backend=backend)(x)
     assert any("bnlab.triton_forward_train" in t for t in seen), sorted(seen)
+
+
+def test_vmap_ensemble_and_per_sample_grads_run_the_kernels(on_triton):
+    """torch.func on the layers: the vmap rule hands the kernels real tensors (the vmapped
+    dim folded into the channels); torch's numbers."""
+    pairs = [make_pair("BatchNorm2d") for _ in range(3)]
+    for ours, theirs in pairs:
+        ours.to(DEVICE), theirs.to(DEVICE)
+    x = torch.randn(8, 3, 4, 4, dtype=F64, device=DEVICE) * 2 + 1
+    results = []
+    for side in (0, 1):
+        group = [pair[side] for pair in pairs]
+        params, buffers = torch.func.stack_module_state(group)
+
+        def call(p, b, inp, base=group[0]):
+            return torch.func.functional_call(base, (p, b), (inp,))
+
+        results.append((torch.func.vmap(call, in_dims=(0, 0, None))(params, buffers, x), buffers))
+    (ya, ba), (yb, bb) = results
+    torch.testing.assert_close(ya, yb, atol=1e-12, rtol=0)
+    for k in ba:
+        torch.testing.assert_close(ba[k], bb[k], atol=1e-12, rtol=0, msg=k)
+    assert on_triton
+
+    ours, theirs = pairs[0]
+    ours.eval(), theirs.eval()
+
+    def loss(m):
+        return lambda p, xi: torch.func.functional_call(m, p, (xi[None],)).square().sum()
+
+    grads = [
+        torch.func.vmap(torch.func.grad(loss(m)), in_dims=(None, 0))(dict(m.named_parameters()), x)
+        for m in (ours, theirs)
+    ]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-12, rtol=0, msg=k)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import autograd
+from . import autograd, fused_relu
 from .errors import ChannelMismatchError
 
 
@@ -103,5 +103,26 @@ def batch_norm(
     if training and input.numel() == 0:
         running_mean = running_var = None  # an empty batch moves nothing
     return autograd.batch_norm(
+        input, weight, bias, running_mean, running_var, training, momentum, eps
+    )
+
+
+def batch_norm_relu(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | Tensor = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``relu(batch_norm(...))`` with :func:`batch_norm`'s arguments, rules and errors, in
+    one pass each way where the backend fuses them (see :mod:`bnlab.fused_relu`)."""
+    training = bool(training)
+    check_arguments(input, running_mean, running_var, weight, bias, training, eps)
+    if training and input.numel() == 0:
+        running_mean = running_var = None
+    return fused_relu.batch_norm_relu(
         input, weight, bias, running_mean, running_var, training, momentum, eps
     )

@@ -23,7 +23,10 @@ Reductions are per program, then combined per channel by a second kernel
 * gradient sums: Σ dy and Σ dy·(x − mean), accumulated in the compute dtype
   (float32, or float64 for float64 input).
 
-Elementwise passes compute in that dtype and store in the tensor's own.
+Elementwise passes compute in that dtype and store in the tensor's own. With
+RELU the normalize pass writes max(y, 0), and both backward kernels take dy
+only where y was positive, y recomputed from x by the same expression
+(``_pre``), so the mask is the forward's.
 """
 
 from __future__ import annotations
@@ -60,6 +63,38 @@ def _share(outer, inner, chunk_o, chunk_i):
 def _to_tile(v):
     """A per-channel vector broadcast over a tile."""
     return v[None, :, None]
+
+
+@triton.jit
+def _affine(
+    pid_c,
+    C,
+    stats,
+    weight,
+    bias,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """Per-channel mean, invstd, scale = invstd·γ and shift = β of y = (x − mean)·scale + shift."""
+    c, live = _channels(pid_c, C, BC)
+    mean = tl.load(stats + c, mask=live, other=0.0).to(ACC)
+    invstd = tl.load(stats + C + c, mask=live, other=0.0).to(ACC)
+    scale = invstd
+    if HAS_WEIGHT:
+        scale *= tl.load(weight + c, mask=live, other=0.0).to(ACC)
+    shift = tl.zeros([BC], ACC)
+    if HAS_BIAS:
+        shift = tl.load(bias + c, mask=live, other=0.0).to(ACC)
+    return mean, invstd, scale, shift
+
+
+@triton.jit
+def _pre(v, mean, scale, shift):
+    """The batch norm's output before any activation, computed alike in every kernel, so
+    the backward's ReLU mask is the forward's."""
+    return (v - _to_tile(mean)) * _to_tile(scale) + _to_tile(shift)
 
 
 @triton.jit
@@ -106,11 +141,14 @@ def stats_partial(
 @triton.jit
 def stats_finish(
     part, splits, C, eps, stats, var, running_mean, running_var, momentum, unbias,
-    HAS_VAR: tl.constexpr, HAS_RUNNING: tl.constexpr, BC: tl.constexpr,
+    HAS_VAR: tl.constexpr, HAS_RUNNING: tl.constexpr, MOMENTUM_IN_MEMORY: tl.constexpr,
+    BC: tl.constexpr,
 ):  # fmt: skip
     """Merges the splits' partials per channel (float64): stats rows mean and
     invstd, the biased var if asked, and the running buffers moved
-    r ← (1 − momentum)·r + momentum·s with var·unbias (rounded once)."""
+    r ← (1 − momentum)·r + momentum·s with var·unbias (rounded once).
+    MOMENTUM_IN_MEMORY: momentum points to it (a one-element tensor, such as
+    the cumulative average's 1/num_batches_tracked, read without a host sync)."""
     c, live = _channels(tl.program_id(0), C, BC)
     count = tl.zeros([BC], tl.float64)
     mean = tl.zeros([BC], tl.float64)
@@ -132,6 +170,8 @@ def stats_finish(
     if HAS_VAR:
         tl.store(var + c, _narrow(v, var), mask=live)
     if HAS_RUNNING:
+        if MOMENTUM_IN_MEMORY:
+            momentum = tl.load(momentum).to(tl.float64)
         rm = tl.load(running_mean + c, mask=live, other=0.0).to(tl.float64)
         rv = tl.load(running_var + c, mask=live, other=0.0).to(tl.float64)
         rm = rm * (1.0 - momentum) + momentum * mean
@@ -143,39 +183,36 @@ def stats_finish(
 @triton.jit
 def normalize(
     x, y, stats, weight, bias, outer, C, inner, chunk_o, chunk_i,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr, BI: tl.constexpr,
 ):  # fmt: skip
-    """y = (x − mean)·invstd·γ + β, stats rows mean and invstd."""
+    """y = (x − mean)·invstd·γ + β, stats rows mean and invstd; then max(y, 0) with RELU."""
     pid_c = tl.program_id(0)
-    c, live = _channels(pid_c, C, BC)
-    mean = tl.load(stats + c, mask=live, other=0.0).to(ACC)
-    scale = tl.load(stats + C + c, mask=live, other=0.0).to(ACC)
-    if HAS_WEIGHT:
-        scale *= tl.load(weight + c, mask=live, other=0.0).to(ACC)
-    shift = tl.zeros([BC], ACC)
-    if HAS_BIAS:
-        shift = tl.load(bias + c, mask=live, other=0.0).to(ACC)
+    mean, _, scale, shift = _affine(pid_c, C, stats, weight, bias, HAS_WEIGHT, HAS_BIAS, ACC, BC)
     o_lo, o_hi, i_lo, i_hi = _share(outer, inner, chunk_o, chunk_i)
     for o0 in range(o_lo, o_hi, BO):
         for i0 in range(i_lo, i_hi, BI):
             offsets, mask = _tile(pid_c, o0, i0, outer, C, inner, BO, BC, BI)
             v = tl.load(x + offsets, mask=mask, other=0.0).to(ACC)
-            out = (v - _to_tile(mean)) * _to_tile(scale) + _to_tile(shift)
+            out = _pre(v, mean, scale, shift)
+            if RELU:
+                out = tl.maximum(out, 0.0)
             tl.store(y + offsets, out.to(y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def grad_sums_partial(
-    dy, x, stats, part, outer, C, inner, chunk_o, chunk_i,
+    dy, x, stats, weight, bias, part, outer, C, inner, chunk_o, chunk_i,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr, BI: tl.constexpr,
 ):  # fmt: skip
-    """part[0|1, split, c] = Σ dy and Σ dy·(x − mean) over this program's share."""
+    """part[0|1, split, c] = Σ dy and Σ dy·(x − mean) over this program's share; with RELU,
+    dy where the forward's output was positive (recomputed from x), else 0."""
     pid_c = tl.program_id(0)
     split = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
     splits = tl.num_programs(1) * tl.num_programs(2)
     c, live = _channels(pid_c, C, BC)
-    mean = tl.load(stats + c, mask=live, other=0.0).to(ACC)
+    mean, _, scale, shift = _affine(pid_c, C, stats, weight, bias, HAS_WEIGHT, HAS_BIAS, ACC, BC)
     sum_dy = tl.zeros([BC], ACC)
     sum_dy_xmu = tl.zeros([BC], ACC)
     o_lo, o_hi, i_lo, i_hi = _share(outer, inner, chunk_o, chunk_i)
@@ -184,6 +221,8 @@ def grad_sums_partial(
             offsets, mask = _tile(pid_c, o0, i0, outer, C, inner, BO, BC, BI)
             g = tl.load(dy + offsets, mask=mask, other=0.0).to(ACC)
             v = tl.load(x + offsets, mask=mask, other=0.0).to(ACC)
+            if RELU:
+                g = tl.where(_pre(v, mean, scale, shift) > 0, g, 0.0)
             sum_dy += tl.sum(tl.sum(g, axis=2), axis=0)
             sum_dy_xmu += tl.sum(tl.sum(g * (v - _to_tile(mean)), axis=2), axis=0)
     tl.store(part + split * C + c, sum_dy, mask=live)
@@ -192,25 +231,23 @@ def grad_sums_partial(
 
 @triton.jit
 def grad_input(
-    dy, x, dx, stats, weight, g, g_scale, outer, C, inner, chunk_o, chunk_i,
-    HAS_WEIGHT: tl.constexpr, HAS_G: tl.constexpr, G_OF_XMU: tl.constexpr,
+    dy, x, dx, stats, weight, bias, g, g_scale, outer, C, inner, chunk_o, chunk_i,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    HAS_G: tl.constexpr, G_OF_XMU: tl.constexpr,
     ACC: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr, BI: tl.constexpr,
 ):  # fmt: skip
     """dx = γ·invstd·(dy − g1 − xhat·g2), xhat = (x − mean)·invstd; without g, γ·invstd·dy.
 
     g1, g2 = g[0]·g_scale, g[1]·g_scale: the means of dy and dy·xhat over the
     batch. With G_OF_XMU, g[1] holds Σ dy·(x − mean) and is multiplied by invstd.
+    With RELU, dy is taken as 0 where the forward's output was not positive.
     """
     pid_c = tl.program_id(0)
-    c, live = _channels(pid_c, C, BC)
-    mean = tl.load(stats + c, mask=live, other=0.0).to(ACC)
-    invstd = tl.load(stats + C + c, mask=live, other=0.0).to(ACC)
-    a = invstd
-    if HAS_WEIGHT:
-        a *= tl.load(weight + c, mask=live, other=0.0).to(ACC)
+    mean, invstd, a, shift = _affine(pid_c, C, stats, weight, bias, HAS_WEIGHT, HAS_BIAS, ACC, BC)
     k = tl.zeros([BC], ACC)  # dx = a·dy − k·(x − mean) + b0
     b0 = tl.zeros([BC], ACC)
     if HAS_G:
+        c, live = _channels(pid_c, C, BC)
         g1 = tl.load(g + c, mask=live, other=0.0).to(ACC) * g_scale
         g2 = tl.load(g + C + c, mask=live, other=0.0).to(ACC) * g_scale
         if G_OF_XMU:
@@ -223,5 +260,7 @@ def grad_input(
             offsets, mask = _tile(pid_c, o0, i0, outer, C, inner, BO, BC, BI)
             gy = tl.load(dy + offsets, mask=mask, other=0.0).to(ACC)
             v = tl.load(x + offsets, mask=mask, other=0.0).to(ACC)
+            if RELU:
+                gy = tl.where(_pre(v, mean, a, shift) > 0, gy, 0.0)
             out = _to_tile(a) * gy - _to_tile(k) * (v - _to_tile(mean)) + _to_tile(b0)
             tl.store(dx + offsets, out.to(dx.dtype.element_ty), mask=mask)

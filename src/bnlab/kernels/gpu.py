@@ -136,11 +136,15 @@ def _vector(t: Tensor | None, x: Tensor) -> Tensor | None:
     return t.detach().to(device=x.device).contiguous()
 
 
-def _momentum(momentum: float | Tensor) -> float | None:
-    """momentum as one float for the fused update, or None when it is per channel."""
-    if isinstance(momentum, Tensor):
-        return float(momentum) if momentum.numel() == 1 else None
-    return momentum
+def _momentum(momentum: float | Tensor, x: Tensor) -> float | Tensor | None:
+    """momentum as the fused update reads it: a float, or a one-element tensor on x's
+    device (read by the kernel: no host sync, and CUDA graphs can capture it); None
+    when it is per channel."""
+    if not isinstance(momentum, Tensor):
+        return momentum
+    if momentum.numel() != 1:
+        return None
+    return momentum.detach().to(device=x.device).reshape(1)
 
 
 def _fusable(buffer: Tensor | None, x: Tensor) -> bool:
@@ -156,7 +160,7 @@ def statistics(
     eps: float,
     running_mean: Tensor | None = None,
     running_var: Tensor | None = None,
-    momentum: float = 0.0,
+    momentum: float | Tensor = 0.0,
     want_var: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """(stats, var) of dense x, var biased (None unless wanted); moves the
@@ -171,35 +175,49 @@ def statistics(
     var = torch.empty(c, dtype=acc, device=x.device) if want_var else None
     n = outer * inner
     bc = min(128, triton_next_pow2(c))
+    in_memory = isinstance(momentum, Tensor)
     k.stats_finish[(-(-c // bc),)](
         part, p.splits, c, float(eps), stats, var, running_mean, running_var,
-        float(momentum), n / max(n - 1, 1),
-        HAS_VAR=var is not None, HAS_RUNNING=running_mean is not None, BC=bc,
+        momentum if in_memory else float(momentum), n / max(n - 1, 1),
+        HAS_VAR=var is not None, HAS_RUNNING=running_mean is not None,
+        MOMENTUM_IN_MEMORY=in_memory, BC=bc,
     )  # fmt: skip
     return stats, var
 
 
-def normalize(x: Tensor, stats: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """y = (x − mean)·invstd·γ + β for dense x."""
+def normalize(
+    x: Tensor, stats: Tensor, weight: Tensor | None, bias: Tensor | None, relu: bool = False
+) -> Tensor:
+    """y = (x − mean)·invstd·γ + β for dense x; max(y, 0) with ``relu``."""
     outer, c, inner = geometry(x)
     p = plan(outer, c, inner, _programs(x.device))
     y = torch.empty_like(x)
     w, b = _vector(weight, x), _vector(bias, x)
     _launch(
         _kernels().normalize, p, x, x, y, stats, w, b, outer, c, inner, p.chunk_o, p.chunk_i,
-        HAS_WEIGHT=w is not None, HAS_BIAS=b is not None,
+        HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, RELU=relu,
     )  # fmt: skip
     return y
 
 
-def grad_sums(dy: Tensor, x: Tensor, stats: Tensor) -> Tensor:
-    """(2, C) float64: Σ dy and Σ dy·(x − mean), dy laid out as dense x."""
+def grad_sums(
+    dy: Tensor,
+    x: Tensor,
+    stats: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    relu: bool = False,
+) -> Tensor:
+    """(2, C) float64: Σ dy and Σ dy·(x − mean), dy laid out as dense x; with ``relu``, dy
+    only where the forward's y (from ``weight`` and ``bias``) was positive."""
     outer, c, inner = geometry(x)
     p = plan(outer, c, inner, _programs(x.device))
     part = torch.empty((2, p.splits, c), dtype=acc_dtype(x.dtype), device=x.device)
+    w, b = (_vector(weight, x), _vector(bias, x)) if relu else (None, None)
     _launch(
-        _kernels().grad_sums_partial, p, x, dy, x, stats, part,
+        _kernels().grad_sums_partial, p, x, dy, x, stats, w, b, part,
         outer, c, inner, p.chunk_o, p.chunk_i,
+        HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, RELU=relu,
     )  # fmt: skip
     return part.sum(1, dtype=_F64)
 
@@ -212,17 +230,21 @@ def grad_input(
     g: Tensor | None,
     g_scale: float = 1.0,
     g_of_xmu: bool = False,
+    bias: Tensor | None = None,
+    relu: bool = False,
 ) -> Tensor:
     """dx = γ·invstd·(dy − g1 − xhat·g2), g1, g2 = g·g_scale (see the kernel); γ·invstd·dy
-    without g."""
+    without g. With ``relu``, dy counts only where the forward's y was positive."""
     outer, c, inner = geometry(x)
     p = plan(outer, c, inner, _programs(x.device))
     dx = torch.empty_like(x)
     w = _vector(weight, x)
+    b = _vector(bias, x) if relu else None
     _launch(
-        _kernels().grad_input, p, x, dy, x, dx, stats, w, g, float(g_scale),
+        _kernels().grad_input, p, x, dy, x, dx, stats, w, b, g, float(g_scale),
         outer, c, inner, p.chunk_o, p.chunk_i,
-        HAS_WEIGHT=w is not None, HAS_G=g is not None, G_OF_XMU=g_of_xmu,
+        HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, RELU=relu,
+        HAS_G=g is not None, G_OF_XMU=g_of_xmu,
     )  # fmt: skip
     return dx
 
@@ -230,41 +252,47 @@ def grad_input(
 # Eager calls, shared by the backend and its custom ops.
 
 
-def eager_forward_train(x, weight, bias, eps, running_mean, running_var, momentum, want_var=False):
+def eager_forward_train(
+    x, weight, bias, eps, running_mean, running_var, momentum, want_var=False, relu=False
+):
     """(y, stats, var); moves the running buffers when given. var is None unless wanted
-    or needed to move buffers the merge cannot."""
+    or needed to move buffers the merge cannot. ``relu``: y is max(y, 0)."""
     x, (outer, _, inner) = _dense(x)
-    m = _momentum(momentum)
+    m = _momentum(momentum, x)
     fused = m is not None and _fusable(running_mean, x) and _fusable(running_var, x)
     if fused:
         stats, var = statistics(x, eps, running_mean, running_var, m, want_var)
+        # Written by the kernel: tell autograd, as an in-place op would.
+        torch.autograd.graph.increment_version((running_mean, running_var))
     else:
         stats, var = statistics(x, eps, want_var=want_var or running_mean is not None)
         if running_mean is not None:
             reference.update_running_stats(
                 running_mean, running_var, stats[0], var, momentum, outer * inner
             )
-    return normalize(x, stats, weight, bias), stats, var
+    return normalize(x, stats, weight, bias, relu), stats, var
 
 
-def eager_forward_eval(x, weight, bias, running_mean, running_var, eps):
+def eager_forward_eval(x, weight, bias, running_mean, running_var, eps, relu=False):
     x, _ = _dense(x)
     acc = acc_dtype(x.dtype)
     mean = running_mean.detach().to(device=x.device, dtype=acc)
     invstd = torch.rsqrt(running_var.detach().to(device=x.device, dtype=acc) + eps)
     stats = torch.stack([mean, invstd])
-    return normalize(x, stats, weight, bias), stats
+    return normalize(x, stats, weight, bias, relu), stats
 
 
-def eager_backward(dy, x, weight, stats, batch_stats):
+def eager_backward(dy, x, weight, stats, batch_stats, bias=None, relu=False):
+    """(dx, dweight, dbias); with ``relu``, of max(y, 0) (``bias`` is the forward's β)."""
     x, (outer, _, inner) = _dense(x)
     dy = _like(dy, x)
     stats = stats.to(acc_dtype(x.dtype)).contiguous()
-    sums = grad_sums(dy, x, stats)
+    sums = grad_sums(dy, x, stats, weight, bias, relu)
     if batch_stats:
-        dx = grad_input(dy, x, stats, weight, sums, 1.0 / (outer * inner), g_of_xmu=True)
+        g_scale = 1.0 / (outer * inner)
+        dx = grad_input(dy, x, stats, weight, sums, g_scale, True, bias, relu)
     else:
-        dx = grad_input(dy, x, stats, weight, None)
+        dx = grad_input(dy, x, stats, weight, None, bias=bias, relu=relu)
     acc = stats.dtype
     dweight = (sums[1] * stats[1].to(_F64)).to(acc)
     return dx, dweight, sums[0].to(acc)
@@ -315,6 +343,24 @@ class TritonBackend:
         if torch.compiler.is_compiling():
             return torch.ops.bnlab.triton_backward(dy, x, weight, stats, batch_stats)
         return eager_backward(dy, x, weight, stats, batch_stats)
+
+    # Batch norm followed by ReLU in the same passes (bnlab.nn.BatchNormReLU2d and
+    # kin): y = max(bn(x), 0). The backward recomputes bn(x) > 0 from x, which it
+    # reads anyway, rather than saving a mask: no extra memory and no extra pass.
+
+    fuses_relu = True
+
+    def forward_train_relu(self, x, weight, bias, eps, running_mean, running_var, momentum):
+        y, stats, _ = eager_forward_train(
+            x, weight, bias, eps, running_mean, running_var, momentum, relu=True
+        )
+        return y, stats
+
+    def forward_eval_relu(self, x, weight, bias, running_mean, running_var, eps):
+        return eager_forward_eval(x, weight, bias, running_mean, running_var, eps, relu=True)
+
+    def backward_relu(self, dy, x, weight, bias, stats, batch_stats):
+        return eager_backward(dy, x, weight, stats, batch_stats, bias, relu=True)
 
     # Batch norm across processes.
 

@@ -1,6 +1,7 @@
 """bnlab's batch norm modules: drop-in replacements for torch.nn's."""
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .batchnorm_relu import BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d
 from .convert import convert
 from .freeze import freeze, unfreeze
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
@@ -13,6 +14,9 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormReLU1d",
+    "BatchNormReLU2d",
+    "BatchNormReLU3d",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",

@@ -17,13 +17,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..nn.batchnorm_relu import _BatchNormReLU
 
-def batch_norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    """Every batch norm in ``model`` (torch's and bnlab's: any ``_BatchNorm``), by name."""
+
+def batch_norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._NormBase]:
+    """Every batch norm in ``model`` by name: torch's and bnlab's (any ``_BatchNorm``),
+    and bnlab's BatchNormReLU layers, whose statistics are their batch norm's."""
     return {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, _BatchNormReLU))
     }
 
 
