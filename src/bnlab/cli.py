@@ -71,6 +71,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "channels_last": {"action": argparse.BooleanOptionalAction},
     "eval_batch_size": {"type": int_at_least(1), "metavar": "B"},
     "cuda_graph": {"action": argparse.BooleanOptionalAction},
+    "stack": {"action": argparse.BooleanOptionalAction},
     "amp": {"choices": tuple(AMP_DTYPES)},
 }
 

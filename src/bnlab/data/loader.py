@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -125,6 +125,20 @@ class DeviceLoader:
                 continue
             index = order[start:stop]
             yield self._gather(index), self.labels[index]
+
+    def stacked_batches(
+        self, seeds: Sequence[int], epoch: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Epoch ``epoch``'s batches for several seeds side by side: x (S, B, 3, 32, 32)
+        and y (S, B), slice s being the batch a loader of ``seeds[s]`` gives (for runs
+        trained together, `bnlab.experiments.stacked`). The loader's own epoch is left."""
+        n = len(self.images)
+        used = n - self.dropped
+        orders = torch.stack([epoch_order(n, seed, epoch) for seed in seeds]).to(self.device)
+        for start in range(0, used, self.batch_size):
+            index = orders[:, start : min(start + self.batch_size, used)]
+            x = self._gather(index.reshape(-1)).unflatten(0, index.shape)
+            yield x, self.labels[index]
 
     def _gather(self, index: torch.Tensor) -> torch.Tensor:
         """The images at ``index``, in ``memory_format``: a row gather of ``_rows``."""

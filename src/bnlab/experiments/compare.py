@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from bnlab.data import CIFAR10, load_cifar10
-from bnlab.experiments import environment
+from bnlab.experiments import environment, stacked
 from bnlab.experiments.config import Config
 from bnlab.experiments.lock import FolderLock
 from bnlab.experiments.outdir import (
@@ -154,11 +154,32 @@ def run_tasks(
     device: torch.device,
     lock: FolderLock,
 ) -> Iterator[EpochDone]:
-    """Train `tasks` as planned: in this process when one at a time, else in workers
+    """Train `tasks` as planned: the runs that stack (see `stacked`) together in this
+    process, then the others in this process when one at a time, else in workers
     (which inherit the folder's `lock`). Yields each epoch once its checkpoint is saved."""
+    together, alone = stacked.groups(cfg, tasks, device)
+    if not together:
+        return _run_alone(cfg, alone, data, how, device, lock)
+    return _run_stacked_first(cfg, together, alone, data, how, device, lock)
+
+
+def _run_alone(cfg, tasks, data, how, device, lock) -> Iterator[EpochDone]:
     if runs_at_once(how, len(tasks)) == 1:
         return run_here(cfg, tasks, data, how)
     return run_in_workers(cfg, tasks, data, how, device, lock)
+
+
+def _run_stacked_first(cfg, together, alone, data, how, device, lock) -> Iterator[EpochDone]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(how.threads)
+    try:
+        for group in together:
+            yield from stacked.train_stacked(cfg, group, data)
+    finally:
+        torch.set_num_threads(before)
+    if alone:
+        with contextlib.closing(_run_alone(cfg, alone, data, how, device, lock)) as rest:
+            yield from rest
 
 
 def _tasks(cfg: Config, out: Path, runs: list[dict[str, Any]]) -> tuple[list[Task], list[str]]:

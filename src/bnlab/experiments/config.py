@@ -52,6 +52,10 @@ class Config:
     channels_last: bool | None = _setting(None, "NHWC images and weights (unset: as measured)")
     eval_batch_size: int = _setting(1000, "batch size for the test set (no gradients)")
     cuda_graph: bool = _setting(True, "on CUDA, replay the training step as a CUDA graph")
+    stack: bool | None = _setting(
+        None,
+        "train each norm's seeds together as one vmapped model (bn and none; unset: on CUDA)",
+    )
     amp: str = _setting(
         "off",
         "run the model's forward (training and evaluation) under CPU autocast: bf16 "

@@ -40,7 +40,7 @@ import dataclasses
 import functools
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -168,13 +168,17 @@ def build_model(
     return use_native_conv(fuse_relu_maxpool(model)) if device.type == "cpu" else model
 
 
-def build_optimizer(model: nn.Module, lr: float, *, capturable: bool = False) -> torch.optim.Adam:
-    """Adam as in the script; fused (one kernel for all parameters) where torch supports it."""
+def build_optimizer(
+    model: nn.Module | Iterable[torch.Tensor], lr: float, *, capturable: bool = False
+) -> torch.optim.Adam:
+    """Adam as in the script, over a model's parameters (or given tensors); fused (one
+    kernel for all parameters) where torch supports it."""
+    params = list(model.parameters() if isinstance(model, nn.Module) else model)
     kwargs: dict[str, Any] = {"lr": lr, "capturable": True} if capturable else {"lr": lr}
     try:
-        return torch.optim.Adam(model.parameters(), fused=True, **kwargs)
+        return torch.optim.Adam(params, fused=True, **kwargs)
     except RuntimeError:  # fused Adam is missing for this device in this torch
-        return torch.optim.Adam(model.parameters(), foreach=True, **kwargs)
+        return torch.optim.Adam(params, foreach=True, **kwargs)
 
 
 def freeze_norms(
@@ -224,13 +228,16 @@ def eager_step(
 ) -> Step:
     """The plain training step; returns the batch's mean loss, detached (no sync).
 
-    The forward runs in `precision()` (see `amp_context`); the loss is float32 whatever it gives.
+    The forward runs in `precision()` (see `amp_context`); the loss is float32 or wider,
+    whatever it gives.
     """
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with precision():
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
+        if logits.dtype.itemsize < 4:  # a 16-bit forward's loss is still taken in float32
+            logits = logits.float()
+        loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -240,7 +247,8 @@ def eager_step(
 
 
 class CUDAGraphStep:
-    """The training step captured once as a CUDA graph, then replayed for every full batch.
+    """A training step (such as `eager_step`'s) captured once as a CUDA graph, then replayed
+    for every full batch.
 
     One replay launches the whole forward, backward and Adam update, which for a
     network as small as LeNet-5 is dominated by launch overhead otherwise (on an
@@ -248,12 +256,13 @@ class CUDAGraphStep:
     first `warmup` batches run eagerly on a side stream (as torch's recipe asks:
     lazy initialization must happen before capture); they are ordinary training
     steps. Batches of another shape (the last, partial one) run eagerly. If the
-    capture fails, the step stays eager for good, with a warning.
+    capture fails, the step stays eager for good, with a warning. The step sets
+    the gradients to None before its backward, so they are allocated from the
+    graph's pool.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, warmup: int = 3) -> None:
-        self.eager = eager_step(model, optimizer)
-        self.model, self.optimizer, self.warmup = model, optimizer, warmup
+    def __init__(self, step: Step, warmup: int = 3) -> None:
+        self.eager, self.warmup = step, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failed = False
         self.warm = 0
@@ -279,19 +288,16 @@ class CUDAGraphStep:
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.x, self.y = x.clone(), y.clone()
         graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated from the graph's pool
         try:
             with torch.cuda.graph(graph):
-                loss = F.cross_entropy(self.model(self.x), self.y)
-                loss.backward()
-                self.optimizer.step()
+                loss = self.eager(self.x, self.y)
         except RuntimeError as e:
             # Capture records without running, so the model has not moved: train eagerly.
             warnings.warn(f"CUDA graph capture failed, training eagerly: {e}", stacklevel=2)
             self.failed = True
             torch.cuda.synchronize()
             return self.eager(x, y)
-        self.graph, self.loss = graph, loss.detach()
+        self.graph, self.loss = graph, loss
         graph.replay()
         return self.loss.clone()
 
@@ -390,17 +396,15 @@ def train_run(
         if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
         history = list(checkpoint["history"])[: checkpoint["epochs_done"]]
-    step = CUDAGraphStep(model, optimizer) if use_graph else eager_step(model, optimizer, precision)
+    step = eager_step(model, optimizer, precision)
+    step = CUDAGraphStep(step) if use_graph else step
 
     for epoch in range(len(history), cfg.epochs):  # 0-based here, 1-based in the results
         t0 = time.perf_counter()
         if epoch == freeze_at:
             optimizer = freeze_norms(model, optimizer, cfg.lr, capturable=use_graph)
-            step = (
-                CUDAGraphStep(model, optimizer)
-                if use_graph
-                else eager_step(model, optimizer, precision)
-            )
+            step = eager_step(model, optimizer, precision)
+            step = CUDAGraphStep(step) if use_graph else step
         train_loader.set_epoch(epoch)
         desc = f"{norm} seed {seed} epoch {epoch + 1}/{cfg.epochs}"
         train_loss = train_epoch(step, model, train_loader, desc, make_bar)
