@@ -149,7 +149,9 @@ def evaluate(model: StackedModel, loader: DeviceLoader) -> list[float]:
     return (100.0 * correct.double() / seen).tolist()
 
 
-def build(cfg: Config, tasks: list[Task], device: torch.device, fmt, steps_per_epoch: int):
+def build(
+    tasks: list[Task], device: torch.device, fmt: torch.memory_format, steps_per_epoch: int
+) -> StackedModel:
     """The stacked model of `tasks` (each run's weights from its seed or its checkpoint)."""
     models = []
     for task in tasks:
@@ -177,7 +179,7 @@ def train_stacked(
         batch_size=cfg.batch_size, seed=seeds[0], device=device, memory_format=data_fmt,
     )  # fmt: skip
     test_loader = make_test_loader(data, cfg, device, data_fmt)
-    model = build(cfg, tasks, device, model_fmt, len(loader))
+    model = build(tasks, device, model_fmt, len(loader))
     use_graph = cfg.cuda_graph and device.type == "cuda"
     optimizer = build_optimizer(model.params.values(), cfg.lr, capturable=use_graph)
     states = [t.state for t in tasks]

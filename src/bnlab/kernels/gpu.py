@@ -87,10 +87,10 @@ def plan(outer: int, c: int, inner: int, programs: int) -> Plan:
     """Tiles along the memory (runs of a plane, or a row's channels), and about
     ``programs`` programs: channel blocks first, then splits of inner and outer."""
     if inner == 1:  # rows: neighbouring channels side by side
-        bc, bi = min(64, triton_next_pow2(c)), 1
+        bc, bi = min(64, next_pow2(c)), 1
     else:  # planes: one channel's runs
-        bc, bi = 1, min(1024, triton_next_pow2(inner))
-    bo = max(1, min(triton_next_pow2(outer), _TILE // (bc * bi)))
+        bc, bi = 1, min(1024, next_pow2(inner))
+    bo = max(1, min(next_pow2(outer), _TILE // (bc * bi)))
     blocks = -(-c // bc)
     tiles_o, tiles_i = -(-outer // bo), -(-inner // bi)
     want = max(1, programs // blocks)
@@ -102,7 +102,7 @@ def plan(outer: int, c: int, inner: int, programs: int) -> Plan:
     return Plan(bo, bc, bi, chunk_o, chunk_i, grid)
 
 
-def triton_next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
@@ -174,7 +174,7 @@ def statistics(
     stats = torch.empty((2, c), dtype=acc, device=x.device)
     var = torch.empty(c, dtype=acc, device=x.device) if want_var else None
     n = outer * inner
-    bc = min(128, triton_next_pow2(c))
+    bc = min(128, next_pow2(c))
     in_memory = isinstance(momentum, Tensor)
     k.stats_finish[(-(-c // bc),)](
         part, p.splits, c, float(eps), stats, var, running_mean, running_var,
