@@ -23,6 +23,8 @@ One exception: Triton's interpreter narrows float32 to bfloat16 by truncation
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 import torch
 
@@ -350,3 +352,13 @@ def test_vmap_ensemble_and_per_sample_grads_run_the_kernels(on_triton):
     ]
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-12, rtol=0, msg=k)
+
+
+def test_eps_reaches_the_kernels_to_48_bits():
+    """Float kernel arguments are float32: eps travels as two halves, so a float64
+    batch norm's 1/sqrt(var + eps) is not off by eps's float32 rounding (about 1e-8 of
+    eps, which matters when var is as small as eps)."""
+    hi, lo = gpu._eps_halves(1e-5)
+    assert hi != 1e-5
+    lo32 = struct.unpack("f", struct.pack("f", lo))[0]
+    assert abs(hi + lo32 - 1e-5) <= 1e-5 * 2.0**-47

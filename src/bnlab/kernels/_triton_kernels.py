@@ -66,27 +66,38 @@ def _to_tile(v):
 
 
 @triton.jit
-def _affine(
-    pid_c,
-    C,
-    stats,
-    weight,
-    bias,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACC: tl.constexpr,
-    BC: tl.constexpr,
-):
-    """Per-channel mean, invstd, scale = invstd·γ and shift = β of y = (x − mean)·scale + shift."""
+def _moments(pid_c, C, stats, ACC: tl.constexpr, BC: tl.constexpr):
+    """Per-channel mean and invstd: stats' two rows."""
     c, live = _channels(pid_c, C, BC)
     mean = tl.load(stats + c, mask=live, other=0.0).to(ACC)
     invstd = tl.load(stats + C + c, mask=live, other=0.0).to(ACC)
+    return mean, invstd
+
+
+@triton.jit
+def _scale_shift(
+    pid_c, C, invstd, weight, bias,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """scale = invstd·γ and shift = β of y = (x − mean)·scale + shift."""
+    c, live = _channels(pid_c, C, BC)
     scale = invstd
     if HAS_WEIGHT:
         scale *= tl.load(weight + c, mask=live, other=0.0).to(ACC)
     shift = tl.zeros([BC], ACC)
     if HAS_BIAS:
         shift = tl.load(bias + c, mask=live, other=0.0).to(ACC)
+    return scale, shift
+
+
+@triton.jit
+def _affine(
+    pid_c, C, stats, weight, bias,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """Per-channel mean, invstd, scale and shift, from stats."""
+    mean, invstd = _moments(pid_c, C, stats, ACC, BC)
+    scale, shift = _scale_shift(pid_c, C, invstd, weight, bias, HAS_WEIGHT, HAS_BIAS, ACC, BC)
     return mean, invstd, scale, shift
 
 
@@ -95,6 +106,13 @@ def _pre(v, mean, scale, shift):
     """The batch norm's output before any activation, computed alike in every kernel, so
     the backward's ReLU mask is the forward's."""
     return (v - _to_tile(mean)) * _to_tile(scale) + _to_tile(shift)
+
+
+@triton.jit
+def _eps(eps_hi, eps_lo, ACC: tl.constexpr):
+    """eps in ACC from its float32 halves (float arguments reach a kernel as float32),
+    added to a zero of ACC so that both widen before they meet."""
+    return tl.zeros([1], ACC) + eps_hi + eps_lo
 
 
 @triton.jit
@@ -140,7 +158,7 @@ def stats_partial(
 
 @triton.jit
 def stats_finish(
-    part, splits, C, eps, stats, var, running_mean, running_var, momentum, unbias,
+    part, splits, C, eps_hi, eps_lo, stats, var, running_mean, running_var, momentum, unbias,
     HAS_VAR: tl.constexpr, HAS_RUNNING: tl.constexpr, MOMENTUM_IN_MEMORY: tl.constexpr,
     BC: tl.constexpr,
 ):  # fmt: skip
@@ -148,7 +166,8 @@ def stats_finish(
     invstd, the biased var if asked, and the running buffers moved
     r ← (1 − momentum)·r + momentum·s with var·unbias (rounded once).
     MOMENTUM_IN_MEMORY: momentum points to it (a one-element tensor, such as
-    the cumulative average's 1/num_batches_tracked, read without a host sync)."""
+    the cumulative average's 1/num_batches_tracked, read without a host sync).
+    eps comes as two float32 halves (a float argument is passed as float32)."""
     c, live = _channels(tl.program_id(0), C, BC)
     count = tl.zeros([BC], tl.float64)
     mean = tl.zeros([BC], tl.float64)
@@ -164,7 +183,7 @@ def stats_finish(
         m2 += q + delta * delta * count * w
         count = total
     v = tl.where(live, m2 / tl.maximum(count, 1.0), 1.0)
-    invstd = 1.0 / tl.sqrt(v + eps)
+    invstd = 1.0 / tl.sqrt(v + _eps(eps_hi, eps_lo, tl.float64))
     tl.store(stats + c, _narrow(mean, stats), mask=live)
     tl.store(stats + C + c, _narrow(invstd, stats), mask=live)
     if HAS_VAR:
@@ -182,13 +201,27 @@ def stats_finish(
 
 @triton.jit
 def normalize(
-    x, y, stats, weight, bias, outer, C, inner, chunk_o, chunk_i,
+    x, y, stats, weight, bias, running_mean, running_var, eps_hi, eps_lo,
+    outer, C, inner, chunk_o, chunk_i,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    FROM_RUNNING: tl.constexpr,
     ACC: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr, BI: tl.constexpr,
 ):  # fmt: skip
-    """y = (x − mean)·invstd·γ + β, stats rows mean and invstd; then max(y, 0) with RELU."""
+    """y = (x − mean)·invstd·γ + β; then max(y, 0) with RELU. mean and invstd are stats'
+    rows, or with FROM_RUNNING the running buffers' (invstd = 1/sqrt(var + eps)), which
+    the first program of each channel block then writes into stats."""
     pid_c = tl.program_id(0)
-    mean, _, scale, shift = _affine(pid_c, C, stats, weight, bias, HAS_WEIGHT, HAS_BIAS, ACC, BC)
+    if FROM_RUNNING:
+        c, live = _channels(pid_c, C, BC)
+        mean = tl.load(running_mean + c, mask=live, other=0.0).to(ACC)
+        v = tl.load(running_var + c, mask=live, other=1.0).to(ACC)
+        invstd = 1.0 / tl.sqrt(v + _eps(eps_hi, eps_lo, ACC))
+        if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+            tl.store(stats + c, mean.to(stats.dtype.element_ty), mask=live)
+            tl.store(stats + C + c, invstd.to(stats.dtype.element_ty), mask=live)
+    else:
+        mean, invstd = _moments(pid_c, C, stats, ACC, BC)
+    scale, shift = _scale_shift(pid_c, C, invstd, weight, bias, HAS_WEIGHT, HAS_BIAS, ACC, BC)
     o_lo, o_hi, i_lo, i_hi = _share(outer, inner, chunk_o, chunk_i)
     for o0 in range(o_lo, o_hi, BO):
         for i0 in range(i_lo, i_hi, BI):
@@ -227,6 +260,23 @@ def grad_sums_partial(
             sum_dy_xmu += tl.sum(tl.sum(g * (v - _to_tile(mean)), axis=2), axis=0)
     tl.store(part + split * C + c, sum_dy, mask=live)
     tl.store(part + (splits + split) * C + c, sum_dy_xmu, mask=live)
+
+
+@triton.jit
+def grad_finish(part, splits, C, stats, sums, dweight, dbias, BC: tl.constexpr):
+    """Per channel, the splits' partials summed in float64: sums = (Σ dy, Σ dy·(x − mean))
+    for grad_input, dbias = Σ dy and dweight = Σ dy·xhat in their own dtype."""
+    c, live = _channels(tl.program_id(0), C, BC)
+    sum_dy = tl.zeros([BC], tl.float64)
+    sum_dy_xmu = tl.zeros([BC], tl.float64)
+    for s in range(0, splits):
+        sum_dy += tl.load(part + s * C + c, mask=live, other=0.0).to(tl.float64)
+        sum_dy_xmu += tl.load(part + (splits + s) * C + c, mask=live, other=0.0).to(tl.float64)
+    invstd = tl.load(stats + C + c, mask=live, other=0.0).to(tl.float64)
+    tl.store(sums + c, sum_dy, mask=live)
+    tl.store(sums + C + c, sum_dy_xmu, mask=live)
+    tl.store(dbias + c, _narrow(sum_dy, dbias), mask=live)
+    tl.store(dweight + c, _narrow(sum_dy_xmu * invstd, dweight), mask=live)
 
 
 @triton.jit

@@ -7,9 +7,9 @@ float32, float64, bfloat16 and float16 CUDA tensors when triton is installed
 * ``forward_train`` — per-program statistics (Chan's merge of tile moments),
   then one small kernel merges them in float64, writes mean and invstd, and
   moves the running buffers; then normalize-and-affine.
-* ``forward_eval`` — one elementwise pass.
-* ``backward`` — per-program sums of dy and dy·(x − mean), one torch sum over
-  the programs, then dx.
+* ``forward_eval`` — one elementwise pass, which also writes the statistics.
+* ``backward`` — per-program sums of dy and dy·(x − mean), one small kernel
+  that merges them and writes the weight and bias gradients, then dx.
 
 x is read in its own layout when contiguous, channels_last or
 channels_last_3d (other strides are copied to contiguous first); dy is given
@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -151,6 +152,13 @@ def _fusable(buffer: Tensor | None, x: Tensor) -> bool:
     return buffer is not None and buffer.device == x.device and buffer.is_contiguous()
 
 
+def _eps_halves(eps: float) -> tuple[float, float]:
+    """eps as two float32 values whose sum is eps to 48 bits: a kernel's float
+    arguments are float32, which would round a float64 batch norm's eps."""
+    hi = struct.unpack("f", struct.pack("f", eps))[0]
+    return hi, eps - hi
+
+
 def _launch(kernel, p: Plan, x: Tensor, *args, **meta) -> None:
     kernel[p.grid](*args, ACC=_tl_dtype(x.dtype), BO=p.bo, BC=p.bc, BI=p.bi, **meta)
 
@@ -177,7 +185,7 @@ def statistics(
     bc = min(128, next_pow2(c))
     in_memory = isinstance(momentum, Tensor)
     k.stats_finish[(-(-c // bc),)](
-        part, p.splits, c, float(eps), stats, var, running_mean, running_var,
+        part, p.splits, c, *_eps_halves(float(eps)), stats, var, running_mean, running_var,
         momentum if in_memory else float(momentum), n / max(n - 1, 1),
         HAS_VAR=var is not None, HAS_RUNNING=running_mean is not None,
         MOMENTUM_IN_MEMORY=in_memory, BC=bc,
@@ -186,16 +194,26 @@ def statistics(
 
 
 def normalize(
-    x: Tensor, stats: Tensor, weight: Tensor | None, bias: Tensor | None, relu: bool = False
+    x: Tensor,
+    stats: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    relu: bool = False,
+    running: tuple[Tensor, Tensor, float] | None = None,
 ) -> Tensor:
-    """y = (x − mean)·invstd·γ + β for dense x; max(y, 0) with ``relu``."""
+    """y = (x − mean)·invstd·γ + β for dense x; max(y, 0) with ``relu``. With ``running``
+    (running_mean, running_var, eps), mean and invstd come from those buffers and are
+    written into ``stats``."""
     outer, c, inner = geometry(x)
     p = plan(outer, c, inner, _programs(x.device))
     y = torch.empty_like(x)
     w, b = _vector(weight, x), _vector(bias, x)
+    rm, rv, eps = (None, None, 0.0) if running is None else running
     _launch(
-        _kernels().normalize, p, x, x, y, stats, w, b, outer, c, inner, p.chunk_o, p.chunk_i,
+        _kernels().normalize, p, x, x, y, stats, w, b, _vector(rm, x), _vector(rv, x),
+        *_eps_halves(float(eps)), outer, c, inner, p.chunk_o, p.chunk_i,
         HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, RELU=relu,
+        FROM_RUNNING=running is not None,
     )  # fmt: skip
     return y
 
@@ -207,9 +225,10 @@ def grad_sums(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     relu: bool = False,
-) -> Tensor:
-    """(2, C) float64: Σ dy and Σ dy·(x − mean), dy laid out as dense x; with ``relu``, dy
-    only where the forward's y (from ``weight`` and ``bias``) was positive."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(sums, dweight, dbias): sums (2, C) float64 Σ dy and Σ dy·(x − mean), dy laid out
+    as dense x; dweight = Σ dy·xhat and dbias = Σ dy in the statistics' dtype. With
+    ``relu``, dy only where the forward's y (from ``weight`` and ``bias``) was positive."""
     outer, c, inner = geometry(x)
     p = plan(outer, c, inner, _programs(x.device))
     part = torch.empty((2, p.splits, c), dtype=acc_dtype(x.dtype), device=x.device)
@@ -219,7 +238,11 @@ def grad_sums(
         outer, c, inner, p.chunk_o, p.chunk_i,
         HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, RELU=relu,
     )  # fmt: skip
-    return part.sum(1, dtype=_F64)
+    sums = torch.empty((2, c), dtype=_F64, device=x.device)
+    dweight, dbias = torch.empty_like(stats[0]), torch.empty_like(stats[0])
+    bc = min(128, next_pow2(c))
+    _kernels().grad_finish[(-(-c // bc),)](part, p.splits, c, stats, sums, dweight, dbias, BC=bc)
+    return sums, dweight, dbias
 
 
 def grad_input(
@@ -276,10 +299,8 @@ def eager_forward_train(
 def eager_forward_eval(x, weight, bias, running_mean, running_var, eps, relu=False):
     x, _ = _dense(x)
     acc = acc_dtype(x.dtype)
-    mean = running_mean.detach().to(device=x.device, dtype=acc)
-    invstd = torch.rsqrt(running_var.detach().to(device=x.device, dtype=acc) + eps)
-    stats = torch.stack([mean, invstd])
-    return normalize(x, stats, weight, bias, relu), stats
+    stats = torch.empty((2, x.shape[1]), dtype=acc, device=x.device)
+    return normalize(x, stats, weight, bias, relu, (running_mean, running_var, eps)), stats
 
 
 def eager_backward(dy, x, weight, stats, batch_stats, bias=None, relu=False):
@@ -287,15 +308,13 @@ def eager_backward(dy, x, weight, stats, batch_stats, bias=None, relu=False):
     x, (outer, _, inner) = _dense(x)
     dy = _like(dy, x)
     stats = stats.to(acc_dtype(x.dtype)).contiguous()
-    sums = grad_sums(dy, x, stats, weight, bias, relu)
+    sums, dweight, dbias = grad_sums(dy, x, stats, weight, bias, relu)
     if batch_stats:
         g_scale = 1.0 / (outer * inner)
         dx = grad_input(dy, x, stats, weight, sums, g_scale, True, bias, relu)
     else:
         dx = grad_input(dy, x, stats, weight, None, bias=bias, relu=relu)
-    acc = stats.dtype
-    dweight = (sums[1] * stats[1].to(_F64)).to(acc)
-    return dx, dweight, sums[0].to(acc)
+    return dx, dweight, dbias
 
 
 class TritonBackend:
@@ -372,8 +391,8 @@ class TritonBackend:
     def backward_reduce(self, dy, x, stats):
         x, _ = _dense(x)
         stats = stats.to(acc_dtype(x.dtype)).contiguous()
-        sums = grad_sums(_like(dy, x), x, stats)
-        return sums[0].to(stats.dtype), (sums[1] * stats[1].to(_F64)).to(stats.dtype)
+        _, sum_dy_xhat, sum_dy = grad_sums(_like(dy, x), x, stats)
+        return sum_dy, sum_dy_xhat
 
     def backward_elemt(self, dy, x, weight, stats, mean_dy, mean_dy_xhat):
         x, _ = _dense(x)
