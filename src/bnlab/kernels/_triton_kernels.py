@@ -214,8 +214,8 @@ def normalize(
     if FROM_RUNNING:
         c, live = _channels(pid_c, C, BC)
         mean = tl.load(running_mean + c, mask=live, other=0.0).to(ACC)
-        v = tl.load(running_var + c, mask=live, other=1.0).to(ACC)
-        invstd = 1.0 / tl.sqrt(v + _eps(eps_hi, eps_lo, ACC))
+        var = tl.load(running_var + c, mask=live, other=1.0).to(ACC)
+        invstd = 1.0 / tl.sqrt(var + _eps(eps_hi, eps_lo, ACC))
         if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
             tl.store(stats + c, mean.to(stats.dtype.element_ty), mask=live)
             tl.store(stats + C + c, invstd.to(stats.dtype.element_ty), mask=live)
