@@ -362,3 +362,16 @@ def test_eps_reaches_the_kernels_to_48_bits():
     assert hi != 1e-5
     lo32 = struct.unpack("f", struct.pack("f", lo))[0]
     assert abs(hi + lo32 - 1e-5) <= 1e-5 * 2.0**-47
+
+
+def test_a_triton_that_does_not_import_leaves_cuda_tensors_to_the_reference(monkeypatch):
+    def broken():
+        raise RuntimeError("no libcuda")
+
+    monkeypatch.setattr(gpu, "_kernels", broken)
+    gpu._importable.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="does not import.*no libcuda"):
+            assert not TRI.supports(torch.randn(4, 3, device=DEVICE))
+    finally:
+        gpu._importable.cache_clear()

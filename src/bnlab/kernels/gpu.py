@@ -30,6 +30,7 @@ import functools
 import importlib.util
 import math
 import struct
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,22 @@ def _kernels():
     from . import _triton_kernels
 
     return _triton_kernels
+
+
+@functools.cache
+def _importable() -> bool:
+    """Whether triton imports here; if not, says why once (CUDA tensors then take the
+    reference backend)."""
+    try:
+        _kernels()
+    except Exception as exc:  # a broken or mismatched install: any error, not only ImportError
+        warnings.warn(
+            f"bnlab: triton is installed but does not import ({type(exc).__name__}: {exc}); "
+            "CUDA tensors run the reference backend",
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -329,13 +346,16 @@ class TritonBackend:
         """Float32/float64/bfloat16/float16 tensors of (N, C, ...) with at least one element,
         on one of ``devices``, when triton is installed (and ``BNLAB_BACKEND`` is not
         ``reference``)."""
-        return (
+        if not (
             HAVE_TRITON
             and x.device.type in self.devices
             and x.dtype in DTYPES
             and x.dim() >= 2
             and x.numel() > 0
-        )
+        ):
+            return False
+        # Under torch.compile decided without importing anything (the ops import at run time).
+        return torch.compiler.is_compiling() or _importable()
 
     def forward_train(
         self, x, weight, bias, eps, running_mean, running_var, momentum, want_stats=True
