@@ -83,6 +83,9 @@ def test_config_from_arguments():
     compare_args = parser.parse_args(["compare", "--seeds", "2", "--norms", "torch-bn", "none"])
     cfg = bnlab.cli.COMMANDS["compare"][2](compare_args)
     assert cfg.seeds == (0, 1) and cfg.norms == ("torch-bn", "none")
+    assert cfg.stack is None  # decided by the device
+    stacked = parser.parse_args(["compare", "--stack"])
+    assert bnlab.cli.COMMANDS["compare"][2](stacked).stack is True
     assert (cfg.epochs, cfg.lr, cfg.batch_size) == (10, 0.01, 64)  # the original script's
     train_args = parser.parse_args(
         ["train", "--seed", "7", "--no-channels-last", "--limit-train", "100"]
@@ -428,10 +431,11 @@ def test_each_command_offers_only_the_options_that_mean_something_for_it(capsys)
         main(["train", "--help"])
     train_help = capsys.readouterr().out
     assert "--jobs" not in train_help and "--threads" in train_help and "--download" in train_help
+    assert "--stack" not in train_help
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     compare_help = capsys.readouterr().out
-    assert "--jobs" in compare_help
+    assert "--jobs" in compare_help and "--no-stack" in compare_help
     for text in (train_help, compare_help):
         assert "script" not in text  # the --lr help named a script nobody has
     assert "unrecognized arguments: --jobs 2" in error_of(["train", "--jobs", "2"], capsys)

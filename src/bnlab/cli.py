@@ -105,9 +105,9 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int_at_least(0), default=0, help=_FIELDS["seeds"].metadata["help"]
     )
-    # One run: nothing to train at once, and it gets every thread.
+    # One run: nothing to train at once or stacked, and it gets every thread.
     add_config_options(
-        parser, leave_out=("jobs",), helps={"threads": "torch threads (0: all of torch's)"}
+        parser, leave_out=("jobs", "stack"), helps={"threads": "torch threads (0: all of torch's)"}
     )
     parser.add_argument(
         "--nproc",
