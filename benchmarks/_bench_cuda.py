@@ -149,7 +149,7 @@ def report(rows: list[tuple[GpuCase, torch.dtype, dict]], copy_gbs: float) -> st
     lines += [
         "",
         f"Copy bandwidth: {copy_gbs:.0f} GB/s. Slower than torch: {', '.join(slower) or 'none'}.",
-        "fwd+bwd ≥ 1.5× torch (large NCHW): "
+        "fwd+bwd ≥ 1.5× torch (large, contiguous): "
         + ", ".join(f"{'✓' if ok else '✗'} {t}" for ok, t in fwd_bwd),
         "eval ≥ 70% of copy: " + ", ".join(f"{'✓' if ok else '✗'} {t}" for ok, t in eval_copy),
     ]

@@ -73,3 +73,22 @@ def test_below_one_summary_counts():
         "337 of 342 cells at or above 1.0×; 2 below it beyond the noise "
         "(95% interval of the median wholly under 1.0)."
     )
+
+
+def test_the_gpu_table_and_its_checks_from_known_times():
+    """bench_bn.py --device cuda's report, from made-up times (the timing itself needs a GPU)."""
+    import torch
+
+    from _bench_cuda import CASES, MODES, report
+
+    rows = []
+    for case in CASES:
+        torch_s, ours = (2e-5, 1e-5) if case.large else (1e-5, 2e-5)  # bnlab slower on LeNet's
+        rows.append((case, torch.float32, {m: {"torch": torch_s, "bnlab": ours} for m in MODES}))
+    text = report(rows, copy_gbs=4000.0)
+    assert text.count("\n| ") == len(CASES) * len(MODES)
+    assert "Slower than torch: 64×6×28×28 float32 train (0.50×)" in text
+    assert "✓ 64×64×56×56 float32 fwd+bwd 2.00×" in text
+    assert "64×64×56×56 CL float32 fwd+bwd" not in text.split("fwd+bwd ≥ 1.5×")[1].split("\n")[0]
+    # eval of (64, 64, 56, 56) float32: 2S = 102.8 MB in 10 µs is 10276 GB/s, 257% of 4000
+    assert "✓ 64×64×56×56 float32 eval 257%" in text
