@@ -59,8 +59,7 @@ def test_stacked_steps_match_the_runs_alone_in_float64(norm):
     stack = StackedModel([_model(norm, seed) for seed in SEEDS])
     optimizer = build_optimizer(stack.params.values(), 0.01)
     step = stacked_step(stack, optimizer)
-    for x, y in loader.stacked_batches(SEEDS, epoch=0):
-        stack.train(), [m.train() for m in alone]
+    for x, y in loader.stacked_batches(SEEDS, epoch=0):  # all in training mode, as built
         losses = step(x.double(), y)
         for s in range(len(SEEDS)):
             loss = steps[s](x[s].double(), y[s])
