@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks that need an NVIDIA GPU, in one run of about 8 minutes, installing nothing:
-# the CUDA and Triton tests on the GPU, the GPU benchmark (bench_bn.py --device cuda), and
+# the CUDA, Triton, BN + ReLU and stacked-run tests on the GPU, the GPU benchmark (bench_bn.py --device cuda), and
 # the default comparison's time (cold and warm Triton cache). Needs torch with CUDA,
 # triton, numpy, pytest and hypothesis; the rest of the experiment extra (matplotlib,
 # tqdm) only for the comparison, which is skipped without them.
@@ -19,7 +19,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$out/device.txt"
 
 timeout 240 python -m pytest -q -x -p no:cacheprovider \
-    tests/test_cuda.py tests/test_triton.py tests/test_batchnorm_relu.py 2>&1 | tee "$out/tests.log"
+    tests/test_cuda.py tests/test_triton.py tests/test_batchnorm_relu.py \
+    tests/test_experiment_stacked.py 2>&1 | tee "$out/tests.log"
 
 timeout 180 python benchmarks/bench_bn.py --device cuda --rounds 15 2>&1 | tee "$out/bench.md"
 

@@ -162,20 +162,21 @@ def test_stacked_comparison_resumes_and_saves_runs_as_alone(tmp_path, monkeypatc
 
 def test_stacked_runs_on_the_triton_kernels_follow_the_runs_alone(monkeypatch, bnlab_kernels_only):
     """What a GPU runs: the stacked model's batch norms reach the Triton kernels (the seeds
-    folded into the channels by the vmap rule); here under Triton's interpreter."""
+    folded into the channels by the vmap rule); on the GPU, or else under Triton's
+    interpreter on the CPU."""
     pytest.importorskip("triton")
     from bnlab import kernels
     from bnlab.kernels import gpu
 
-    from .test_triton import TRI
+    from .test_triton import DEVICE, TRI
 
     monkeypatch.setattr(kernels, "_FAST", (TRI,))
     calls = count_calls(monkeypatch, gpu, "eager_forward_train")
     data = tiny_cifar(n_train=8, n_test=4)
-    loader = DeviceLoader(data.train_images, data.train_labels, batch_size=4, seed=0)
-    alone = [_model("bn", seed) for seed in SEEDS]
+    loader = DeviceLoader(data.train_images, data.train_labels, batch_size=4, seed=0, device=DEVICE)
+    alone = [_model("bn", seed).to(DEVICE) for seed in SEEDS]
     steps = [eager_step(m, build_optimizer(m, 0.01)) for m in alone]
-    stack = StackedModel([_model("bn", seed) for seed in SEEDS])
+    stack = StackedModel([_model("bn", seed).to(DEVICE) for seed in SEEDS])
     step = stacked_step(stack, build_optimizer(stack.params.values(), 0.01))
     for x, y in loader.stacked_batches(SEEDS, epoch=0):
         losses = step(x.double(), y)
