@@ -2,9 +2,8 @@
 # The checks that need an NVIDIA GPU, in one run of about 8 minutes, installing nothing:
 # the CUDA, Triton, BN + ReLU and stacked-run tests on the GPU, the GPU benchmark
 # (bench_bn.py --device cuda), and the default comparison's time (cold and warm Triton
-# cache). Needs torch with CUDA,
-# triton, numpy, pytest and hypothesis; the rest of the experiment extra (matplotlib,
-# tqdm) only for the comparison, which is skipped without them.
+# cache). Needs torch with CUDA, triton, numpy, pytest and hypothesis; the rest of the
+# experiment extra (matplotlib, tqdm) only for the comparison, skipped without them.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]     (default: gpu-results/)
 #
