@@ -96,7 +96,7 @@ def _modules(case: GpuCase):
 
 def _step(m: torch.nn.Module, mode: str, x: torch.Tensor, dy: torch.Tensor):
     m.train(mode != "eval")
-    params = [p for p in m.parameters()]
+    params = list(m.parameters())
     if mode == "eval":
         return lambda: m(x.detach())
     if mode == "train":

@@ -81,6 +81,23 @@ def check_arguments(
             )
 
 
+def _checked_buffers(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    eps: float,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Every check, then the buffers to hand on: none for an empty training batch, which
+    moves nothing."""
+    check_arguments(input, running_mean, running_var, weight, bias, training, eps)
+    if training and input.numel() == 0:
+        return None, None
+    return running_mean, running_var
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -99,9 +116,9 @@ def batch_norm(
     host sync and stays inside a compiled graph.
     """
     training = bool(training)
-    check_arguments(input, running_mean, running_var, weight, bias, training, eps)
-    if training and input.numel() == 0:
-        running_mean = running_var = None  # an empty batch moves nothing
+    running_mean, running_var = _checked_buffers(
+        input, running_mean, running_var, weight, bias, training, eps
+    )
     return autograd.batch_norm(
         input, weight, bias, running_mean, running_var, training, momentum, eps
     )
@@ -120,9 +137,9 @@ def batch_norm_relu(
     """``relu(batch_norm(...))`` with :func:`batch_norm`'s arguments, rules and errors, in
     one pass each way where the backend fuses them (see :mod:`bnlab.fused_relu`)."""
     training = bool(training)
-    check_arguments(input, running_mean, running_var, weight, bias, training, eps)
-    if training and input.numel() == 0:
-        running_mean = running_var = None
+    running_mean, running_var = _checked_buffers(
+        input, running_mean, running_var, weight, bias, training, eps
+    )
     return fused_relu.batch_norm_relu(
         input, weight, bias, running_mean, running_var, training, momentum, eps
     )

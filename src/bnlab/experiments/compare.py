@@ -43,7 +43,15 @@ from bnlab.experiments.report import (
     write_outputs,
 )
 from bnlab.experiments.results import checkpoint_path, load_checkpoint, summarize, write_results
-from bnlab.experiments.runner import EpochDone, Plan, Task, plan, run_here, runs_at_once
+from bnlab.experiments.runner import (
+    EpochDone,
+    Plan,
+    Task,
+    plan,
+    planned_threads,
+    run_here,
+    runs_at_once,
+)
 from bnlab.experiments.train import EpochResult, resolve_device
 from bnlab.experiments.workers import run_in_workers
 
@@ -170,13 +178,9 @@ def _run_alone(cfg, tasks, data, how, device, lock) -> Iterator[EpochDone]:
 
 
 def _run_stacked_first(cfg, together, alone, data, how, device, lock) -> Iterator[EpochDone]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(how.threads)
-    try:
+    with planned_threads(how):
         for group in together:
             yield from stacked.train_stacked(cfg, group, data)
-    finally:
-        torch.set_num_threads(before)
     if alone:
         with contextlib.closing(_run_alone(cfg, alone, data, how, device, lock)) as rest:
             yield from rest

@@ -21,6 +21,7 @@ in this process; workers.py trains several at once.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,16 +80,23 @@ def runs_at_once(how: Plan, tasks: int) -> int:
     return max(1, min(how.jobs, tasks))
 
 
-def run_here(cfg: Config, tasks: list[Task], data: CIFAR10, how: Plan) -> Iterator[EpochDone]:
-    """Train `tasks` one after another in this process, with the planned threads;
-    yield each epoch once its checkpoint is saved. The caller's thread count is restored."""
+@contextlib.contextmanager
+def planned_threads(how: Plan) -> Iterator[None]:
+    """torch's threads set to the plan's per run for the block; the caller's restored."""
     before = torch.get_num_threads()
     torch.set_num_threads(how.threads)
     try:
-        for task in tasks:
-            yield from run_one(cfg, task, data, terminal_bar)
+        yield
     finally:
         torch.set_num_threads(before)
+
+
+def run_here(cfg: Config, tasks: list[Task], data: CIFAR10, how: Plan) -> Iterator[EpochDone]:
+    """Train `tasks` one after another in this process, with the planned threads;
+    yield each epoch once its checkpoint is saved. The caller's thread count is restored."""
+    with planned_threads(how):
+        for task in tasks:
+            yield from run_one(cfg, task, data, terminal_bar)
 
 
 def run_one(cfg: Config, task: Task, data: CIFAR10, make_bar: MakeBar) -> Iterator[EpochDone]:

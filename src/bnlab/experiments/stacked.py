@@ -43,6 +43,7 @@ from bnlab.experiments.train import (
     EpochResult,
     MakeBar,
     build_optimizer,
+    checkpoint_state,
     make_test_loader,
     memory_formats,
     resolve_device,
@@ -211,16 +212,9 @@ def train_stacked(
         for s, task in enumerate(tasks):
             result = EpochResult(epoch + 1, losses[s], accuracies[s], t1 - t0, t2 - t1, t2 - t0)
             histories[s].append(dataclasses.asdict(result))
-            state = {
-                "norm": norm,
-                "seed": task.seed,
-                "epochs_done": epoch + 1,
-                "model": model.state_dict(s),
-                "optimizer": split_optimizer_state(optimizer_state, s),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "loader_epoch": epoch + 1,
-                "history": list(histories[s]),
-            }
+            state = checkpoint_state(
+                norm, task.seed, model.state_dict(s),
+                split_optimizer_state(optimizer_state, s), histories[s], device,
+            )  # fmt: skip
             save_checkpoint(task.checkpoint, state)  # first: it alone is enough to resume
             yield EpochDone(task.index, result, state["history"])

@@ -357,6 +357,30 @@ def make_test_loader(
     )
 
 
+def checkpoint_state(
+    norm: str,
+    seed: int,
+    model: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    history: list[dict[str, float]],
+    device: torch.device,
+) -> dict[str, Any]:
+    """What a run saves after an epoch (its history's length is the epochs done): enough to
+    resume it, by `train_run` or trained stacked (`bnlab.experiments.stacked`)."""
+    done = len(history)
+    return {
+        "norm": norm,
+        "seed": seed,
+        "epochs_done": done,
+        "model": model,
+        "optimizer": optimizer,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "loader_epoch": done,  # the order of the next epoch is a function of (seed, this)
+        "history": list(history),
+    }
+
+
 def train_run(
     cfg: Config,
     norm: str,
@@ -414,15 +438,7 @@ def train_run(
         t2 = time.perf_counter()
         result = EpochResult(epoch + 1, train_loss, test_acc, t1 - t0, t2 - t1, t2 - t0)
         history.append(dataclasses.asdict(result))
-        state = {
-            "norm": norm,
-            "seed": seed,
-            "epochs_done": epoch + 1,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "loader_epoch": epoch + 1,  # the order of the next epoch is a function of (seed, this)
-            "history": list(history),
-        }
+        state = checkpoint_state(
+            norm, seed, model.state_dict(), optimizer.state_dict(), history, device
+        )
         yield result, state

@@ -19,14 +19,9 @@ from torch import Tensor
 
 from . import _build, cpu, reference
 from ._cpu_native import compute_dtype
+from ._layout import restride
 
 _F64 = torch.float64
-
-
-def _restride(out: Tensor, like: Tensor) -> Tensor:
-    """``out`` in ``empty_like(like)``'s layout, as the fake promises."""
-    want = torch.empty_like(like)
-    return out if want.stride() == out.stride() else want.copy_(out)
 
 
 @torch.library.custom_op("bnlab::cpu_forward_train", mutates_args=())
@@ -40,7 +35,7 @@ def cpu_forward_train(
         y = reference.normalize(x, mean, invstd, weight, bias)
         return y, torch.stack([mean, invstd]).to(_F64), var.to(_F64)
     y, stats, var = cpu.eager_forward_train(x, weight, bias, eps, None, None, 0.0, want_var=True)
-    return _restride(y, x), stats, var
+    return restride(y, x), stats, var
 
 
 @cpu_forward_train.register_fake
@@ -63,7 +58,7 @@ def cpu_forward_eval(
         y, stats = reference.REFERENCE.forward_eval(x, weight, bias, running_mean, running_var, eps)
         return y, stats.to(_F64)
     y, stats = cpu.eager_forward_eval(x, weight, bias, running_mean, running_var, eps)
-    return _restride(y, x), stats
+    return restride(y, x), stats
 
 
 @cpu_forward_eval.register_fake
@@ -80,7 +75,7 @@ def cpu_backward(
         dx, dweight, dbias = reference.REFERENCE.backward(dy, x, weight, stats, batch_stats)
         return dx, dweight.to(compute_dtype(x.dtype)), dbias.to(compute_dtype(x.dtype))
     dx, dweight, dbias = cpu.eager_backward(dy, x, weight, stats, batch_stats)
-    return _restride(dx, x), dweight, dbias
+    return restride(dx, x), dweight, dbias
 
 
 @cpu_backward.register_fake

@@ -13,12 +13,8 @@ import torch
 from torch import Tensor
 
 from . import gpu
+from ._layout import restride
 from .gpu import acc_dtype
-
-
-def _restride(out: Tensor, like: Tensor) -> Tensor:
-    want = torch.empty_like(like)
-    return out if want.stride() == out.stride() else want.copy_(out)
 
 
 @torch.library.custom_op("bnlab::triton_forward_train", mutates_args=())
@@ -27,7 +23,7 @@ def triton_forward_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, stats, var): stats (2, C) rows mean and invstd, var biased."""
     y, stats, var = gpu.eager_forward_train(x, weight, bias, eps, None, None, 0.0, want_var=True)
-    return _restride(y, x), stats, var
+    return restride(y, x), stats, var
 
 
 @triton_forward_train.register_fake
@@ -47,7 +43,7 @@ def triton_forward_eval(
 ) -> tuple[Tensor, Tensor]:
     """(y, stats) with the running statistics."""
     y, stats = gpu.eager_forward_eval(x, weight, bias, running_mean, running_var, eps)
-    return _restride(y, x), stats
+    return restride(y, x), stats
 
 
 @triton_forward_eval.register_fake
@@ -61,7 +57,7 @@ def triton_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias)."""
     dx, dweight, dbias = gpu.eager_backward(dy, x, weight, stats, batch_stats)
-    return _restride(dx, x), dweight, dbias
+    return restride(dx, x), dweight, dbias
 
 
 @triton_backward.register_fake

@@ -22,3 +22,10 @@ def geometry(x: Tensor) -> tuple[int, int, int] | None:
     if fmt is not None and x.is_contiguous(memory_format=fmt):
         return x.numel() // c, c, 1
     return None
+
+
+def restride(out: Tensor, like: Tensor) -> Tensor:
+    """``out`` in ``empty_like(like)``'s layout (a copy if it is not): what the custom ops'
+    fake implementations promise, whatever layout the compiler handed them."""
+    want = torch.empty_like(like)
+    return out if want.stride() == out.stride() else want.copy_(out)

@@ -63,6 +63,10 @@ def check_channels(module: nn.Module, input: Tensor) -> None:
 
 
 class _BatchNorm(nn.modules.batchnorm._BatchNorm):
+    # What forward hands the planned call to (BatchNormReLU's forward hands it on to
+    # batch_norm_relu).
+    _normalize = staticmethod(F.batch_norm)
+
     def _plan(self, input: Tensor) -> Plan:
         """Check ``input``, count the batch, and choose statistics, buffers and momentum.
 
@@ -101,7 +105,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             return node
         plan = self._plan(input)
         params = self._parameters
-        return F.batch_norm(
+        return self._normalize(
             input, plan.running_mean, plan.running_var, params["weight"], params["bias"],
             plan.use_batch_stats, plan.momentum, self.eps,
         )  # fmt: skip

@@ -15,26 +15,18 @@ it; ``torch.optim.swa_utils.update_bn`` does not.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from .. import functional as F
-from .batchnorm import _BatchNorm, fx_leaf
+from .batchnorm import _BatchNorm
 
 
 class _BatchNormReLU(nn.modules.batchnorm._NormBase):
-    # The same checks, batch count and choice of statistics as bnlab's batch norm.
+    # bnlab's batch norm's checks, batch count, choice of statistics and call, handed to
+    # batch_norm_relu.
     _plan = _BatchNorm._plan
-
-    def forward(self, input: Tensor) -> Tensor:
-        node = fx_leaf(self, input)
-        if node is not None:
-            return node
-        plan = self._plan(input)
-        params = self._parameters
-        return F.batch_norm_relu(
-            input, plan.running_mean, plan.running_var, params["weight"], params["bias"],
-            plan.use_batch_stats, plan.momentum, self.eps,
-        )  # fmt: skip
+    forward = _BatchNorm.forward
+    _normalize = staticmethod(F.batch_norm_relu)
 
 
 class BatchNormReLU1d(_BatchNormReLU):
