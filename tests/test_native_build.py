@@ -58,6 +58,17 @@ def test_a_header_beside_the_source_and_the_flags_are_in_the_key(probe):
     assert len({first, second, third}) == 3
 
 
+def test_a_header_in_a_folder_below_the_source_is_in_the_key(probe):
+    """The CPU kernels' parts live in kernels/cpu_kernels/: editing one must rebuild."""
+    ext, folder, _ = probe
+    (folder / "parts").mkdir()
+    part = folder / "parts" / "part.h"
+    part.write_text("#define PART 1\n")
+    first = _key(ext)
+    part.write_text("#define PART 2\n")
+    assert _key(ext) != first
+
+
 def test_flags_that_cannot_be_had_give_up_with_the_reason(probe):
     ext, _, _ = probe
 

@@ -125,9 +125,10 @@ class Extension:
         return h.hexdigest()[:16]
 
     def _headers(self) -> list[Path]:
-        """The headers a build may include: bnlab_native.h's folder and the sources' own."""
+        """The headers a build may include: in bnlab_native.h's folder and the sources' own,
+        and in folders below them."""
         folders = {INCLUDE, *(source.parent for source in self.sources)}
-        return sorted(h for folder in folders for h in folder.glob("*.h"))
+        return sorted({h for folder in folders for h in folder.rglob("*.h")})
 
     def _compile(self, compiler: str, flags: list[str], target: Path) -> str | None:
         """Build into a temporary file and move it into place; returns an error or None."""
