@@ -65,15 +65,17 @@
 // one after the other (stream_sums, elementwise_rows).
 //
 // The parts, in cpu_kernels/, each building on those before it:
-//   common.h      constants, cache lines, loads and stores of a storage type
-//   geometry.h    the (outer, C, inner) geometry and the threads' split
-//   statistics.h  per-channel coefficients and statistics, the running
-//                 update, the sums
-//   planes.h      passes over one channel's contiguous runs
-//   rows.h        passes over periodic rows
-//   forward.h     the training forward
-//   eval.h        inference
-//   backward.h    the backward
+//   common.h           constants, cache lines, loads and stores of a storage type
+//   geometry.h         the (outer, C, inner) geometry and the threads' split
+//   statistics.h       per-channel coefficients and statistics, the running
+//                      update, the sums
+//   planes.h           passes over one channel's contiguous runs
+//   rows.h             periodic rows: blocks, panels, the columns' channels
+//   row_sums.h         sums over periodic rows
+//   row_elementwise.h  the elementwise passes over periodic rows
+//   forward.h          the training forward
+//   eval.h             inference
+//   backward.h         the backward
 // This header adds the entry points. cpu_kernels.cpp compiles it into the
 // Python functions that take data pointers and sizes (Python headers only,
 // compiled in seconds), and hands the entry points, which map a dtype code to

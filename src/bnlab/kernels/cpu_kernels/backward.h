@@ -4,7 +4,8 @@
 #pragma once
 
 #include "planes.h"
-#include "rows.h"
+#include "row_sums.h"
+#include "row_elementwise.h"
 
 namespace {
 

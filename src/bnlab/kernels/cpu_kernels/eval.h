@@ -4,7 +4,7 @@
 #pragma once
 
 #include "planes.h"
-#include "rows.h"
+#include "row_elementwise.h"
 
 namespace {
 
