@@ -9,6 +9,8 @@
 //   load(p)     16 values at p, widened to a vector of T
 //   store(p,v)  16 values narrowed to S and written (around the caches if asked)
 //   up(s), down(t)  the same for one value
+// and Pair<S> (below) loads and stores 32 values at a time, in an order of
+// lanes of its own where that is faster (bfloat16 on AVX512-BF16).
 //
 // Narrowing rounds to nearest even, as torch's conversions do. Vector
 // conversions use the CPU's instructions where the compiler targets them
@@ -260,5 +262,57 @@ template <>
 struct Elem<bf16> : Half<bf16, bf16x16_to_float, float_to_bf16x16, bf16_to_float, float_to_bf16> {};
 template <>
 struct Elem<f16> : Half<f16, half16_to_float, float_to_half16, half_to_float, float_to_half> {};
+
+// Pair<S>: the 32 values at p as two vectors, load(p, a, b), and back,
+// store(p, a, b, stream), in an order of lanes that may differ from memory's
+// where a type widens and narrows faster so. The order is the same for every
+// pointer and store undoes it, so an elementwise pass or a sum over pairs need
+// not know it; `reordered` says whether there is one.
+template <typename S>
+struct Pair {  // one vector, then the next
+    typedef typename Elem<S>::V V;
+    static constexpr bool reordered = false;
+    static void load(const S* p, V& a, V& b) {
+        a = Elem<S>::load(p);
+        b = Elem<S>::load(p + 16);
+    }
+    static void store(S* p, V a, V b, bool stream) {
+        Elem<S>::store(p, a, stream);
+        Elem<S>::store(p + 16, b, stream);
+    }
+};
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// bfloat16 widens without crossing 128-bit lanes: interleaving zeros below
+// each value (vpunpck[lh]wd) puts values 8l..8l+3 of each 128-bit lane l in a
+// and 8l+4..8l+7 in b. store narrows both in one vcvtne2ps2bf16 and puts the
+// values back in place with one vpermw. The batch-norm kernels take pairs
+// over planes; in-process against one vector at a time, bfloat16 training
+// steps over 28x28 to 112x112 planes ran 1.10-1.22x faster (1 and 2
+// threads), 10x10 and 14x14 inference 1.13-1.24x, and the backward over 7x7
+// and 10x10 planes 0.93-0.98x.
+template <>
+struct Pair<bf16> {
+    typedef f32x16 V;
+    static constexpr bool reordered = true;
+    static void load(const bf16* p, V& a, V& b) {
+        const __m512i v = _mm512_loadu_si512(p);
+        a = (V)_mm512_unpacklo_epi16(_mm512_setzero_si512(), v);
+        b = (V)_mm512_unpackhi_epi16(_mm512_setzero_si512(), v);
+    }
+    static void store(bf16* p, V a, V b, bool stream) {
+        // kPlace[j]: the word of vcvtne2ps2bf16(b, a) that holds value j.
+        alignas(64) static const uint16_t kPlace[32] = {
+            0, 1, 2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
+            8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+        const __m512i narrow = (__m512i)_mm512_cvtne2ps_pbh((__m512)b, (__m512)a);
+        const __m512i v = _mm512_permutexvar_epi16(_mm512_load_si512(kPlace), narrow);
+        if (stream && (reinterpret_cast<uintptr_t>(p) & 63) == 0)
+            _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+        else
+            _mm512_storeu_si512(p, v);
+    }
+};
+#endif
 
 }  // namespace
