@@ -82,11 +82,6 @@ template <typename S>
 inline void store_out(S* p, VecOf<S> v, bool stream) {
     Elem<S>::store(p, v, stream);
 }
-// The 2*kLanes values at p as two vectors, their lanes in Pair<S>'s order.
-template <typename S>
-inline void ld2(const S* p, VecOf<S>& a, VecOf<S>& b) {
-    Pair<S>::load(p, a, b);
-}
 template <typename S>
 inline Compute<S> up(S s) {
     return Elem<S>::up(s);

@@ -13,10 +13,7 @@ __attribute__((always_inline)) inline void shifted_sums(const S* x, int64_t len,
     typedef VecOf<S> V;
     int64_t i = 0;
     for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
-        V d, e;  // lanes in Pair<S>'s order: a sum does not depend on it
-        ld2(x + i, d, e);
-        d -= K;
-        e -= K;
+        V d = ld(x + i) - K, e = ld(x + i + kLanes) - K;
         s.a1 += d;
         s.a2 += d * d;
         s.b1 += e;
@@ -49,13 +46,11 @@ __attribute__((always_inline)) inline void grad_sums(const S* dy, const S* x, in
     typedef VecOf<S> V;
     int64_t i = 0;
     for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
-        V g, h, u, v;  // lanes in Pair<S>'s order, the same for dy and x
-        ld2(dy + i, g, h);
-        ld2(x + i, u, v);
+        V g = ld(dy + i), h = ld(dy + i + kLanes);
         s.a1 += g;
-        s.a2 += g * (u - mh);
+        s.a2 += g * (ld(x + i) - mh);
         s.b1 += h;
-        s.b2 += h * (v - mh);
+        s.b2 += h * (ld(x + i + kLanes) - mh);
         s.step();
     }
     if (i + kLanes <= len) {
@@ -146,9 +141,9 @@ inline void store_span(S* out, int64_t i, int64_t e, int64_t len, Vector f) {
 // leaves the line half-written in the write-combining buffer, which cost more
 // than the streaming saved ((32, 256, 18, 18) float32 training, 1296-byte
 // runs: 0.6x). Not inlined: in elementwise_run's loop, GCC then compiled the
-// ordinary stores of 16-bit inference 1.2-1.4x slower. f2 as in elementwise_run.
-template <typename S, typename Vector, typename Pairs>
-__attribute__((noinline)) void streamed_run(S* out, int64_t len, Vector f, Pairs f2) {
+// ordinary stores of 16-bit inference 1.2-1.4x slower.
+template <typename S, typename Vector>
+__attribute__((noinline)) void streamed_run(S* out, int64_t len, Vector f) {
     constexpr int64_t L = kLineValues<S>;
     const uintptr_t to_line =
         (kLineBytes - (reinterpret_cast<uintptr_t>(out) & (kLineBytes - 1))) & (kLineBytes - 1);
@@ -156,36 +151,28 @@ __attribute__((noinline)) void streamed_run(S* out, int64_t len, Vector f, Pairs
     const int64_t body = head + (len - head) / L * L;  // [head, body): whole lines
     store_span(out, 0, head, len, f);
     int64_t i = head;
-    if constexpr (Pair<S>::reordered) {
-        for (; i + 2 * kLanes <= body; i += 2 * kLanes) {
-            VecOf<S> a, b;
-            f2(i, a, b);
-            Pair<S>::store(out + i, a, b, true);
-        }
-    }
+    if constexpr (Pair<S>::joint)
+        for (; i + 2 * kLanes <= body; i += 2 * kLanes)
+            Pair<S>::store(out + i, f(i), f(i + kLanes), true);
     for (; i + kLanes <= body; i += kLanes) store_out(out + i, f(i), true);
     store_span(out, i, len, len, f);  // the tail (and float64's last line of half a vector)
 }
 
 // out[i] = f(i) over one run, f giving a vector at i (or a value, scalar). A
 // ragged end recomputes an overlapping vector. Runs of kStreamRunBytes or
-// more are streamed when asked (streamed_run). Where a pair of vectors loads
-// and stores faster in its own order (Pair<S>::reordered), the run goes a
-// pair at a time first: f2(i, a, b) sets a and b to the pair at i in that order.
-template <typename S, typename Vector, typename Scalar, typename Pairs>
-inline void elementwise_run(S* out, int64_t len, bool stream, Vector f, Scalar f1, Pairs f2) {
+// more are streamed when asked (streamed_run). Types that narrow two vectors
+// in one instruction (Pair<S>::joint) store them two at a time.
+template <typename S, typename Vector, typename Scalar>
+inline void elementwise_run(S* out, int64_t len, bool stream, Vector f, Scalar f1) {
     if (len < kLanes) {
         for (int64_t i = 0; i < len; ++i) out[i] = down<S>(f1(i));
         return;
     }
-    if (stream && len * int64_t(sizeof(S)) >= kStreamRunBytes) return streamed_run(out, len, f, f2);
+    if (stream && len * int64_t(sizeof(S)) >= kStreamRunBytes) return streamed_run(out, len, f);
     int64_t i = 0;
-    if constexpr (Pair<S>::reordered) {
-        for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
-            VecOf<S> a, b;
-            f2(i, a, b);
-            Pair<S>::store(out + i, a, b, false);
-        }
+    if constexpr (Pair<S>::joint) {
+        for (; i + 2 * kLanes <= len; i += 2 * kLanes)
+            Pair<S>::store(out + i, f(i), f(i + kLanes), false);
         if (i == len) return;
     }
     for (;; i += kLanes) {
@@ -201,12 +188,7 @@ void normalize_run(const S* x, S* y, int64_t len, Affine<T> c, bool stream) {
     typedef VecOf<S> V;
     elementwise_run(
         y, len, stream, [&](int64_t i) { return V((ld(x + i) - c.mh) * c.s + c.b); },
-        [&](int64_t i) { return (up(x[i]) - c.mh) * c.s + c.b; },
-        [&](int64_t i, V& a, V& b) {
-            ld2(x + i, a, b);
-            a = (a - c.mh) * c.s + c.b;
-            b = (b - c.mh) * c.s + c.b;
-        });
+        [&](int64_t i) { return (up(x[i]) - c.mh) * c.s + c.b; });
 }
 
 // dx = a*dy - k*(x - mh) + c0 over one run.
@@ -216,14 +198,7 @@ void grad_run(const S* dy, const S* x, S* dx, int64_t len, GradCoef<T> q, bool s
     elementwise_run(
         dx, len, stream,
         [&](int64_t i) { return V(ld(dy + i) * q.a + (q.c0 - (ld(x + i) - q.mh) * q.k)); },
-        [&](int64_t i) { return up(dy[i]) * q.a + (q.c0 - (up(x[i]) - q.mh) * q.k); },
-        [&](int64_t i, V& a, V& b) {
-            V u, v;
-            ld2(dy + i, a, b);
-            ld2(x + i, u, v);
-            a = a * q.a + (q.c0 - (u - q.mh) * q.k);
-            b = b * q.a + (q.c0 - (v - q.mh) * q.k);
-        });
+        [&](int64_t i) { return up(dy[i]) * q.a + (q.c0 - (up(x[i]) - q.mh) * q.k); });
 }
 
 // fn(channel, offset, length) for the pieces of planes inside elements [e0, e1).
