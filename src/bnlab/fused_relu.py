@@ -60,12 +60,7 @@ class BatchNormReLUFunction(torch.autograd.Function):
 
 def _fused_backend(x: Tensor):
     """The backend that fuses the ReLU for x, or None where the composition runs."""
-    if (
-        torch.compiler.is_compiling()
-        or _compat.forward_ad_active()
-        or _compat.transforms_active()
-        or torch.jit.is_tracing()
-    ):
+    if torch.compiler.is_compiling() or _compat.forward_ad_active() or autograd._transformed():
         return None
     backend = kernels.select(x)
     return backend if getattr(backend, "fuses_relu", False) else None
