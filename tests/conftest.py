@@ -72,3 +72,52 @@ def count_calls(monkeypatch, owner: object, name: str) -> list[tuple]:
 
     monkeypatch.setattr(owner, name, counting)
     return calls
+
+
+def graph_targets() -> tuple[set[str], object]:
+    """(seen, backend): a torch.compile backend that records every node target of the
+    graphs it is given (the autograd function's forward is a submodule), and runs them."""
+    seen: set[str] = set()
+
+    def backend(gm, example_inputs):
+        for module in gm.modules():
+            if isinstance(module, torch.fx.GraphModule):
+                seen.update(str(node.target) for node in module.graph.nodes)
+        return gm
+
+    return seen, backend
+
+
+def compiled_training_matches_eager(device: str = "cpu"):
+    """Two training steps of a BatchNorm2d eagerly and under torch.compile(fullgraph=True,
+    aot_eager): outputs, input gradients, running buffers and weight gradients agree.
+    Returns (eager module, compiled module, compiled callable) for further checks."""
+    torch._dynamo.reset()
+    eager, compiled = bnlab.nn.BatchNorm2d(3).to(device), bnlab.nn.BatchNorm2d(3).to(device)
+    step = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        x = torch.randn(4, 3, 5, 5, device=device) * 2 + 1
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = eager(xa), step(xb)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        torch.testing.assert_close(ya, yb, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eager.running_var, compiled.running_var)
+    torch.testing.assert_close(eager.weight.grad, compiled.weight.grad, atol=1e-5, rtol=1e-5)
+    return eager, compiled, step
+
+
+def vmap_ensembles(pairs, x: torch.Tensor):
+    """[(y, buffers) for bnlab's side, then torch's]: each side's modules of ``pairs`` run
+    as one vmapped ensemble (stack_module_state + functional_call) on the shared x."""
+    results = []
+    for side in (0, 1):
+        group = [pair[side] for pair in pairs]
+        params, buffers = torch.func.stack_module_state(group)
+
+        def call(p, b, inp, base=group[0]):
+            return torch.func.functional_call(base, (p, b), (inp,))
+
+        results.append((torch.func.vmap(call, in_dims=(0, 0, None))(params, buffers, x), buffers))
+    return results

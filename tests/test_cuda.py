@@ -10,6 +10,8 @@ import torch
 
 import bnlab.nn
 
+from .conftest import vmap_ensembles
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 SHAPES = {"BatchNorm1d": (16, 5), "BatchNorm2d": (8, 5, 7, 6), "BatchNorm3d": (4, 5, 3, 4, 5)}
@@ -124,16 +126,7 @@ def test_vmap_ensemble_on_cuda():
     """torch.func model ensembling runs on the GPU with torch's numbers."""
     models = [_pair("BatchNorm2d", torch.float32) for _ in range(3)]
     x = torch.randn(8, 5, 6, 6, device="cuda") * 2 + 1
-    results = []
-    for side in (0, 1):
-        group = [pair[side] for pair in models]
-        params, buffers = torch.func.stack_module_state(group)
-
-        def call(p, b, inp, base=group[0]):
-            return torch.func.functional_call(base, (p, b), (inp,))
-
-        results.append((torch.func.vmap(call, in_dims=(0, 0, None))(params, buffers, x), buffers))
-    (ya, ba), (yb, bb) = results
+    (ya, ba), (yb, bb) = vmap_ensembles(models, x)
     torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
     for k in ba:
         torch.testing.assert_close(ba[k], bb[k], atol=1e-5, rtol=1e-5, msg=k)

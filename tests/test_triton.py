@@ -35,7 +35,13 @@ from bnlab.kernels._layout import geometry
 from bnlab.kernels.gpu import TRITON, TritonBackend, plan
 from bnlab.kernels.reference import REFERENCE as REF
 
-from .conftest import count_calls, make_pair
+from .conftest import (
+    compiled_training_matches_eager,
+    count_calls,
+    graph_targets,
+    make_pair,
+    vmap_ensembles,
+)
 
 pytest.importorskip("triton")
 
@@ -289,27 +295,8 @@ def test_double_backward_through_the_reference(on_triton):
 
 
 def test_compiled_fullgraph_calls_the_triton_ops(on_triton):
-    seen: set[str] = set()
-
-    def backend(gm, example_inputs):
-        for module in gm.modules():  # the autograd function's forward is a submodule
-            if isinstance(module, torch.fx.GraphModule):
-                seen.update(str(node.target) for node in module.graph.nodes)
-        return gm
-
-    torch._dynamo.reset()
-    eager, compiled = bnlab.nn.BatchNorm2d(3).to(DEVICE), bnlab.nn.BatchNorm2d(3).to(DEVICE)
-    step = torch.compile(compiled, fullgraph=True, backend="aot_eager")
-    for _ in range(2):
-        x = torch.randn(4, 3, 5, 5, device=DEVICE) * 2 + 1
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = eager(xa), step(xb)
-        ya.square().sum().backward()
-        yb.square().sum().backward()
-        torch.testing.assert_close(ya, yb, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(eager.running_var, compiled.running_var)
-    torch.testing.assert_close(eager.weight.grad, compiled.weight.grad, atol=1e-5, rtol=1e-5)
+    seen, backend = graph_targets()
+    eager, compiled, step = compiled_training_matches_eager(DEVICE)
     eager.eval(), compiled.eval()
     x = torch.randn(4, 3, 5, 5, device=DEVICE)
     with torch.no_grad():
@@ -325,16 +312,7 @@ def test_vmap_ensemble_and_per_sample_grads_run_the_kernels(on_triton):
     for ours, theirs in pairs:
         ours.to(DEVICE), theirs.to(DEVICE)
     x = torch.randn(8, 3, 4, 4, dtype=F64, device=DEVICE) * 2 + 1
-    results = []
-    for side in (0, 1):
-        group = [pair[side] for pair in pairs]
-        params, buffers = torch.func.stack_module_state(group)
-
-        def call(p, b, inp, base=group[0]):
-            return torch.func.functional_call(base, (p, b), (inp,))
-
-        results.append((torch.func.vmap(call, in_dims=(0, 0, None))(params, buffers, x), buffers))
-    (ya, ba), (yb, bb) = results
+    (ya, ba), (yb, bb) = vmap_ensembles(pairs, x)
     torch.testing.assert_close(ya, yb, atol=1e-12, rtol=0)
     for k in ba:
         torch.testing.assert_close(ba[k], bb[k], atol=1e-12, rtol=0, msg=k)
