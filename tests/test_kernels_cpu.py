@@ -707,3 +707,82 @@ def test_streamed_planes_match_the_float64_truth(inner_shape, dtype):
         x.double(), rm.double(), torch.rsqrt(rv.double() + 1e-5), w.double(), b.double()
     )
     _close_to_truth("eval y", y, truth, dtype)
+
+
+# Inference over planes shorter than 64 values that are not whole vectors goes
+# in groups of G planes, G*inner values being whole vectors, each vector's
+# coefficients permuted from the group's G channels (eval.h, normalize_groups).
+# (shape, planes in a group): groups that wrap past the last channel (C not a
+# multiple of G) and planes left after the last whole group, or neither.
+GROUPED = {
+    "7x7-wrapping-12-left": ((3, 100, 7, 7), 16),
+    "6x6-one-left": ((5, 333, 6, 6), 4),
+    "5x5-whole-groups": ((4, 176, 5, 5), 16),
+    "3x7-wrapping": ((7, 205, 3, 7), 16),
+}
+
+
+def _grouped_traversal():
+    return "planes in groups" if _build.native().PLANE_GROUPS else "planes by range"
+
+
+@pytest.mark.parametrize("dtype", [F32, *HALF], ids=str)
+def test_short_planes_go_in_groups_where_the_cpu_permutes_lanes(dtype):
+    for shape, group in GROUPED.values():
+        x = _make(shape, None, dtype)
+        assert shape[2] * shape[3] * group % 16 == 0 and shape[1] * shape[2] * shape[3] > 4096
+        assert _cpu_native.inference_plan(x, threads=2)[0] == _grouped_traversal(), shape
+
+
+def test_groups_are_not_taken_where_they_lose():
+    """float64 (two vectors a lane set), whole-vector planes (4x4: a group would
+    be one vector), and float32 of STREAM_BYTES or more stay by range."""
+    big = _build.native().STREAM_BYTES // (4 * 2048 * 49) + 1
+    for shape, dtype in (
+        ((3, 100, 7, 7), F64),
+        ((16, 1024, 4, 4), F32),
+        ((16, 1024, 4, 4), torch.float16),
+        ((big, 2048, 7, 7), F32),
+    ):
+        assert _cpu_native.inference_plan(torch.empty(shape, dtype=dtype))[0] == "planes by range"
+    assert _cpu_native.inference_plan(torch.empty(big, 2048, 7, 7, dtype=torch.float16))[0] == (
+        _grouped_traversal()
+    )
+
+
+@pytest.mark.parametrize("case", list(GROUPED))
+@pytest.mark.parametrize("dtype", [F32, *HALF], ids=str)
+@pytest.mark.parametrize("far", [False, True], ids=["near-zero", "far-from-zero"])
+def test_grouped_planes_match_the_float64_truth(case, dtype, far, restore_threads):
+    """Near zero every channel's |mean|*invstd is at most 1 and the groups run
+    y = x*s + (beta - mean*s); far from it (mean 1e3, std 1) they keep the
+    centered form, whose float32 accuracy the bound checks."""
+    shape, _ = GROUPED[case]
+    c = shape[1]
+    offset = 1e3 if far else 0.0
+    x = _make(shape, None, dtype, mean=offset, std=1.0)
+    w, b = _params(c, F32)
+    rm = (torch.rand(c, dtype=F64) * 0.5 + offset).float()
+    rv = torch.rand(c, dtype=F64).add(0.5).float()
+    truth = reference.normalize(
+        x.double(), rm.double(), torch.rsqrt(rv.double() + 1e-5), w.double(), b.double()
+    )
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        y, _ = _cpu_native.forward_eval(x, w, b, rm, rv, 1e-5, False)
+        _close_to_truth(f"eval y, {threads} threads", y, truth, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_streamed_groups_match_the_float64_truth(dtype):
+    """16-bit 7x7 planes over STREAM_EVAL_BYTES: groups written around the caches."""
+    per_image = dtype.itemsize * 128 * 49
+    x = _make((_build.native().STREAM_EVAL_BYTES // per_image + 1, 128, 7, 7), None, dtype)
+    assert _cpu_native.inference_plan(x)[0] == _grouped_traversal()
+    w, b = _params(128, F32)
+    rm, rv = _buffers(128, F32)
+    y, _ = _cpu_native.forward_eval(x, w, b, rm, rv, 1e-5, False)
+    truth = reference.normalize(
+        x.double(), rm.double(), torch.rsqrt(rv.double() + 1e-5), w.double(), b.double()
+    )
+    _close_to_truth("eval y", y, truth, dtype)

@@ -197,3 +197,11 @@ def plan(x: Tensor, threads: int | None = None) -> tuple[str, int]:
     outer, c, inner = _input(x)
     threads = torch.get_num_threads() if threads is None else threads
     return _kernels().plan(outer, c, inner, DTYPE_CODES[x.dtype], threads)
+
+
+def inference_plan(x: Tensor, threads: int | None = None) -> tuple[str, int]:
+    """(traversal, team): how inference walks ``x`` over ``threads`` (default:
+    torch's), e.g. ("planes in groups", 2). For tests and benchmarks."""
+    outer, c, inner = _input(x)
+    threads = torch.get_num_threads() if threads is None else threads
+    return _kernels().inference_plan(outer, c, inner, DTYPE_CODES[x.dtype], threads)

@@ -84,20 +84,44 @@ PyObject* py_backward(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     Py_RETURN_NONE;
 }
 
-// plan(outer, C, inner, dtype, threads) -> (split, team): how the training
-// passes share out a call of this geometry (the tests and benchmarks ask).
-PyObject* py_plan(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
-    if (!check_nargs(nargs, 5, "plan")) return nullptr;
-    const Geometry g{i64(a[0]), i64(a[1]), i64(a[2])};
-    const int64_t dtype = i64(a[3]);
+// The arguments of plan and inference_plan: (outer, C, inner, dtype, threads),
+// to the geometry, the dtype and the team a call of them would run on.
+bool plan_arguments(PyObject* const* a, Py_ssize_t nargs, const char* name, Geometry* g,
+                    int64_t* dtype, int* team) {
+    if (!check_nargs(nargs, 5, name)) return false;
+    *g = Geometry{i64(a[0]), i64(a[1]), i64(a[2])};
+    *dtype = i64(a[3]);
     const int threads = int(i64(a[4]));
-    if (PyErr_Occurred() || !valid_dtype(dtype)) return nullptr;
-    if (g.outer < 1 || g.C < 1 || g.inner < 1 || threads < 1) {
-        PyErr_SetString(PyExc_ValueError, "plan: sizes and threads must be positive");
-        return nullptr;
+    if (PyErr_Occurred() || !valid_dtype(*dtype)) return false;
+    if (g->outer < 1 || g->C < 1 || g->inner < 1 || threads < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: sizes and threads must be positive", name);
+        return false;
     }
-    const int team = team_size(g.numel(), threads);
+    *team = team_size(g->numel(), threads);
+    return true;
+}
+
+// plan(...) -> (split, team): how the training passes share out a call of this
+// geometry (the tests and benchmarks ask).
+PyObject* py_plan(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
+    Geometry g;
+    int64_t dtype;
+    int team;
+    if (!plan_arguments(a, nargs, "plan", &g, &dtype, &team)) return nullptr;
     return Py_BuildValue("(si)", kSplitNames[split_of(g, kElementBytes[dtype], team)], team);
+}
+
+// inference_plan(...) -> (traversal, team): how inference walks it.
+PyObject* py_inference_plan(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
+    Geometry g;
+    int64_t dtype;
+    int team;
+    if (!plan_arguments(a, nargs, "inference_plan", &g, &dtype, &team)) return nullptr;
+    const char* name = nullptr;
+    with_storage(dtype, [&](auto tag) {
+        name = kEvalTraversalNames[eval_traversal<decltype(tag)>(g, team)];
+    });
+    return Py_BuildValue("(si)", name, team);
 }
 
 // ---- the table for the autograd node (cpu_kernels_api.h) ---------------------------------------
@@ -136,6 +160,8 @@ PyMethodDef methods[] = {
      "Normalize with running statistics."},
     {"backward", fastcall<py_backward>(), METH_FASTCALL, "Gradients of x, weight and bias."},
     {"plan", fastcall<py_plan>(), METH_FASTCALL, "How a call's work is split over threads."},
+    {"inference_plan", fastcall<py_inference_plan>(), METH_FASTCALL,
+     "How inference walks a call, and on how many threads."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_bnlab_bn_cpu", "bnlab's batch norm CPU kernels",
@@ -147,6 +173,7 @@ PyMODINIT_FUNC PyInit__bnlab_bn_cpu(void) {
     PyObject* module = PyModule_Create(&module_def);
     if (module && (PyModule_AddIntConstant(module, "STREAM_BYTES", long(kStreamBytes)) != 0 ||
                    PyModule_AddIntConstant(module, "STREAM_EVAL_BYTES", long(kStreamEvalBytes)) != 0 ||
+                   PyModule_AddIntConstant(module, "PLANE_GROUPS", long(kPlaneGroups)) != 0 ||
                    PyModule_AddObject(module, "KERNELS",
                                       PyCapsule_New(const_cast<BatchNormKernels*>(&kTable),
                                                     BNLAB_KERNELS_CAPSULE, nullptr)) != 0))
