@@ -754,9 +754,10 @@ def test_groups_are_not_taken_where_they_lose():
 @pytest.mark.parametrize("dtype", [F32, *HALF], ids=str)
 @pytest.mark.parametrize("far", [False, True], ids=["near-zero", "far-from-zero"])
 def test_grouped_planes_match_the_float64_truth(case, dtype, far, restore_threads):
-    """Near zero every channel's |mean|*invstd is at most 1 and the groups run
-    y = x*s + (beta - mean*s); far from it (mean 1e3, std 1) they keep the
-    centered form, whose float32 accuracy the bound checks."""
+    """Inference: near zero every channel's |mean|*invstd is at most 1 and the
+    groups run y = x*s + (beta - mean*s); far from it (mean 1e3, std 1) they
+    keep the centered form, whose float32 accuracy the bound checks. Training:
+    each thread's channels G at a time, the last fewer than G a run at a time."""
     shape, _ = GROUPED[case]
     c = shape[1]
     offset = 1e3 if far else 0.0
@@ -767,10 +768,22 @@ def test_grouped_planes_match_the_float64_truth(case, dtype, far, restore_thread
     truth = reference.normalize(
         x.double(), rm.double(), torch.rsqrt(rv.double() + 1e-5), w.double(), b.double()
     )
+    mean, var = reference.batch_stats(x.double())
+    train_truth = reference.normalize(
+        x.double(), mean, torch.rsqrt(var + 1e-5), w.double(), b.double()
+    )
+    moved_mean, moved_var = rm.double(), rv.double()
+    reference.update_running_stats(moved_mean, moved_var, mean, var, 0.1, x.numel() // c)
     for threads in (1, 2):
         torch.set_num_threads(threads)
         y, _ = _cpu_native.forward_eval(x, w, b, rm, rv, 1e-5, False)
         _close_to_truth(f"eval y, {threads} threads", y, truth, dtype)
+        # Every channel's running buffers move once (statistics at float32's bound).
+        run_mean, run_var = rm.double(), rv.double()
+        y, _, _ = _cpu_native.forward_train(x, w, b, 1e-5, run_mean, run_var, 0.1)
+        _close_to_truth(f"training y, {threads} threads", y, train_truth, dtype)
+        _close_to_truth("running mean", run_mean, moved_mean, F32)
+        _close_to_truth("running var", run_var, moved_var, F32)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)

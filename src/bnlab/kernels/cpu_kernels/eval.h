@@ -3,7 +3,7 @@
 
 #pragma once
 
-#include "planes.h"
+#include "plane_groups.h"
 #include "row_elementwise.h"
 
 namespace {
@@ -91,47 +91,6 @@ void normalize_range(const S* x, S* y, int64_t e0, int64_t e1, const Geometry& g
     for (; e < e1; ++e) one(e);
 }
 
-// Planes shorter than kShortPlane that are not whole vectors, in groups of
-// G = kLanes/gcd(inner, kLanes) planes: a group is V = inner*G/kLanes whole
-// vectors, and lane l of its vector k lies in plane (k*kLanes + l)/inner of the
-// group, the same in every group. So the G channels' coefficients fill one
-// vector each, and every vector takes its own from those by one lane
-// permutation (vpermps) per coefficient: no branch on where planes end, no lane
-// masks. That ran 1.3-1.9x faster than the straddling vectors (16-bit 7x7, 6x6,
-// 5x5 and 4x6 planes; float32 6x6 and 7x7 in cache), where 4x4 planes (G = 1,
-// a group a vector) ran 0.66-0.76x. float32 tensors of kStreamBytes or more
-// stay by range: (32, 2048, 7, 7) ran 0.84-0.97x in groups on 2 threads.
-// Needs a one-instruction permutation (AVX-512); elsewhere the straddling
-// vectors serve.
-#if defined(__AVX512F__)
-constexpr bool kPlaneGroups = true;
-inline f32x16 permute(f32x16 v, i32x16 lane) {
-    return (f32x16)_mm512_permutexvar_ps((__m512i)lane, (__m512)v);
-}
-// a*b + c rounded once (GCC leaves a product and a sum of permuted operands apart).
-inline f32x16 fused(f32x16 a, f32x16 b, f32x16 c) {
-    return (f32x16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-}
-#else
-constexpr bool kPlaneGroups = false;
-inline f32x16 permute(f32x16 v, i32x16 lane) {
-    f32x16 r;
-    for (int k = 0; k < kLanes; ++k) r[k] = v[lane[k] & (kLanes - 1)];
-    return r;
-}
-inline f32x16 fused(f32x16 a, f32x16 b, f32x16 c) { return a * b + c; }
-#endif
-
-inline int64_t group_planes(const Geometry& g) { return kLanes / gcd(g.inner, kLanes); }
-
-template <typename S>
-bool by_groups(const Geometry& g) {
-    const int64_t G = group_planes(g);
-    const bool large_float32 = sizeof(S) == 4 && g.numel() * int64_t(sizeof(S)) >= kStreamBytes;
-    return kPlaneGroups && std::is_same<Compute<S>, float>::value && g.planes() &&
-           g.inner < kShortPlane && G > 1 && g.outer * g.C >= G && !large_float32;
-}
-
 // How inference walks a geometry (cpu_kernels.cpp's inference_plan names it).
 enum EvalTraversal { kInGroups, kByRange, kRunByRun, kRowsByRow, kRowsByColumn };
 const char* const kEvalTraversalNames[] = {"planes in groups", "planes by range",
@@ -140,7 +99,10 @@ const char* const kEvalTraversalNames[] = {"planes in groups", "planes by range"
 template <typename S>
 EvalTraversal eval_traversal(const Geometry& g, int team) {
     if (g.planes()) {
-        if (by_groups<S>(g)) return kInGroups;
+        // float32 of kStreamBytes or more stays by range: (32, 2048, 7, 7), 12.8 MB,
+        // ran 0.84-0.97x in groups on 2 threads.
+        const bool large_float32 = sizeof(S) == 4 && g.numel() * int64_t(sizeof(S)) >= kStreamBytes;
+        if (by_groups<S>(g) && !large_float32) return kInGroups;
         const bool stream = g.numel() * int64_t(sizeof(S)) >= stream_eval_bytes(g);
         return by_range<S>(g, stream) ? kByRange : kRunByRun;
     }
@@ -152,32 +114,18 @@ EvalTraversal eval_traversal(const Geometry& g, int team) {
                                                                            : kRowsByRow;
 }
 
-// The groups [q0, q1) (group q: planes q*G to q*G + G - 1) with the
-// coefficients of channel c at c and, for the groups that wrap past C, of
-// channel c - C at c (C <= c < C + kLanes). Centered: y = (x - mh)*s + b;
-// else mh is 0 for every channel and y = x*s + b, one permutation fewer (see
-// ColumnNormalize::set_channels).
+// The groups [q0, q1) of g's planes (group q: planes q*G to q*G + G - 1),
+// with the coefficients of channel c at c and, for the groups that wrap past
+// C, of channel c - C at c (C <= c < C + kLanes).
 template <typename S, bool centered>
 void normalize_groups(const S* x, S* y, int64_t q0, int64_t q1, const Geometry& g,
                       const float* mh, const float* s, const float* b, bool stream) {
-    const int64_t G = group_planes(g), V = g.inner * G / kLanes;
-    std::vector<i32x16> lanes(V);
-    for (int64_t k = 0; k < V; ++k)
-        for (int l = 0; l < kLanes; ++l) lanes[k][l] = int32_t((k * kLanes + l) / g.inner);
-    int64_t c = q0 * G % g.C;
+    const PlaneGroup pg(g);
+    int64_t c = q0 * pg.G % g.C;
     for (int64_t q = q0; q < q1; ++q) {
-        f32x16 gm{}, gs, gb;  // the group's channels c to c + G - 1, lane by lane
-        if (centered) std::memcpy(&gm, mh + c, sizeof(gm));
-        std::memcpy(&gs, s + c, sizeof(gs));
-        std::memcpy(&gb, b + c, sizeof(gb));
-        const S* xq = x + q * G * g.inner;
-        S* yq = y + q * G * g.inner;
-        for (int64_t k = 0; k < V; ++k) {
-            const i32x16 l = lanes[k];
-            const f32x16 v = centered ? ld(xq + k * kLanes) - permute(gm, l) : ld(xq + k * kLanes);
-            store_out(yq + k * kLanes, fused(v, permute(gs, l), permute(gb, l)), stream);
-        }
-        c += G;
+        const int64_t e = q * pg.values;
+        normalize_group<S, centered>(x + e, y + e, pg, mh + c, s + c, b + c, stream);
+        c += pg.G;
         if (c >= g.C) c -= g.C;
     }
 }

@@ -3,11 +3,42 @@
 
 #pragma once
 
-#include "planes.h"
+#include "plane_groups.h"
 #include "row_sums.h"
 #include "row_elementwise.h"
 
 namespace {
+
+// The by-channel pass over channels [c0, c1) of short planes (by_groups), G
+// channels at a time: their statistics (channel_stats(c)), then their planes
+// image by image, G planes a group (plane_groups.h), still in cache from the
+// statistics' pass. Returns the first channel it left, fewer than G before c1.
+// Against a run at a time, the training forward ran 1.1-1.4x faster over
+// 16-bit 7x7, 6x6 and 4x5 planes, 1.2-1.8x over float32's, (32, 2048, 7, 7)
+// included (1.46-1.75x); fetching the next image's group of y ahead, as the
+// runs do, ran float32 0.72-0.9x and 16-bit no faster.
+template <typename S, typename ChannelStats>
+int64_t train_in_groups(const S* x, S* y, const float* w, const float* b, int64_t c0,
+                            int64_t c1, const Geometry& g, const Stats& stats,
+                            ChannelStats channel_stats, bool stream) {
+    const PlaneGroup pg(g);
+    float mh[kLanes] = {}, s[kLanes] = {}, bb[kLanes] = {};
+    int64_t c = c0;
+    for (; c + pg.G <= c1; c += pg.G) {
+        for (int64_t j = 0; j < pg.G; ++j) {
+            channel_stats(c + j);
+            const Affine<float> a = affine_of(stats.mean[c + j], stats.invstd[c + j], w, b, c + j);
+            mh[j] = a.mh;
+            s[j] = a.s;
+            bb[j] = a.b;
+        }
+        for (int64_t o = 0; o < g.outer; ++o) {
+            const int64_t off = (o * g.C + c) * g.inner;
+            normalize_group<S, true>(x + off, y + off, pg, mh, s, bb, stream);
+        }
+    }
+    return c;
+}
 
 template <typename S, typename T = Compute<S>>
 void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats, const Running& run,
@@ -25,9 +56,10 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                 int64_t c0, c1;
                 split(C, t, T_, 1, &c0, &c1);
                 const FetchAhead ahead = fetch_ahead<S>(g);
-                for (int64_t c = c0; c < c1; ++c) {
-                    const bool last = c + 1 == c1;
-                    const bool next = ahead.reads && !last, next_out = ahead.writes && !last;
+                // Channel c's sums over its runs (the next channel's fetched
+                // ahead unless c is the thread's last), statistics and running update.
+                auto channel_stats = [&](int64_t c) {
+                    const bool next = ahead.reads && c + 1 < c1;
                     Sums<T> sums;
                     for (int64_t o = 0; o < g.outer; ++o) {
                         const int64_t off = (o * C + c) * inner;
@@ -37,6 +69,15 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                     double s1 = 0, s2 = 0;
                     sums.add_to(&s1, &s2);
                     finish_channel(c, n, K.data(), s1, s2, eps, run, stats);
+                };
+                int64_t c = c0;
+                if constexpr (std::is_same<T, float>::value) {
+                    if (by_groups<S>(g)) c = train_in_groups(x, y, w, b, c0, c1, g, stats,
+                                                                 channel_stats, stream);
+                }
+                for (; c < c1; ++c) {
+                    const bool next_out = ahead.writes && c + 1 < c1;
+                    channel_stats(c);
                     const Affine<T> a = affine_of(stats.mean[c], stats.invstd[c], w, b, c);
                     for (int64_t o = 0; o < g.outer; ++o) {
                         const int64_t off = (o * C + c) * inner;
