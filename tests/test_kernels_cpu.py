@@ -756,8 +756,9 @@ def test_groups_are_not_taken_where_they_lose():
 def test_grouped_planes_match_the_float64_truth(case, dtype, far, restore_threads):
     """Inference: near zero every channel's |mean|*invstd is at most 1 and the
     groups run y = x*s + (beta - mean*s); far from it (mean 1e3, std 1) they
-    keep the centered form, whose float32 accuracy the bound checks. Training:
-    each thread's channels G at a time, the last fewer than G a run at a time."""
+    keep the centered form, whose float32 accuracy the bound checks. Training
+    and the backward (with batch and with running statistics): each thread's
+    channels G at a time, the last fewer than G a run at a time."""
     shape, _ = GROUPED[case]
     c = shape[1]
     offset = 1e3 if far else 0.0
@@ -772,6 +773,13 @@ def test_grouped_planes_match_the_float64_truth(case, dtype, far, restore_thread
     train_truth = reference.normalize(
         x.double(), mean, torch.rsqrt(var + 1e-5), w.double(), b.double()
     )
+    dy = _make(shape, None, dtype, mean=0.5, std=1.0)
+    batch_invstd = torch.rsqrt(var + 1e-5)
+    running_invstd = torch.rsqrt(rv.double() + 1e-5)
+    grad_cases = (
+        (True, torch.stack([mean, batch_invstd]), (mean, batch_invstd)),
+        (False, torch.stack([rm.double(), running_invstd]), (rm.double(), running_invstd)),
+    )
     moved_mean, moved_var = rm.double(), rv.double()
     reference.update_running_stats(moved_mean, moved_var, mean, var, 0.1, x.numel() // c)
     for threads in (1, 2):
@@ -784,6 +792,14 @@ def test_grouped_planes_match_the_float64_truth(case, dtype, far, restore_thread
         _close_to_truth(f"training y, {threads} threads", y, train_truth, dtype)
         _close_to_truth("running mean", run_mean, moved_mean, F32)
         _close_to_truth("running var", run_var, moved_var, F32)
+        for batch_stats, stats, stats64 in grad_cases:
+            dx, dw, db = _cpu_native.backward(dy, x, w, stats, batch_stats)
+            dx_truth, dw_truth, db_truth = reference.backward(
+                dy.double(), x.double(), w.double(), *stats64, batch_stats
+            )
+            _close_to_truth(f"dx, {threads} threads, {batch_stats}", dx, dx_truth, dtype)
+            _close_to_truth("dweight", dw, dw_truth, F32)
+            _close_to_truth("dbias", db, db_truth, F32)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)

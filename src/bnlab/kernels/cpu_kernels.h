@@ -23,9 +23,12 @@
 //                       rows, a cache-sized panel at a time (few rows of a
 //                       wide period: (32, 4096), (256, 512)).
 // When a thread owns whole channels, a channel's second pass follows its
-// first while its data is still in cache, and no barrier is needed.
-// Inference has nothing to reduce: equal element or row ranges, or for
-// a few wide rows, column ranges.
+// first while its data is still in cache, and no barrier is needed. Planes
+// shorter than kPlaneMin that are not whole vectors (wide layers' 7x7 maps)
+// go G channels at a time, so that G planes of an image are whole vectors
+// (plane_groups.h).
+// Inference has nothing to reduce: equal element, group or row ranges, or
+// for a few wide rows, column ranges.
 //
 // Passes (n values per channel, xhat = (x - mean)*invstd):
 //   forward   sums of (x - K) and (x - K)^2, K a shift near the channel's mean;
@@ -70,6 +73,7 @@
 //   statistics.h       per-channel coefficients and statistics, the running
 //                      update, the sums
 //   planes.h           passes over one channel's contiguous runs
+//   plane_groups.h     short planes in groups that are whole vectors (7x7 to 4x5)
 //   rows.h             periodic rows: blocks, panels, the columns' channels
 //   row_sums.h         sums over periodic rows
 //   row_elementwise.h  the elementwise passes over periodic rows

@@ -9,37 +9,6 @@
 
 namespace {
 
-// The by-channel pass over channels [c0, c1) of short planes (by_groups), G
-// channels at a time: their statistics (channel_stats(c)), then their planes
-// image by image, G planes a group (plane_groups.h), still in cache from the
-// statistics' pass. Returns the first channel it left, fewer than G before c1.
-// Against a run at a time, the training forward ran 1.1-1.4x faster over
-// 16-bit 7x7, 6x6 and 4x5 planes, 1.2-1.8x over float32's, (32, 2048, 7, 7)
-// included (1.46-1.75x); fetching the next image's group of y ahead, as the
-// runs do, ran float32 0.72-0.9x and 16-bit no faster.
-template <typename S, typename ChannelStats>
-int64_t train_in_groups(const S* x, S* y, const float* w, const float* b, int64_t c0,
-                            int64_t c1, const Geometry& g, const Stats& stats,
-                            ChannelStats channel_stats, bool stream) {
-    const PlaneGroup pg(g);
-    float mh[kLanes] = {}, s[kLanes] = {}, bb[kLanes] = {};
-    int64_t c = c0;
-    for (; c + pg.G <= c1; c += pg.G) {
-        for (int64_t j = 0; j < pg.G; ++j) {
-            channel_stats(c + j);
-            const Affine<float> a = affine_of(stats.mean[c + j], stats.invstd[c + j], w, b, c + j);
-            mh[j] = a.mh;
-            s[j] = a.s;
-            bb[j] = a.b;
-        }
-        for (int64_t o = 0; o < g.outer; ++o) {
-            const int64_t off = (o * g.C + c) * g.inner;
-            normalize_group<S, true>(x + off, y + off, pg, mh, s, bb, stream);
-        }
-    }
-    return c;
-}
-
 template <typename S, typename T = Compute<S>>
 void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats, const Running& run,
                    double eps, const Geometry& g, int threads) {
@@ -72,8 +41,29 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                 };
                 int64_t c = c0;
                 if constexpr (std::is_same<T, float>::value) {
-                    if (by_groups<S>(g)) c = train_in_groups(x, y, w, b, c0, c1, g, stats,
-                                                                 channel_stats, stream);
+                    // Short planes: a block of channels' statistics, then the
+                    // block's planes image by image in groups (plane_groups.h).
+                    // Against a run at a time, 1.1-1.4x faster over 16-bit 7x7,
+                    // 6x6 and 4x5 planes, 1.2-1.8x over float32's, (32, 2048,
+                    // 7, 7) included (1.46-1.75x); fetching the next image's
+                    // group of y ahead, as the runs do, ran float32 0.72-0.9x
+                    // and 16-bit no faster.
+                    if (by_groups<S>(g)) {
+                        const PlaneGroup pg(g);
+                        T mh[kLanes] = {}, s[kLanes] = {}, bb[kLanes] = {};
+                        c = in_channel_groups(
+                            pg, g, c0, c1,
+                            [&](int64_t ch, int64_t j) {
+                                channel_stats(ch);
+                                const Affine<T> a = affine_of(stats.mean[ch], stats.invstd[ch], w, b, ch);
+                                mh[j] = a.mh;
+                                s[j] = a.s;
+                                bb[j] = a.b;
+                            },
+                            [&](int64_t off) {
+                                normalize_group<S, true>(x + off, y + off, pg, mh, s, bb, stream);
+                            });
+                    }
                 }
                 for (; c < c1; ++c) {
                     const bool next_out = ahead.writes && c + 1 < c1;

@@ -9,12 +9,14 @@
 // takes its own from those by one lane permutation (vpermps) per coefficient:
 // no branch on where planes end, no lane masks, no partial vectors.
 //
-// Inference (eval.h) and the training forward (forward.h) normalize so. Against
-// the straddling vectors of eval.h's normalize_range, inference ran 1.3-1.9x
-// faster over 16-bit 7x7, 6x6, 5x5 and 4x6 planes and float32 6x6 and 7x7 in
-// cache; 4x4 planes (G = 1: a group is one vector) ran 0.66-0.76x, so planes
-// that are whole vectors never group. Needs a one-instruction permutation
-// (AVX-512); elsewhere planes never group.
+// Every elementwise pass over such planes goes so: inference's (eval.h), the
+// training forward's (forward.h) and the backward's (backward.h); the last two
+// take a thread's channels G at a time. Against the straddling vectors of
+// eval.h's normalize_range, inference ran 1.3-1.9x faster over 16-bit 7x7,
+// 6x6, 5x5 and 4x6 planes and float32 6x6 and 7x7 in cache; 4x4 planes (G = 1:
+// a group is one vector) ran 0.66-0.76x, so planes that are whole vectors
+// never group. Needs a one-instruction permutation (AVX-512); elsewhere planes
+// never group.
 
 #pragma once
 
@@ -77,6 +79,50 @@ inline void normalize_group(const S* x, S* y, const PlaneGroup& pg, const float*
         const f32x16 v = centered ? ld(x + k * kLanes) - permute(gm, l) : ld(x + k * kLanes);
         store_out(y + k * kLanes, fused(v, permute(gs, l), permute(gb, l)), stream);
     }
+}
+
+// dx = a*dy + (c0 - (x - mh)*k) over one group of planes, whose channels'
+// coefficients are q.mh[0..G), q.a[0..G), ... (kLanes of each readable).
+struct GroupGradCoef {
+    float mh[kLanes] = {}, a[kLanes] = {}, k[kLanes] = {}, c0[kLanes] = {};
+    void set(int64_t j, const GradCoef<float>& q) {
+        mh[j] = q.mh;
+        a[j] = q.a;
+        k[j] = q.k;
+        c0[j] = q.c0;
+    }
+};
+
+template <typename S>
+inline void grad_group(const S* dy, const S* x, S* dx, const PlaneGroup& pg,
+                       const GroupGradCoef& q, bool stream) {
+    f32x16 gm, ga, gk, gc;
+    std::memcpy(&gm, q.mh, sizeof(gm));
+    std::memcpy(&ga, q.a, sizeof(ga));
+    std::memcpy(&gk, q.k, sizeof(gk));
+    std::memcpy(&gc, q.c0, sizeof(gc));
+    for (int64_t k = 0; k < pg.V; ++k) {
+        const i32x16 l = pg.lanes[k];
+        const f32x16 d = ld(x + k * kLanes) - permute(gm, l);
+        const f32x16 rest = fused(-d, permute(gk, l), permute(gc, l));
+        store_out(dx + k * kLanes, fused(ld(dy + k * kLanes), permute(ga, l), rest), stream);
+    }
+}
+
+// The by-channel passes over channels [c0, c1) of short planes, G channels at
+// a time: per_channel(c, j) for each channel of a block (j: its place in it),
+// then group(off) for every image's G planes of the block (off: where they
+// start), still in cache from the channels' sums. Returns the first channel
+// left, fewer than G before c1.
+template <typename PerChannel, typename Group>
+int64_t in_channel_groups(const PlaneGroup& pg, const Geometry& g, int64_t c0, int64_t c1,
+                          PerChannel per_channel, Group group) {
+    int64_t c = c0;
+    for (; c + pg.G <= c1; c += pg.G) {
+        for (int64_t j = 0; j < pg.G; ++j) per_channel(c + j, j);
+        for (int64_t o = 0; o < g.outer; ++o) group((o * g.C + c) * g.inner);
+    }
+    return c;
 }
 
 }  // namespace
