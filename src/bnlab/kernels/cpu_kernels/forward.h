@@ -3,9 +3,8 @@
 
 #pragma once
 
-#include "plane_groups.h"
+#include "eval.h"
 #include "row_sums.h"
-#include "row_elementwise.h"
 
 namespace {
 
@@ -18,6 +17,15 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
     const bool stream = numel * int64_t(sizeof(S)) >= kStreamBytes;
     const std::vector<T> K = shifts(x, g);
 
+    // Short planes in groups (plane_groups.h) whose output is neither in L2
+    // nor streamed: every channel's statistics first, then y in one pass over
+    // memory as inference writes it. A block of channels' planes at a time
+    // leaves its stores strided (an image apart, each line read before it is
+    // written): 16-bit (32, 2048, 7, 7) and (16, 2048, 7, 7) ran 1.04-1.13x
+    // faster so on one thread, 1.01-1.05x on two; float32 unchanged.
+    const bool stats_first = by_groups<S>(g) && !stream &&
+                             numel * int64_t(sizeof(S)) >= kBeyondL2Bytes &&
+                             split_of(g, sizeof(S), team) == kByChannel;
     if (g.planes()) {
         std::vector<double> partial;  // (threads, 2, C): element split only
         parallel(team, [&](const int t, const int T_) {
@@ -40,6 +48,10 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                     finish_channel(c, n, K.data(), s1, s2, eps, run, stats);
                 };
                 int64_t c = c0;
+                if (stats_first) {
+                    for (; c < c1; ++c) channel_stats(c);
+                    return;
+                }
                 if constexpr (std::is_same<T, float>::value) {
                     // Short planes: a block of channels' statistics, then the
                     // block's planes image by image in groups (plane_groups.h).
@@ -102,6 +114,7 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                 });
             }
         });
+        if (stats_first) normalize(x, y, w, b, stats.mean, stats.invstd, g, threads);
         return;
     }
 
