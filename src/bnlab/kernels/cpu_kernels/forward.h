@@ -17,15 +17,10 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
     const bool stream = numel * int64_t(sizeof(S)) >= kStreamBytes;
     const std::vector<T> K = shifts(x, g);
 
-    // Short planes in groups (plane_groups.h) whose output is neither in L2
-    // nor streamed: every channel's statistics first, then y in one pass over
-    // memory as inference writes it. A block of channels' planes at a time
-    // leaves its stores strided (an image apart, each line read before it is
-    // written): 16-bit (32, 2048, 7, 7) and (16, 2048, 7, 7) ran 1.04-1.13x
-    // faster so on one thread, 1.01-1.05x on two; float32 unchanged.
-    const bool stats_first = by_groups<S>(g) && !stream &&
-                             numel * int64_t(sizeof(S)) >= kBeyondL2Bytes &&
-                             split_of(g, sizeof(S), team) == kByChannel;
+    // Short planes in groups beyond L2, not streamed (plane_groups.h's
+    // sums_first): 16-bit (32, 2048, 7, 7) and (16, 2048, 7, 7) ran 1.04-1.13x
+    // faster so on one thread, 1.01-1.05x on two; float32 no faster.
+    const bool stats_first = sums_first<S>(g, team);
     if (g.planes()) {
         std::vector<double> partial;  // (threads, 2, C): element split only
         parallel(team, [&](const int t, const int T_) {
