@@ -185,8 +185,12 @@ inline f32x16 half16_to_float(u16x16 h) {
 
 inline u16x16 float_to_half16(f32x16 v) {
 #if defined(__AVX512F__)
-    const __m256i r = _mm512_cvtps_ph((__m512)v,
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256i r = _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // Into a register, then stored: GCC folds a store that follows into
+    // vcvtps2ph's memory form, which ran at half the rate on an AMD Zen 4
+    // (1.08 against 0.58 ns per 16 values written to L1). The empty asm
+    // hides where r goes next.
+    asm("" : "+v"(r));
     return (u16x16)r;
 #elif defined(__F16C__)
     __m256 lo, hi;
