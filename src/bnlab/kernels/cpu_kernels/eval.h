@@ -28,10 +28,10 @@ void running_stats(const R* __restrict rm, const R* __restrict rv, int64_t C, do
 //     run by run, each run's whole lines streamed (streamed_run), as training
 //     writes them, which measured faster there (56x56 16-bit inference
 //     1.14-1.49x, 28x28 0.99-1.05x; float32 14x14 planes ran 0.58x so);
-//   - for planes shorter than kShortPlane: there a run's overlapping last
-//     vector and the call per run cost more than the straddling vectors (7x7
-//     inference 1.05-1.07x faster, 6x6 1.33x; 10x10 and 14x14 16-bit planes
-//     ran 0.87-0.94x);
+//   - for planes shorter than kShortPlane that do not go in groups
+//     (plane_groups.h): there a run's overlapping last vector and the call
+//     per run cost more than the straddling vectors (7x7 inference 1.05-1.07x
+//     faster, 6x6 1.33x; 10x10 and 14x14 16-bit planes ran 0.87-0.94x);
 //   - where a float32 or float64 vector is whole cache lines, runs are not
 //     whole vectors, and the tensor is too large for the caches to hold with
 //     its output (kStreamBytes): run by run, nearly every vector would then
