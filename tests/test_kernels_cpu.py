@@ -648,6 +648,20 @@ def test_every_16_bit_value_converts_both_ways(dtype):
     assert not changed.any(), x[changed][:8]
 
 
+def _inference_case(shape, fmt, dtype, far):
+    """x near zero or far from it (mean 1e3, std 1), parameters, running buffers
+    near x's mean, and inference's float64 truth."""
+    c = shape[1]
+    offset = 1e3 if far else 0.0
+    x = _make(shape, fmt, dtype, mean=offset, std=1.0)
+    w, b = _params(c, F32)
+    rm = (torch.rand(c, dtype=F64) * 0.5 + offset).float()
+    rv = torch.rand(c, dtype=F64).add(0.5).float()
+    invstd = torch.rsqrt(rv.double() + 1e-5)
+    truth = reference.normalize(x.double(), rm.double(), invstd, w.double(), b.double())
+    return x, w, b, rm, rv, truth
+
+
 @pytest.mark.parametrize(
     "shape, fmt", [((40, 256, 16, 16), "cl"), ((64, 2048), None)], ids=["cl-512B-rows", "NC-wide"]
 )
@@ -657,15 +671,8 @@ def test_inference_rows_keep_float32_accuracy_near_and_far_from_zero(shape, fmt,
     |mean|*invstd is at most 1, and the centered (x - mh)*s + b otherwise: the
     uncentered form far from zero (mean 1e3, std 1) would be off by about
     1e3 * 2^-24 * |w|, several times the bound; near zero both hold it."""
-    c = shape[1]
-    offset = 1e3 if far else 0.0
-    x = _make(shape, fmt, F32, mean=offset, std=1.0)
-    w, b = _params(c, F32)
-    rm = (torch.rand(c, dtype=F64) * 0.5 + offset).float()
-    rv = torch.rand(c, dtype=F64).add(0.5).float()
+    x, w, b, rm, rv, truth = _inference_case(shape, fmt, F32, far)
     y, _ = _cpu_native.forward_eval(x, w, b, rm, rv, 1e-5, False)
-    invstd = torch.rsqrt(rv.double() + 1e-5)
-    truth = reference.normalize(x.double(), rm.double(), invstd, w.double(), b.double())
     _close_to_truth("eval y", y, truth, F32)
 
 
@@ -687,21 +694,38 @@ def test_one_channel_far_from_zero_keeps_the_centered_form(far_channel):
     _close_to_truth("eval y", y[:, far_channel], truth[:, far_channel], F32)
 
 
-@pytest.mark.parametrize(
-    "inner_shape", [(7, 7), (13, 23), (229, 231)], ids=["7x7", "13x23", "229x231"]
-)
+# (inner shape, channels, inference's traversal; None: whichever the CPU allows)
+STREAMED_EVAL = {
+    "7x7-rows": ((7, 7), 8, "rows by row"),
+    "7x7-groups": ((7, 7), 128, None),
+    "13x23": ((13, 23), 8, None),
+    "229x231": ((229, 231), 8, None),
+}
+
+
+@pytest.mark.parametrize("case", list(STREAMED_EVAL))
 @pytest.mark.parametrize("dtype", [F32, *HALF], ids=str)
-def test_streamed_planes_match_the_float64_truth(inner_shape, dtype):
-    """Above STREAM_EVAL_BYTES, inference writes a thread's planes as one range of aligned
-    vectors, blending two planes' coefficients where a vector straddles them (7×7 planes
-    straddle in almost every vector), or, for 16-bit planes of 512 bytes or more, run by
-    run, each run's whole lines streamed and its part lines at both ends stored (13×23
-    runs are 598 bytes); 13×23 and 229×231 planes start at every alignment."""
-    per_row = dtype.itemsize * 8 * torch.Size(inner_shape).numel()
-    shape = (_build.native().STREAM_EVAL_BYTES // per_row + 1, 8, *inner_shape)
-    x = _make(shape, None, dtype)
-    w, b = _params(8, F32)
-    rm, rv = _buffers(8, F32)
+def test_streamed_inference_matches_the_float64_truth(case, dtype):
+    """Above STREAM_EVAL_BYTES, inference writes around the caches: 7×7 planes of
+    8 channels as periodic rows (a 392-value period); of 128 channels in groups of
+    16 planes where the CPU permutes lanes (16-bit; float32 of that size goes by
+    range), else as one range of aligned vectors, blending two planes'
+    coefficients where a vector straddles them, as for 13×23 float32 planes; and
+    16-bit planes of 512 bytes or more run by run, each run's whole lines
+    streamed and its part lines at both ends stored (13×23 runs are 598 bytes);
+    13×23 and 229×231 planes start at every alignment."""
+    inner_shape, c, traversal = STREAMED_EVAL[case]
+    per_image = dtype.itemsize * c * torch.Size(inner_shape).numel()
+    x = _make((_build.native().STREAM_EVAL_BYTES // per_image + 1, c, *inner_shape), None, dtype)
+    if traversal is not None:
+        assert _cpu_native.inference_plan(x)[0] == traversal
+    if case == "7x7-groups":
+        grouped = dtype in HALF and _build.native().PLANE_GROUPS
+        assert _cpu_native.inference_plan(x)[0] == (
+            "planes in groups" if grouped else "planes by range"
+        )
+    w, b = _params(c, F32)
+    rm, rv = _buffers(c, F32)
     y, _ = _cpu_native.forward_eval(x, w, b, rm, rv, 1e-5, False)
     truth = reference.normalize(
         x.double(), rm.double(), torch.rsqrt(rv.double() + 1e-5), w.double(), b.double()
@@ -764,14 +788,7 @@ def test_grouped_planes_match_the_float64_truth(case, dtype, far, restore_thread
     channels G at a time, the last fewer than G a run at a time."""
     shape, _ = GROUPED[case]
     c = shape[1]
-    offset = 1e3 if far else 0.0
-    x = _make(shape, None, dtype, mean=offset, std=1.0)
-    w, b = _params(c, F32)
-    rm = (torch.rand(c, dtype=F64) * 0.5 + offset).float()
-    rv = torch.rand(c, dtype=F64).add(0.5).float()
-    truth = reference.normalize(
-        x.double(), rm.double(), torch.rsqrt(rv.double() + 1e-5), w.double(), b.double()
-    )
+    x, w, b, rm, rv, truth = _inference_case(shape, None, dtype, far)
     mean, var = reference.batch_stats(x.double())
     train_truth = reference.normalize(
         x.double(), mean, torch.rsqrt(var + 1e-5), w.double(), b.double()
@@ -803,18 +820,3 @@ def test_grouped_planes_match_the_float64_truth(case, dtype, far, restore_thread
             _close_to_truth(f"dx, {threads} threads, {batch_stats}", dx, dx_truth, dtype)
             _close_to_truth("dweight", dw, dw_truth, F32)
             _close_to_truth("dbias", db, db_truth, F32)
-
-
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_streamed_groups_match_the_float64_truth(dtype):
-    """16-bit 7x7 planes over STREAM_EVAL_BYTES: groups written around the caches."""
-    per_image = dtype.itemsize * 128 * 49
-    x = _make((_build.native().STREAM_EVAL_BYTES // per_image + 1, 128, 7, 7), None, dtype)
-    assert _cpu_native.inference_plan(x)[0] == _grouped_traversal()
-    w, b = _params(128, F32)
-    rm, rv = _buffers(128, F32)
-    y, _ = _cpu_native.forward_eval(x, w, b, rm, rv, 1e-5, False)
-    truth = reference.normalize(
-        x.double(), rm.double(), torch.rsqrt(rv.double() + 1e-5), w.double(), b.double()
-    )
-    _close_to_truth("eval y", y, truth, dtype)
