@@ -62,7 +62,8 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                             pg, g, c0, c1,
                             [&](int64_t ch, int64_t j) {
                                 channel_stats(ch);
-                                const Affine<T> a = affine_of(stats.mean[ch], stats.invstd[ch], w, b, ch);
+                                const Affine<T> a =
+                                    affine_of(stats.mean[ch], stats.invstd[ch], w, b, ch);
                                 mh[j] = a.mh;
                                 s[j] = a.s;
                                 bb[j] = a.b;

@@ -81,8 +81,8 @@ inline void normalize_group(const S* x, S* y, const PlaneGroup& pg, const float*
     }
 }
 
-// dx = a*dy + (c0 - (x - mh)*k) over one group of planes, whose channels'
-// coefficients are q.mh[0..G), q.a[0..G), ... (kLanes of each readable).
+// The gradient coefficients of a group's G channels (grad_coef's), a vector's
+// worth of each.
 struct GroupGradCoef {
     float mh[kLanes] = {}, a[kLanes] = {}, k[kLanes] = {}, c0[kLanes] = {};
     void set(int64_t j, const GradCoef<float>& q) {
@@ -93,6 +93,8 @@ struct GroupGradCoef {
     }
 };
 
+// dx = a*dy + (c0 - (x - mh)*k) over one group of planes with its channels'
+// coefficients q.
 template <typename S>
 inline void grad_group(const S* dy, const S* x, S* dx, const PlaneGroup& pg,
                        const GroupGradCoef& q, bool stream) {
