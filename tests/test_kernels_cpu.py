@@ -820,3 +820,15 @@ def test_grouped_planes_match_the_float64_truth(case, dtype, far, restore_thread
             _close_to_truth(f"dx, {threads} threads, {batch_stats}", dx, dx_truth, dtype)
             _close_to_truth("dweight", dw, dw_truth, F32)
             _close_to_truth("dbias", db, db_truth, F32)
+
+
+def test_portable_build_keeps_short_planes_by_range(portable_kernels, monkeypatch):
+    """Without AVX-512 (here: no -march flags) there is no one-instruction lane
+    permutation: short planes go by range, and match the truth as the groups do."""
+    monkeypatch.setattr(_build, "_module", portable_kernels)
+    assert portable_kernels.PLANE_GROUPS == 0
+    shape, _ = GROUPED["7x7-wrapping-12-left"]
+    x, w, b, rm, rv, truth = _inference_case(shape, None, torch.float16, far=False)
+    assert _cpu_native.inference_plan(x)[0] == "planes by range"
+    y, _ = _cpu_native.forward_eval(x, w, b, rm, rv, 1e-5, False)
+    _close_to_truth("eval y", y, truth, torch.float16)
