@@ -735,7 +735,8 @@ def test_streamed_inference_matches_the_float64_truth(case, dtype):
 
 # Inference over planes shorter than 64 values that are not whole vectors goes
 # in groups of G planes, G*inner values being whole vectors, each vector's
-# coefficients permuted from the group's G channels (eval.h, normalize_groups).
+# coefficients permuted from the group's G channels (plane_groups.h); so do the
+# training forward and the backward, a thread's channels G at a time.
 # (shape, planes in a group): groups that wrap past the last channel (C not a
 # multiple of G) and planes left after the last whole group, or neither.
 GROUPED = {
@@ -762,8 +763,9 @@ def test_short_planes_go_in_groups_where_the_cpu_permutes_lanes(dtype):
 
 
 def test_groups_are_not_taken_where_they_lose():
-    """float64 (two vectors a lane set), whole-vector planes (4x4: a group would
-    be one vector), and float32 of STREAM_BYTES or more stay by range."""
+    """float64 (16 doubles are two registers: no one-instruction permutation),
+    whole-vector planes (4x4: a group would be one vector), and float32 of
+    STREAM_BYTES or more stay by range."""
     big = _build.native().STREAM_BYTES // (4 * 2048 * 49) + 1
     for shape, dtype in (
         ((3, 100, 7, 7), F64),
