@@ -88,6 +88,17 @@ def graph_targets() -> tuple[set[str], object]:
     return seen, backend
 
 
+def step_matches_eager(eager, step, x, atol: float, grad_atol: float) -> None:
+    """One training step of ``eager`` and of ``step`` (its compiled twin) on copies of x:
+    outputs agree within atol and input gradients within grad_atol (rtol the same)."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = eager(xa), step(xb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    torch.testing.assert_close(ya, yb, atol=atol, rtol=atol)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=grad_atol, rtol=grad_atol)
+
+
 def compiled_training_matches_eager(device: str = "cpu"):
     """Two training steps of a BatchNorm2d eagerly and under torch.compile(fullgraph=True,
     aot_eager): outputs, input gradients, running buffers and weight gradients agree.
@@ -97,12 +108,7 @@ def compiled_training_matches_eager(device: str = "cpu"):
     step = torch.compile(compiled, fullgraph=True, backend="aot_eager")
     for _ in range(2):
         x = torch.randn(4, 3, 5, 5, device=device) * 2 + 1
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = eager(xa), step(xb)
-        ya.square().sum().backward()
-        yb.square().sum().backward()
-        torch.testing.assert_close(ya, yb, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-5)
+        step_matches_eager(eager, step, x, atol=1e-6, grad_atol=1e-5)
     torch.testing.assert_close(eager.running_var, compiled.running_var)
     torch.testing.assert_close(eager.weight.grad, compiled.weight.grad, atol=1e-5, rtol=1e-5)
     return eager, compiled, step

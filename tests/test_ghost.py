@@ -19,6 +19,7 @@ from torch.func import functional_call, jacrev, jvp, stack_module_state, vmap
 import bnlab.nn
 
 from ._twins import F64, randomize_
+from .conftest import step_matches_eager
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -257,12 +258,7 @@ def test_compile_fullgraph_training():
     step = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
     for i in range(3):
         x = _randn(8, 3, 3, 3, seed=i).float()
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = eager(xa), step(xb)
-        ya.square().sum().backward()
-        yb.square().sum().backward()
-        torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(xa.grad, xb.grad, atol=1e-4, rtol=1e-4)
+        step_matches_eager(eager, step, x, atol=1e-5, grad_atol=1e-4)
     for a, b in zip(
         eager.state_dict().values(), compiled_module.state_dict().values(), strict=True
     ):
