@@ -70,39 +70,22 @@ void backward(const S* dy, const S* x, S* dx, const T* w, const double* mean, co
                             });
                     }
                 }
-                for (; c < c1; ++c) {
-                    const bool next_out = ahead.writes && c + 1 < c1;
-                    channel_sums(c);
-                    for (int64_t o = 0; o < g.outer; ++o) {
-                        const int64_t off = (o * C + c) * inner;
-                        if (next_out) prefetch_run(dx + off + inner, inner, true);
-                        grad_run(dy + off, x + off, dx + off, inner, coef[c], stream);
-                    }
-                }
+                channels_run_by_run(c, c1, g, dx, ahead.writes, channel_sums, [&](int64_t ch) {
+                    const GradCoef<T> q = coef[ch];
+                    return [=](int64_t off) {
+                        grad_run(dy + off, x + off, dx + off, inner, q, stream);
+                    };
+                });
             } else {
-#pragma omp single
-                partial.assign(size_t(T_) * 2 * C, 0.0);
-                std::vector<Sums<T>> sums(C);
-                int64_t e0, e1;
-                split(numel, t, T_, kAlign, &e0, &e1);
-                for_plane_pieces(g, e0, e1, [&](int64_t c, int64_t off, int64_t len) {
-                    grad_sums(dy + off, x + off, len, coef[c].mh, sums[c]);
-                });
-                double* mine = partial.data() + int64_t(t) * 2 * C;
-                for (int64_t c = 0; c < C; ++c) sums[c].add_to(mine + c, mine + C + c);
-#pragma omp barrier
-#pragma omp single
-                for (int64_t c = 0; c < C; ++c) {
-                    double sdy = 0, sdyx = 0;
-                    for (int u = 0; u < T_; ++u) {
-                        sdy += partial[u * 2 * C + c];
-                        sdyx += partial[u * 2 * C + C + c];
-                    }
-                    finish(c, sdy, sdyx);
-                }
-                for_plane_pieces(g, e0, e1, [&](int64_t c, int64_t off, int64_t len) {
-                    grad_run(dy + off, x + off, dx + off, len, coef[c], stream);
-                });
+                planes_by_element<T>(
+                    g, t, T_, partial,
+                    [&](int64_t c, int64_t off, int64_t len, Sums<T>& sums) {
+                        grad_sums(dy + off, x + off, len, coef[c].mh, sums);
+                    },
+                    finish,
+                    [&](int64_t c, int64_t off, int64_t len) {
+                        grad_run(dy + off, x + off, dx + off, len, coef[c], stream);
+                    });
             }
         });
         return;

@@ -73,41 +73,23 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                             });
                     }
                 }
-                for (; c < c1; ++c) {
-                    const bool next_out = ahead.writes && c + 1 < c1;
-                    channel_stats(c);
-                    const Affine<T> a = affine_of(stats.mean[c], stats.invstd[c], w, b, c);
-                    for (int64_t o = 0; o < g.outer; ++o) {
-                        const int64_t off = (o * C + c) * inner;
-                        if (next_out) prefetch_run(y + off + inner, inner, true);
-                        normalize_run(x + off, y + off, inner, a, stream);
-                    }
-                }
+                channels_run_by_run(c, c1, g, y, ahead.writes, channel_stats, [&](int64_t ch) {
+                    const Affine<T> a = affine_of(stats.mean[ch], stats.invstd[ch], w, b, ch);
+                    return [=](int64_t off) { normalize_run(x + off, y + off, inner, a, stream); };
+                });
             } else {
-#pragma omp single
-                partial.assign(size_t(T_) * 2 * C, 0.0);
-                std::vector<Sums<T>> sums(C);
-                int64_t e0, e1;
-                split(numel, t, T_, kAlign, &e0, &e1);
-                for_plane_pieces(g, e0, e1, [&](int64_t c, int64_t off, int64_t len) {
-                    shifted_sums(x + off, len, K[c], sums[c]);
-                });
-                double* mine = partial.data() + int64_t(t) * 2 * C;
-                for (int64_t c = 0; c < C; ++c) sums[c].add_to(mine + c, mine + C + c);
-#pragma omp barrier
-#pragma omp single
-                for (int64_t c = 0; c < C; ++c) {
-                    double s1 = 0, s2 = 0;
-                    for (int u = 0; u < T_; ++u) {
-                        s1 += partial[u * 2 * C + c];
-                        s2 += partial[u * 2 * C + C + c];
-                    }
-                    finish_channel(c, n, K.data(), s1, s2, eps, run, stats);
-                }
-                for_plane_pieces(g, e0, e1, [&](int64_t c, int64_t off, int64_t len) {
-                    normalize_run(x + off, y + off, len,
-                                  affine_of(stats.mean[c], stats.invstd[c], w, b, c), stream);
-                });
+                planes_by_element<T>(
+                    g, t, T_, partial,
+                    [&](int64_t c, int64_t off, int64_t len, Sums<T>& sums) {
+                        shifted_sums(x + off, len, K[c], sums);
+                    },
+                    [&](int64_t c, double s1, double s2) {
+                        finish_channel(c, n, K.data(), s1, s2, eps, run, stats);
+                    },
+                    [&](int64_t c, int64_t off, int64_t len) {
+                        normalize_run(x + off, y + off, len,
+                                      affine_of(stats.mean[c], stats.invstd[c], w, b, c), stream);
+                    });
             }
         });
         if (stats_first) normalize(x, y, w, b, stats.mean, stats.invstd, g, threads);

@@ -201,6 +201,25 @@ void grad_run(const S* dy, const S* x, S* dx, int64_t len, GradCoef<T> q, bool s
         [&](int64_t i) { return up(dy[i]) * q.a + (q.c0 - (up(x[i]) - q.mh) * q.k); });
 }
 
+// The by-channel passes' channels [c, c1), one at a time: sums(c) (the
+// channel's sums over its runs, and what follows from them), then run(off) over
+// each of its runs for run = elementwise(c), the next channel's runs of `out`
+// fetched ahead for writing where `fetch_out` says (FetchAhead::writes).
+template <typename S, typename ChannelSums, typename Elementwise>
+inline void channels_run_by_run(int64_t c, int64_t c1, const Geometry& g, const S* out,
+                                bool fetch_out, ChannelSums sums, Elementwise elementwise) {
+    for (; c < c1; ++c) {
+        const bool next_out = fetch_out && c + 1 < c1;
+        sums(c);
+        const auto run = elementwise(c);
+        for (int64_t o = 0; o < g.outer; ++o) {
+            const int64_t off = (o * g.C + c) * g.inner;
+            if (next_out) prefetch_run(out + off + g.inner, g.inner, true);
+            run(off);
+        }
+    }
+}
+
 // fn(channel, offset, length) for the pieces of planes inside elements [e0, e1).
 template <typename F>
 inline void for_plane_pieces(const Geometry& g, int64_t e0, int64_t e1, F fn) {
@@ -210,6 +229,38 @@ inline void for_plane_pieces(const Geometry& g, int64_t e0, int64_t e1, F fn) {
         fn(plane % g.C, e, stop - e);
         e = stop;
     }
+}
+
+// The by-element split of a pass over planes, as thread t of T runs it inside
+// the team's parallel region: equal element ranges; sum(c, off, len, sums)
+// into the thread's per-channel sums over its pieces of planes; after a
+// barrier, one thread combines every thread's (through `partial`, shared:
+// (T, 2, C) in float64) and calls finish(c, s1, s2) for each channel; then
+// elementwise(c, off, len) over the thread's pieces.
+template <typename T, typename Sum, typename Finish, typename Elementwise>
+void planes_by_element(const Geometry& g, int t, int T_, std::vector<double>& partial, Sum sum,
+                       Finish finish, Elementwise elementwise) {
+    const int64_t C = g.C;
+#pragma omp single
+    partial.assign(size_t(T_) * 2 * C, 0.0);
+    std::vector<Sums<T>> sums(C);
+    int64_t e0, e1;
+    split(g.numel(), t, T_, kAlign, &e0, &e1);
+    for_plane_pieces(g, e0, e1,
+                     [&](int64_t c, int64_t off, int64_t len) { sum(c, off, len, sums[c]); });
+    double* mine = partial.data() + int64_t(t) * 2 * C;
+    for (int64_t c = 0; c < C; ++c) sums[c].add_to(mine + c, mine + C + c);
+#pragma omp barrier
+#pragma omp single
+    for (int64_t c = 0; c < C; ++c) {
+        double s1 = 0, s2 = 0;
+        for (int u = 0; u < T_; ++u) {
+            s1 += partial[u * 2 * C + c];
+            s2 += partial[u * 2 * C + C + c];
+        }
+        finish(c, s1, s2);
+    }
+    for_plane_pieces(g, e0, e1, elementwise);
 }
 
 }  // namespace
