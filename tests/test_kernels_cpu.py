@@ -834,3 +834,18 @@ def test_portable_build_keeps_short_planes_by_range(portable_kernels, monkeypatc
     assert _cpu_native.inference_plan(x)[0] == "planes by range"
     y, _ = _cpu_native.forward_eval(x, w, b, rm, rv, 1e-5, False)
     _close_to_truth("eval y", y, truth, torch.float16)
+
+
+@pytest.mark.parametrize("name", ["plan", "inference_plan"])
+def test_plans_name_bad_arguments(name):
+    """The raw plan functions (outer, C, inner, dtype code, threads) refuse sizes or
+    threads below 1, unknown dtype codes and a wrong argument count, naming the
+    function or the code."""
+    query = getattr(_build.native(), name)
+    for args in ((0, 4, 49, 0, 2), (2, 4, 49, 0, 0), (2, -1, 49, 0, 2)):
+        with pytest.raises(ValueError, match=f"{name}: sizes and threads must be positive"):
+            query(*args)
+    with pytest.raises(ValueError, match="unknown dtype code 9"):
+        query(2, 4, 49, 9, 2)
+    with pytest.raises(TypeError, match=f"{name} expects 5 arguments, got 4"):
+        query(2, 4, 49, 0)
