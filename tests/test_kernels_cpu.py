@@ -744,6 +744,9 @@ GROUPED = {
     "6x6-one-left": ((5, 333, 6, 6), 4),
     "5x5-whole-groups": ((4, 176, 5, 5), 16),
     "3x7-wrapping": ((7, 205, 3, 7), 16),
+    # More images than a block of sums (kBlock = 16) takes in float32: the
+    # sums go down the images in three blocks, one of them short.
+    "6x6-three-image-blocks": ((40, 122, 6, 6), 4),
     # Beyond L2 (2 MiB) and not streamed (under 8 MiB) in every dtype: training
     # takes every channel's statistics first, then y as inference writes it.
     "7x7-beyond-L2": ((24, 1000, 7, 7), 16),

@@ -74,6 +74,7 @@
 //                      update, the sums
 //   planes.h           passes over one channel's contiguous runs
 //   plane_groups.h     short planes in groups that are whole vectors (7x7 to 4x5)
+//   plane_group_sums.h their sums, vector position by vector position
 //   rows.h             periodic rows: blocks, panels, the columns' channels
 //   row_sums.h         sums over periodic rows
 //   row_elementwise.h  the elementwise passes over periodic rows

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "eval.h"
+#include "plane_group_sums.h"
 #include "row_sums.h"
 
 namespace {
@@ -18,8 +19,8 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
     const std::vector<T> K = shifts(x, g);
 
     // Short planes in groups beyond L2, not streamed (plane_groups.h's
-    // sums_first): 16-bit (32, 2048, 7, 7) and (16, 2048, 7, 7) ran 1.04-1.13x
-    // faster so on one thread, 1.01-1.05x on two; float32 no faster.
+    // sums_first): 16-bit (32, 2048, 7, 7) and (16, 2048, 7, 7) ran 1.15-1.2x
+    // faster so than a block at a time on one thread, 1.08-1.14x on two.
     const bool stats_first = sums_first<S>(g, team);
     if (g.planes()) {
         std::vector<double> partial;  // (threads, 2, C): element split only
@@ -43,35 +44,44 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                     finish_channel(c, n, K.data(), s1, s2, eps, run, stats);
                 };
                 int64_t c = c0;
-                if (stats_first) {
-                    for (; c < c1; ++c) channel_stats(c);
-                    return;
-                }
                 if constexpr (std::is_same<T, float>::value) {
-                    // Short planes: a block of channels' statistics, then the
-                    // block's planes image by image in groups (plane_groups.h).
-                    // Against a run at a time, 1.1-1.4x faster over 16-bit 7x7,
-                    // 6x6 and 4x5 planes, 1.2-1.8x over float32's, (32, 2048,
-                    // 7, 7) included (1.46-1.75x); fetching the next image's
-                    // group of y ahead, as the runs do, ran float32 0.72-0.9x
-                    // and 16-bit no faster.
+                    // Short planes: a block of G channels' statistics at a
+                    // time (plane_group_sums.h), then, unless every channel's
+                    // statistics come first, the block's planes image by image
+                    // in groups (plane_groups.h). Against a run at a time, the
+                    // groups' y ran 1.1-1.4x faster over 16-bit 7x7, 6x6 and
+                    // 4x5 planes, 1.2-1.8x over float32's, (32, 2048, 7, 7)
+                    // included (1.46-1.75x); fetching the next image's group
+                    // of y ahead, as the runs do, ran float32 0.72-0.9x and
+                    // 16-bit no faster.
                     if (by_groups<S>(g)) {
                         const PlaneGroup pg(g);
-                        T mh[kLanes] = {}, s[kLanes] = {}, bb[kLanes] = {};
-                        c = in_channel_groups(
-                            pg, g, c0, c1,
-                            [&](int64_t ch, int64_t j) {
-                                channel_stats(ch);
+                        const ShiftedTerms<S> terms{x};
+                        T Kg[kLanes] = {}, mh[kLanes] = {}, s[kLanes] = {}, bb[kLanes] = {};
+                        double s1[kLanes], s2[kLanes];
+                        auto block_stats = [&](int64_t c) {
+                            for (int64_t j = 0; j < pg.G; ++j) Kg[j] = K[c + j];
+                            group_sums(terms, pg, g, c, Kg, ahead.reads, s1, s2);
+                            for (int64_t j = 0; j < pg.G; ++j) {
+                                finish_channel(c + j, n, K.data(), s1[j], s2[j], eps, run, stats);
                                 const Affine<T> a =
-                                    affine_of(stats.mean[ch], stats.invstd[ch], w, b, ch);
+                                    affine_of(stats.mean[c + j], stats.invstd[c + j], w, b, c + j);
                                 mh[j] = a.mh;
                                 s[j] = a.s;
                                 bb[j] = a.b;
-                            },
-                            [&](int64_t off) {
+                            }
+                        };
+                        if (stats_first)
+                            for (; c + pg.G <= c1; c += pg.G) block_stats(c);
+                        else
+                            c = in_channel_groups(pg, g, c0, c1, block_stats, [&](int64_t off) {
                                 normalize_group<S, true>(x + off, y + off, pg, mh, s, bb, stream);
                             });
                     }
+                }
+                if (stats_first) {
+                    for (; c < c1; ++c) channel_stats(c);
+                    return;
                 }
                 channels_run_by_run(c, c1, g, y, ahead.writes, channel_stats, [&](int64_t ch) {
                     const Affine<T> a = affine_of(stats.mean[ch], stats.invstd[ch], w, b, ch);

@@ -124,16 +124,16 @@ bool sums_first(const Geometry& g, int team) {
 }
 
 // The by-channel passes over channels [c0, c1) of short planes, G channels at
-// a time: per_channel(c, j) for each channel of a block (j: its place in it),
-// then group(off) for every image's G planes of the block (off: where they
-// start), still in cache from the channels' sums. Returns the first channel
-// left, fewer than G before c1.
-template <typename PerChannel, typename Group>
+// a time: block(c) for each block of G channels from c (their sums and
+// coefficients), then group(off) for every image's G planes of the block
+// (off: where they start), still in cache from the block's sums. Returns the
+// first channel left, fewer than G before c1.
+template <typename Block, typename Group>
 int64_t in_channel_groups(const PlaneGroup& pg, const Geometry& g, int64_t c0, int64_t c1,
-                          PerChannel per_channel, Group group) {
+                          Block block, Group group) {
     int64_t c = c0;
     for (; c + pg.G <= c1; c += pg.G) {
-        for (int64_t j = 0; j < pg.G; ++j) per_channel(c + j, j);
+        block(c);
         for (int64_t o = 0; o < g.outer; ++o) group((o * g.C + c) * g.inner);
     }
     return c;
