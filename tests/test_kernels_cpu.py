@@ -342,17 +342,22 @@ def restore_threads():
 SPLITS = {
     "planes-by-channel": ((16, 6, 32, 32), None, "planes by channel"),
     "planes-by-element": ((16, 3, 48, 48), None, "planes by element"),
-    "wide-7x7-planes": ((16, 96, 7, 7), None, "planes by channel"),
+    # Short planes in groups (plane_groups.h; by channel where the build has
+    # no lane permutation): 7x7, and float32's 10x10 from 16 images, 2 of
+    # each thread's 65 channels after its last whole group of 4.
+    "wide-7x7-planes": ((16, 96, 7, 7), None, "planes by channel in groups"),
+    "10x10-planes-in-groups": ((16, 130, 10, 10), None, "planes by channel in groups"),
     "rows-by-row": ((64, 16, 16, 16), "cl", "rows by row"),
     "rows-by-row-tail": ((13109, 5), None, "rows by row"),
     "rows-by-column": ((64, 2048), None, "rows by column"),
     "rows-by-column-inner3": ((64, 512, 3), None, "rows by column"),
     "rows-by-column-cl": ((8, 1024, 3, 3), "cl", "rows by column"),
     # Large enough for the paths memory-bound tensors take: the next channel's
-    # 14x14 runs fetched ahead (over 2 MiB); 512-byte rows streamed by the sums
+    # 14x14 runs fetched ahead (over 2 MiB; float32 takes them in groups, every
+    # channel's statistics first); 512-byte rows streamed by the sums
     # (a thread's share over 1 MiB in 16 bits) and, over 8 MiB, by inference
     # row by row; wide rows summed four at a time with the next four fetched.
-    "planes-fetched-ahead": ((16, 512, 14, 14), None, "planes by channel"),
+    "planes-fetched-ahead": ((16, 512, 14, 14), None, "planes by channel in groups"),
     "rows-streamed-cl": ((40, 256, 16, 16), "cl", "rows by row"),
     "wide-rows-by-row": ((1024, 1024), None, "rows by row"),
     # Over STREAM_BYTES in every dtype, with runs of 299 values (598 to 2392
@@ -396,11 +401,14 @@ def _close_to_truth(name, got, truth, dtype):
 @pytest.mark.parametrize("case", list(SPLITS))
 def test_each_split_is_chosen_where_it_pays(case):
     shape, fmt, split = SPLITS[case]
+    if not _build.native().PLANE_GROUPS:
+        split = split.removesuffix(" in groups")
     x = _make(shape, fmt, F32)
     assert _cpu_native.plan(x, threads=2) == (split, 2)
     # One thread owns everything: planes go channel by channel.
     if split.startswith("planes"):
-        assert _cpu_native.plan(x, threads=1) == ("planes by channel", 1)
+        by_channel = split if split.endswith("in groups") else "planes by channel"
+        assert _cpu_native.plan(x, threads=1) == (by_channel, 1)
 
 
 def test_streamed_split_is_streamed_in_every_dtype():
@@ -780,6 +788,30 @@ def test_groups_are_not_taken_where_they_lose():
     assert _cpu_native.inference_plan(torch.empty(big, 2048, 7, 7, dtype=torch.float16))[0] == (
         _grouped_traversal()
     )
+
+
+def test_training_takes_longer_float32_planes_in_groups_from_16_images():
+    """Training groups float32 planes of 64 values or more whose group is under
+    64 vectors (10x10, 14x14: 4 planes, 25 or 49 vectors) from 16 images, where
+    they measured faster; with fewer images, in 16 bits, in inference and
+    where a group would be 64 vectors or more (15x15: 16 planes) they go a run
+    at a time or by range. Short planes group at any batch size."""
+    grouped = "planes by channel in groups" if _build.native().PLANE_GROUPS else "planes by channel"
+    for shape, dtype, split in (
+        ((16, 512, 14, 14), F32, grouped),
+        ((16, 256, 10, 10), F32, grouped),
+        ((15, 512, 14, 14), F32, "planes by channel"),
+        ((64, 512, 14, 14), torch.bfloat16, "planes by channel"),
+        ((64, 512, 14, 14), torch.float16, "planes by channel"),
+        ((64, 512, 15, 15), F32, "planes by channel"),
+        ((64, 512, 14, 14), F64, "planes by channel"),
+        ((2, 512, 7, 7), F32, grouped),
+        ((2, 512, 7, 7), torch.bfloat16, grouped),
+    ):
+        x = torch.empty(shape, dtype=dtype)
+        assert _cpu_native.plan(x, threads=2)[0] == split, (shape, dtype)
+    x = torch.empty(16, 512, 14, 14)
+    assert _cpu_native.inference_plan(x, threads=2)[0] != "planes in groups"
 
 
 @pytest.mark.parametrize("case", list(GROUPED))

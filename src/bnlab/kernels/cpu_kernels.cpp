@@ -102,13 +102,19 @@ bool plan_arguments(PyObject* const* a, Py_ssize_t nargs, const char* name, Geom
 }
 
 // plan(...) -> (split, team): how the training passes share out a call of this
-// geometry (the tests and benchmarks ask).
+// geometry (the tests and benchmarks ask); "planes by channel in groups" where
+// each thread takes its channels' short planes in groups (plane_groups.h).
 PyObject* py_plan(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     Geometry g;
     int64_t dtype;
     int team;
     if (!plan_arguments(a, nargs, "plan", &g, &dtype, &team)) return nullptr;
-    return Py_BuildValue("(si)", kSplitNames[split_of(g, kElementBytes[dtype], team)], team);
+    const Split split = split_of(g, kElementBytes[dtype], team);
+    bool groups = false;
+    with_storage(dtype, [&](auto tag) {
+        groups = split == kByChannel && trains_in_groups<decltype(tag)>(g);
+    });
+    return Py_BuildValue("(si)", groups ? "planes by channel in groups" : kSplitNames[split], team);
 }
 
 // inference_plan(...) -> (traversal, team): how inference walks it.
