@@ -342,9 +342,10 @@ def restore_threads():
 SPLITS = {
     "planes-by-channel": ((16, 6, 32, 32), None, "planes by channel"),
     "planes-by-element": ((16, 3, 48, 48), None, "planes by element"),
-    # Short planes in groups (plane_groups.h; by channel where the build has
-    # no lane permutation): 7x7, and float32's 10x10 from 16 images, 2 of
-    # each thread's 65 channels after its last whole group of 4.
+    # Planes in groups (plane_groups.h; by channel where the build has no lane
+    # permutation): 7x7, and 10x10 from 16 images (the forward's in every
+    # dtype, float32's backward), 1 of each thread's 65 channels after its
+    # last whole group of 4.
     "wide-7x7-planes": ((16, 96, 7, 7), None, "planes by channel in groups"),
     "10x10-planes-in-groups": ((16, 130, 10, 10), None, "planes by channel in groups"),
     "rows-by-row": ((64, 16, 16, 16), "cl", "rows by row"),
@@ -353,8 +354,8 @@ SPLITS = {
     "rows-by-column-inner3": ((64, 512, 3), None, "rows by column"),
     "rows-by-column-cl": ((8, 1024, 3, 3), "cl", "rows by column"),
     # Large enough for the paths memory-bound tensors take: the next channel's
-    # 14x14 runs fetched ahead (over 2 MiB; float32 takes them in groups, every
-    # channel's statistics first); 512-byte rows streamed by the sums
+    # 14x14 runs fetched ahead (over 2 MiB; the training forward takes them in
+    # groups, every channel's statistics first); 512-byte rows streamed by the sums
     # (a thread's share over 1 MiB in 16 bits) and, over 8 MiB, by inference
     # row by row; wide rows summed four at a time with the next four fetched.
     "planes-fetched-ahead": ((16, 512, 14, 14), None, "planes by channel in groups"),
@@ -790,19 +791,21 @@ def test_groups_are_not_taken_where_they_lose():
     )
 
 
-def test_training_takes_longer_float32_planes_in_groups_from_16_images():
-    """Training groups float32 planes of 64 values or more whose group is under
-    64 vectors (10x10, 14x14: 4 planes, 25 or 49 vectors) from 16 images, where
-    they measured faster; with fewer images, in 16 bits, in inference and
-    where a group would be 64 vectors or more (15x15: 16 planes) they go a run
-    at a time or by range. Short planes group at any batch size."""
+def test_training_takes_longer_planes_in_groups_from_16_images():
+    """The training forward groups planes of 64 values or more whose group is
+    under 64 vectors (10x10, 14x14: 4 planes, 25 or 49 vectors) from 16 images,
+    where they measured faster (the backward too, in float32); with fewer
+    images, in float64, in inference and where a group would be 64 vectors or
+    more (15x15: 16 planes) they go a run at a time or by range. Short planes
+    group at any batch size."""
     grouped = "planes by channel in groups" if _build.native().PLANE_GROUPS else "planes by channel"
     for shape, dtype, split in (
         ((16, 512, 14, 14), F32, grouped),
         ((16, 256, 10, 10), F32, grouped),
+        ((64, 512, 14, 14), torch.bfloat16, grouped),
+        ((16, 512, 14, 14), torch.float16, grouped),
         ((15, 512, 14, 14), F32, "planes by channel"),
-        ((64, 512, 14, 14), torch.bfloat16, "planes by channel"),
-        ((64, 512, 14, 14), torch.float16, "planes by channel"),
+        ((15, 512, 14, 14), torch.float16, "planes by channel"),
         ((64, 512, 15, 15), F32, "planes by channel"),
         ((64, 512, 14, 14), F64, "planes by channel"),
         ((2, 512, 7, 7), F32, grouped),

@@ -194,7 +194,8 @@ def backward(
 def plan(x: Tensor, threads: int | None = None) -> tuple[str, int]:
     """(split, team): how the training passes share out ``x`` over ``threads``
     (default: torch's), e.g. ("planes by channel", 2), or ("planes by channel in
-    groups", 2) for short planes taken in groups. For tests and benchmarks."""
+    groups", 2) where the training forward takes planes in groups. For tests and
+    benchmarks."""
     outer, c, inner = _input(x)
     threads = torch.get_num_threads() if threads is None else threads
     return _kernels().plan(outer, c, inner, DTYPE_CODES[x.dtype], threads)

@@ -103,7 +103,9 @@ bool plan_arguments(PyObject* const* a, Py_ssize_t nargs, const char* name, Geom
 
 // plan(...) -> (split, team): how the training passes share out a call of this
 // geometry (the tests and benchmarks ask); "planes by channel in groups" where
-// each thread takes its channels' short planes in groups (plane_groups.h).
+// each thread's training forward takes its channels' planes in groups
+// (plane_groups.h's trains_in_groups: the backward does too, but for 16-bit
+// 10x10 and 14x14 planes).
 PyObject* py_plan(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     Geometry g;
     int64_t dtype;
@@ -112,7 +114,7 @@ PyObject* py_plan(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     const Split split = split_of(g, kElementBytes[dtype], team);
     bool groups = false;
     with_storage(dtype, [&](auto tag) {
-        groups = split == kByChannel && trains_in_groups<decltype(tag)>(g);
+        groups = split == kByChannel && trains_in_groups<decltype(tag)>(g, kForwardPass);
     });
     return Py_BuildValue("(si)", groups ? "planes by channel in groups" : kSplitNames[split], team);
 }

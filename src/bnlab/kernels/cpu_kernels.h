@@ -26,7 +26,8 @@
 // first while its data is still in cache, and no barrier is needed. Planes
 // shorter than kPlaneMin that are not whole vectors (wide layers' 7x7 maps)
 // go G channels at a time, so that G planes of an image are whole vectors
-// (plane_groups.h); in training, so do float32's 10x10 and 14x14 planes.
+// (plane_groups.h); in training, so do 10x10 and 14x14 planes (16-bit ones
+// in the forward only).
 // Inference has nothing to reduce: equal element, group or row ranges, or
 // for a few wide rows, column ranges.
 //

@@ -58,7 +58,7 @@ void backward(const S* dy, const S* x, S* dx, const T* w, const double* mean, co
                     // Against a run at a time, the groups' dx ran 1.1-1.2x
                     // faster over 16-bit 7x7 and 6x6 planes, 1.25-1.5x over
                     // float32's.
-                    if (trains_in_groups<S>(g)) {
+                    if (trains_in_groups<S>(g, kBackwardPass)) {
                         const PlaneGroup pg(g);
                         const GradTerms<S> terms{dy, x};
                         GroupGradCoef q;

@@ -54,7 +54,7 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                     // included (1.46-1.75x); fetching the next image's group
                     // of y ahead, as the runs do, ran float32 0.72-0.9x and
                     // 16-bit no faster.
-                    if (trains_in_groups<S>(g)) {
+                    if (trains_in_groups<S>(g, kForwardPass)) {
                         const PlaneGroup pg(g);
                         const ShiftedTerms<S> terms{x};
                         T Kg[kLanes] = {}, mh[kLanes] = {}, s[kLanes] = {}, bb[kLanes] = {};

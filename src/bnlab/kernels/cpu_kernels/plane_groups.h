@@ -11,8 +11,8 @@
 //
 // Every elementwise pass over such planes goes so: inference's (eval.h), the
 // training forward's (forward.h) and the backward's (backward.h); the last two
-// take a thread's channels G at a time, and also float32's 10x10 and 14x14
-// planes from 16 images (trains_in_groups). Against the straddling vectors of
+// take a thread's channels G at a time, and also 10x10 and 14x14 planes from
+// 16 images (trains_in_groups: float32's, and 16-bit ones in the forward). Against the straddling vectors of
 // eval.h's normalize_range, inference ran 1.3-1.9x faster over 16-bit 7x7,
 // 6x6, 5x5 and 4x6 planes and float32 6x6 and 7x7 in cache; 4x4 planes (G = 1:
 // a group is one vector) ran 0.66-0.76x, so planes that are whole vectors
@@ -54,18 +54,22 @@ bool by_groups(const Geometry& g) {
            g.inner < kPlaneMin && G > 1 && g.outer * g.C >= G;
 }
 
-// Whether the training passes (the forward and the backward) take g's planes
-// in groups: where inference does, and also float32 planes of kPlaneMin values
-// or more whose groups are fewer than kPlaneMin vectors (10x10, 14x14), from
-// 16 images. Against a run at a time, such float32 planes (16-64 images,
-// 256-2048 channels) trained 1.16-1.48x faster forward, 1.06-1.52x backward;
-// at 8 images 0.92-1.08x, at 2 images 0.77-0.79x. Their 16-bit twins (0.86-1.5x
-// forward, 0.98-1.11x backward) and inference (0.73-1.2x) stay as they were.
+// Whether a training pass (the forward, or the backward) takes g's planes in
+// groups: where inference does, and also planes of kPlaneMin values or more
+// whose groups are fewer than kPlaneMin vectors (10x10, 14x14) from 16 images,
+// float32's in both passes and 16-bit ones in the forward. Against a run at a
+// time, such float32 planes (16-64 images, 256-2048 channels) trained
+// 1.16-1.48x faster forward, 1.06-1.52x backward, at 8 images 0.92-1.08x and
+// at 2 images 0.77-0.79x; 16-bit ones 1.12-1.29x forward and 0.94-1.05x
+// backward. Inference over them ran 0.73-1.2x, and stays by range.
+enum TrainingPass { kForwardPass, kBackwardPass };
 template <typename S>
-bool trains_in_groups(const Geometry& g) {
+bool trains_in_groups(const Geometry& g, TrainingPass pass) {
     const int64_t G = group_planes(g);
-    return by_groups<S>(g) || (kPlaneGroups && std::is_same<S, float>::value && g.planes() &&
-                               G > 1 && g.inner * G < kLanes * kPlaneMin && g.outer >= 16);
+    const bool dtype = std::is_same<S, float>::value ||
+                       (pass == kForwardPass && std::is_same<Compute<S>, float>::value);
+    return by_groups<S>(g) || (kPlaneGroups && dtype && g.planes() && G > 1 &&
+                               g.inner * G < kLanes * kPlaneMin && g.outer >= 16);
 }
 
 // The lanes' planes in each vector of a group of g's planes.
@@ -134,7 +138,7 @@ inline void grad_group(const S* dy, const S* x, S* dx, const PlaneGroup& pg,
 template <typename S>
 bool sums_first(const Geometry& g, int team) {
     const int64_t bytes = g.numel() * int64_t(sizeof(S));
-    return trains_in_groups<S>(g) && bytes >= kBeyondL2Bytes && bytes < kStreamBytes &&
+    return trains_in_groups<S>(g, kForwardPass) && bytes >= kBeyondL2Bytes && bytes < kStreamBytes &&
            split_of(g, sizeof(S), team) == kByChannel;
 }
 
