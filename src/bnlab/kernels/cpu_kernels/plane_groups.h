@@ -12,12 +12,12 @@
 // Every elementwise pass over such planes goes so: inference's (eval.h), the
 // training forward's (forward.h) and the backward's (backward.h); the last two
 // take a thread's channels G at a time, and also 10x10 and 14x14 planes from
-// 16 images (trains_in_groups: float32's, and 16-bit ones in the forward). Against the straddling vectors of
-// eval.h's normalize_range, inference ran 1.3-1.9x faster over 16-bit 7x7,
-// 6x6, 5x5 and 4x6 planes and float32 6x6 and 7x7 in cache; 4x4 planes (G = 1:
-// a group is one vector) ran 0.66-0.76x, so planes that are whole vectors
-// never group. Needs a one-instruction permutation (AVX-512); elsewhere planes
-// never group.
+// 16 images (trains_in_groups: float32's, and 16-bit ones in the forward).
+// Against the straddling vectors of eval.h's normalize_range, inference ran
+// 1.3-1.9x faster over 16-bit 7x7, 6x6, 5x5 and 4x6 planes and float32 6x6
+// and 7x7 in cache; 4x4 planes (G = 1: a group is one vector) ran 0.66-0.76x,
+// so planes that are whole vectors never group. Needs a one-instruction
+// permutation (AVX-512); elsewhere planes never group.
 
 #pragma once
 
@@ -66,9 +66,9 @@ enum TrainingPass { kForwardPass, kBackwardPass };
 template <typename S>
 bool trains_in_groups(const Geometry& g, TrainingPass pass) {
     const int64_t G = group_planes(g);
-    const bool dtype = std::is_same<S, float>::value ||
-                       (pass == kForwardPass && std::is_same<Compute<S>, float>::value);
-    return by_groups<S>(g) || (kPlaneGroups && dtype && g.planes() && G > 1 &&
+    const bool longer_planes = std::is_same<S, float>::value ||
+                               (pass == kForwardPass && std::is_same<Compute<S>, float>::value);
+    return by_groups<S>(g) || (kPlaneGroups && longer_planes && g.planes() && G > 1 &&
                                g.inner * G < kLanes * kPlaneMin && g.outer >= 16);
 }
 
@@ -138,21 +138,21 @@ inline void grad_group(const S* dy, const S* x, S* dx, const PlaneGroup& pg,
 template <typename S>
 bool sums_first(const Geometry& g, int team) {
     const int64_t bytes = g.numel() * int64_t(sizeof(S));
-    return trains_in_groups<S>(g, kForwardPass) && bytes >= kBeyondL2Bytes && bytes < kStreamBytes &&
-           split_of(g, sizeof(S), team) == kByChannel;
+    return trains_in_groups<S>(g, kForwardPass) && bytes >= kBeyondL2Bytes &&
+           bytes < kStreamBytes && split_of(g, sizeof(S), team) == kByChannel;
 }
 
 // The by-channel passes over channels [c0, c1) of short planes, G channels at
-// a time: block(c) for each block of G channels from c (their sums and
+// a time: per_block(c) for each block of G channels from c (their sums and
 // coefficients), then group(off) for every image's G planes of the block
 // (off: where they start), still in cache from the block's sums. Returns the
 // first channel left, fewer than G before c1.
-template <typename Block, typename Group>
+template <typename PerBlock, typename Group>
 int64_t in_channel_groups(const PlaneGroup& pg, const Geometry& g, int64_t c0, int64_t c1,
-                          Block block, Group group) {
+                          PerBlock per_block, Group group) {
     int64_t c = c0;
     for (; c + pg.G <= c1; c += pg.G) {
-        block(c);
+        per_block(c);
         for (int64_t o = 0; o < g.outer; ++o) group((o * g.C + c) * g.inner);
     }
     return c;
