@@ -74,7 +74,7 @@ from pathlib import Path
 import torch
 
 import bnlab.nn
-from bnlab import kernels
+from bnlab import kernels, native
 from bnlab.experiments.memory import keep_freed_memory
 from bnlab.kernels import cpu
 
@@ -587,6 +587,14 @@ def run_sweep(args: argparse.Namespace, allocator: str, all_threads: int) -> Non
         f"the sweep took {minutes:.1f} min"
     )
     title = "CPU sweep: dtypes, shapes, modes, threads (bench_bn.py --sweep)"
+    if native.MARCH != "native":
+        # Built for another CPU (BNLAB_MARCH): a section of its own, next to this CPU's.
+        capability = os.environ.get("ATEN_CPU_CAPABILITY", "(unset: this CPU's best)")
+        header += (
+            f"\n- Built for another CPU: BNLAB_MARCH={native.MARCH} (bnlab's kernels), "
+            f"ATEN_CPU_CAPABILITY={capability} (torch's)"
+        )
+        title = f"CPU sweep, bnlab built for -march={native.MARCH} (bench_bn.py --sweep)"
     publish(sweep_report(cells, header), RESULTS_MD, title, args.record)
 
 

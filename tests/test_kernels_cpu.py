@@ -874,6 +874,58 @@ def test_portable_build_keeps_short_planes_by_range(portable_kernels, monkeypatc
     _close_to_truth("eval y", y, truth, torch.float16)
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split()}
+    except OSError:
+        return set()
+
+
+@pytest.fixture(scope="module")
+def avx2_kernels(tmp_path_factory):
+    """The kernels as BNLAB_MARCH=x86-64-v3 builds them (AVX2 and FMA, no AVX-512): the
+    16-lane vectors in two halves, no lane permutation, portable 16-bit conversions."""
+    from bnlab import native
+
+    if not {"avx2", "fma", "f16c", "bmi2"} <= _cpu_flags():
+        pytest.skip("this CPU cannot run code built for x86-64-v3")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BNLAB_CACHE_DIR", str(tmp_path_factory.mktemp("x86-64-v3")))
+        mp.setattr(native, "_VARIANTS", native.variants("x86-64-v3")[:1])
+        module = _build.BATCH_NORM.build(native.find_compiler())
+    assert module is not None
+    return module
+
+
+@pytest.mark.parametrize("dtype", [F32, *HALF], ids=str)
+def test_avx2_build_matches_the_float64_truth(dtype, avx2_kernels, monkeypatch, restore_threads):
+    """An AVX2 build (what -march=native gives on CPUs without AVX-512) keeps short
+    planes by range and runs every traversal to the same bounds: planes, 7x7
+    planes, periodic rows and columns, with batch and running statistics."""
+    monkeypatch.setattr(_build, "_module", avx2_kernels)
+    assert avx2_kernels.PLANE_GROUPS == 0
+    x = torch.empty(GROUPED["7x7-wrapping-12-left"][0], dtype=dtype)
+    assert _cpu_native.inference_plan(x)[0] == "planes by range"
+    assert _cpu_native.plan(torch.empty(16, 512, 14, 14))[0] == "planes by channel"
+    test_grouped_planes_match_the_float64_truth("7x7-wrapping-12-left", dtype, True, None)
+    for case in ("planes-by-channel", "planes-by-element", "rows-by-row", "rows-by-column"):
+        test_every_split_and_dtype_matches_the_float64_truth(case, dtype, None)
+
+
+def test_bad_march_warns_and_builds_without_it(tmp_path, monkeypatch):
+    """A BNLAB_MARCH the compiler does not know is named in a warning, and the kernels
+    are built without -march."""
+    from bnlab import native
+
+    monkeypatch.setenv("BNLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "MARCH", "no-such-cpu")
+    monkeypatch.setattr(native, "_VARIANTS", native.variants("no-such-cpu")[:2])
+    with pytest.warns(RuntimeWarning, match="BNLAB_MARCH='no-such-cpu'"):
+        module = _build.BATCH_NORM.build(native.find_compiler())
+    assert module is not None and module.PLANE_GROUPS == 0
+
+
 @pytest.mark.parametrize("name", ["plan", "inference_plan"])
 def test_plans_name_bad_arguments(name):
     """The raw plan functions (outer, C, inner, dtype code, threads) refuse sizes or

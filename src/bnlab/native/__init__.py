@@ -10,6 +10,9 @@ shared object is cached under ``$BNLAB_CACHE_DIR`` (default
 everything that shapes the binary: sources, header, compiler, flags, Python
 ABI and CPU. Later processes load the cached file in about a millisecond.
 
+The kernels are built for this CPU (``-march=native``), or for the ``-march``
+target ``$BNLAB_MARCH`` names (for example ``x86-64-v3``: AVX2 and FMA).
+
 ``Extension.load()`` returns the loaded module, or ``None`` after one warning
 when it cannot be built (no compiler, no Python headers, an unsupported
 platform); the caller then takes its fallback. ``BNLAB_BACKEND=reference``
@@ -47,12 +50,18 @@ _COMMON = [
     "-shared",
     "-Wno-psabi",
 ]
-_VARIANTS = [
-    ["-march=native", "-fopenmp"],
-    ["-fopenmp"],
-    ["-march=native"],
-    [],
-]
+
+def variants(march: str) -> list[list[str]]:
+    """The builds tried in turn: for the CPU ``march`` names, then without it (a compiler
+    that lacks it), with OpenMP and then without."""
+    return [[f"-march={march}", "-fopenmp"], ["-fopenmp"], [f"-march={march}"], []]
+
+
+# The CPU the kernels are built for: this one, unless BNLAB_MARCH names another
+# -march target (x86-64-v3: AVX2 and FMA, no AVX-512), to build for the oldest
+# CPUs of a cluster or to time the kernels as such a CPU runs them.
+MARCH = os.environ.get("BNLAB_MARCH", "native")
+_VARIANTS = variants(MARCH)
 
 ENABLED = os.environ.get("BNLAB_BACKEND", "").lower() != "reference"
 _UNSET = object()
@@ -101,6 +110,13 @@ class Extension:
             if not target.exists():
                 error = self._compile(compiler, flags, target)
                 if error is not None:
+                    if variant is _VARIANTS[0] and MARCH != "native":
+                        warnings.warn(
+                            f"bnlab: cannot build {self.name} for BNLAB_MARCH={MARCH!r} "
+                            f"({error}); building it without -march",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
                     errors.append(error)
                     continue
             try:
