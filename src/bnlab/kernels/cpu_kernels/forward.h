@@ -62,8 +62,13 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                         auto block_stats = [&](int64_t c) {
                             for (int64_t j = 0; j < pg.G; ++j) Kg[j] = K[c + j];
                             group_sums(terms, pg, g, c, Kg, ahead.reads, s1, s2);
-                            for (int64_t j = 0; j < pg.G; ++j) {
+                            for (int64_t j = 0; j < pg.G; ++j)
                                 finish_channel(c + j, n, K.data(), s1[j], s2[j], eps, run, stats);
+                        };
+                        // The block's coefficients, once its statistics are known.
+                        auto block_coefficients = [&](int64_t c) {
+                            block_stats(c);
+                            for (int64_t j = 0; j < pg.G; ++j) {
                                 const Affine<T> a =
                                     affine_of(stats.mean[c + j], stats.invstd[c + j], w, b, c + j);
                                 mh[j] = a.mh;
@@ -74,9 +79,11 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                         if (stats_first)
                             for (; c + pg.G <= c1; c += pg.G) block_stats(c);
                         else
-                            c = in_channel_groups(pg, g, c0, c1, block_stats, [&](int64_t off) {
-                                normalize_group<S, true>(x + off, y + off, pg, mh, s, bb, stream);
-                            });
+                            c = in_channel_groups(pg, g, c0, c1, block_coefficients,
+                                                  [&](int64_t off) {
+                                                      normalize_group<S, true>(x + off, y + off, pg,
+                                                                               mh, s, bb, stream);
+                                                  });
                     }
                 }
                 if (stats_first) {
