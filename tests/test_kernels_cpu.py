@@ -8,6 +8,7 @@ where they are used.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -606,10 +607,15 @@ def portable_kernels(tmp_path_factory):
     return module
 
 
+@pytest.mark.parametrize("build", ["portable_kernels", "avx2_kernels"])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_portable_conversions_round_to_nearest_even_as_torch(dtype, portable_kernels, monkeypatch):
-    """Every 16-bit value round-trips; values between two 16-bit ones round as torch's .to()."""
-    monkeypatch.setattr(_build, "_module", portable_kernels)
+def test_other_builds_conversions_round_to_nearest_even_as_torch(
+    dtype, build, request, monkeypatch
+):
+    """Every 16-bit value round-trips; values between two 16-bit ones round as torch's
+    .to(): through the portable bit arithmetic, and AVX2's 8-lane narrowing (F16C's
+    vcvtps2ph; for bfloat16 bit arithmetic and a pack of words)."""
+    monkeypatch.setattr(_build, "_module", request.getfixturevalue(build))
     bits = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
     x = bits.view(1, 1, -1)
     y = _identity_eval(x)
@@ -746,20 +752,27 @@ def test_streamed_inference_matches_the_float64_truth(case, dtype):
 # in groups of G planes, G*inner values being whole vectors, each vector's
 # coefficients permuted from the group's G channels (plane_groups.h); so do the
 # training forward and the backward, a thread's channels G at a time.
-# (shape, planes in a group): groups that wrap past the last channel (C not a
-# multiple of G) and planes left after the last whole group, or neither.
+# G = LANES / gcd(inner, LANES): 16 lanes (AVX-512) group 7x7 planes 16 at a
+# time and 6x6 ones 4; 8 lanes (AVX2) 8 and 2. The shapes have groups that wrap
+# past the last channel (C not a multiple of G) and planes left after the last
+# whole group, or neither.
 GROUPED = {
-    "7x7-wrapping-12-left": ((3, 100, 7, 7), 16),
-    "6x6-one-left": ((5, 333, 6, 6), 4),
-    "5x5-whole-groups": ((4, 176, 5, 5), 16),
-    "3x7-wrapping": ((7, 205, 3, 7), 16),
+    "7x7-wrapping-12-left": (3, 100, 7, 7),
+    "6x6-one-left": (5, 333, 6, 6),
+    "5x5-whole-groups": (4, 176, 5, 5),
+    "3x7-wrapping": (7, 205, 3, 7),
     # More images than a block of sums (kBlock = 16) takes in float32: the
     # sums go down the images in three blocks, one of them short.
-    "6x6-three-image-blocks": ((40, 122, 6, 6), 4),
+    "6x6-three-image-blocks": (40, 122, 6, 6),
     # Beyond L2 (2 MiB) and not streamed (under 8 MiB) in every dtype: training
     # takes every channel's statistics first, then y as inference writes it.
-    "7x7-beyond-L2": ((24, 1000, 7, 7), 16),
+    "7x7-beyond-L2": (24, 1000, 7, 7),
 }
+
+
+def _group_planes(inner: int) -> int:
+    lanes = _build.native().LANES
+    return lanes // math.gcd(inner, lanes)
 
 
 def _grouped_traversal():
@@ -768,9 +781,9 @@ def _grouped_traversal():
 
 @pytest.mark.parametrize("dtype", [F32, *HALF], ids=str)
 def test_short_planes_go_in_groups_where_the_cpu_permutes_lanes(dtype):
-    for shape, group in GROUPED.values():
+    for shape in GROUPED.values():
         x = _make(shape, None, dtype)
-        assert shape[2] * shape[3] * group % 16 == 0 and shape[1] * shape[2] * shape[3] > 4096
+        assert _group_planes(shape[2] * shape[3]) > 1 and shape[1] * shape[2] * shape[3] > 4096
         assert _cpu_native.inference_plan(x, threads=2)[0] == _grouped_traversal(), shape
 
 
@@ -826,7 +839,7 @@ def test_grouped_planes_match_the_float64_truth(case, dtype, far, restore_thread
     keep the centered form, whose float32 accuracy the bound checks. Training
     and the backward (with batch and with running statistics): each thread's
     channels G at a time, the last fewer than G a run at a time."""
-    shape, _ = GROUPED[case]
+    shape = GROUPED[case]
     c = shape[1]
     x, w, b, rm, rv, truth = _inference_case(shape, None, dtype, far)
     mean, var = reference.batch_stats(x.double())
@@ -863,11 +876,11 @@ def test_grouped_planes_match_the_float64_truth(case, dtype, far, restore_thread
 
 
 def test_portable_build_keeps_short_planes_by_range(portable_kernels, monkeypatch):
-    """Without AVX-512 (here: no -march flags) there is no one-instruction lane
+    """Without -march flags (SSE2's 4 lanes) there is no one-instruction lane
     permutation: short planes go by range, and match the truth as the groups do."""
     monkeypatch.setattr(_build, "_module", portable_kernels)
-    assert portable_kernels.PLANE_GROUPS == 0
-    shape, _ = GROUPED["7x7-wrapping-12-left"]
+    assert (portable_kernels.LANES, portable_kernels.PLANE_GROUPS) == (4, 0)
+    shape = GROUPED["7x7-wrapping-12-left"]
     x, w, b, rm, rv, truth = _inference_case(shape, None, torch.float16, far=False)
     assert _cpu_native.inference_plan(x)[0] == "planes by range"
     y, _ = _cpu_native.forward_eval(x, w, b, rm, rv, 1e-5, False)
@@ -884,8 +897,9 @@ def _cpu_flags() -> set[str]:
 
 @pytest.fixture(scope="module")
 def avx2_kernels(tmp_path_factory):
-    """The kernels as BNLAB_MARCH=x86-64-v3 builds them (AVX2 and FMA, no AVX-512): the
-    16-lane vectors in two halves, no lane permutation, portable 16-bit conversions."""
+    """The kernels as BNLAB_MARCH=x86-64-v3 builds them (AVX2, FMA and F16C, no AVX-512):
+    8-lane vectors, AVX2's lane permutation, F16C's float16 conversions and AVX2's
+    bfloat16 ones."""
     from bnlab import native
 
     if not {"avx2", "fma", "f16c", "bmi2"} <= _cpu_flags():
@@ -900,16 +914,17 @@ def avx2_kernels(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", [F32, *HALF], ids=str)
 def test_avx2_build_matches_the_float64_truth(dtype, avx2_kernels, monkeypatch, restore_threads):
-    """An AVX2 build (what -march=native gives on CPUs without AVX-512) keeps short
-    planes by range and runs every traversal to the same bounds: planes, 7x7
-    planes, periodic rows and columns, with batch and running statistics."""
+    """An AVX2 build (what -march=native gives on CPUs without AVX-512) computes in 8
+    lanes, takes short planes in groups of 8 / gcd(inner, 8), and runs every
+    traversal to the same bounds: planes, grouped planes, periodic rows and columns,
+    with batch and running statistics."""
     monkeypatch.setattr(_build, "_module", avx2_kernels)
-    assert avx2_kernels.PLANE_GROUPS == 0
-    x = torch.empty(GROUPED["7x7-wrapping-12-left"][0], dtype=dtype)
-    assert _cpu_native.inference_plan(x)[0] == "planes by range"
-    assert _cpu_native.plan(torch.empty(16, 512, 14, 14))[0] == "planes by channel"
-    test_grouped_planes_match_the_float64_truth("7x7-wrapping-12-left", dtype, True, None)
-    for case in ("planes-by-channel", "planes-by-element", "rows-by-row", "rows-by-column"):
+    assert (avx2_kernels.LANES, avx2_kernels.PLANE_GROUPS) == (8, 1)
+    x = torch.empty(GROUPED["7x7-wrapping-12-left"], dtype=dtype)
+    assert _cpu_native.inference_plan(x)[0] == "planes in groups"
+    for case in GROUPED:
+        test_grouped_planes_match_the_float64_truth(case, dtype, True, None)
+    for case in SPLITS:
         test_every_split_and_dtype_matches_the_float64_truth(case, dtype, None)
 
 

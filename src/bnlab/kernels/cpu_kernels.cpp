@@ -182,6 +182,7 @@ PyMODINIT_FUNC PyInit__bnlab_bn_cpu(void) {
     if (module && (PyModule_AddIntConstant(module, "STREAM_BYTES", long(kStreamBytes)) != 0 ||
                    PyModule_AddIntConstant(module, "STREAM_EVAL_BYTES", long(kStreamEvalBytes)) != 0 ||
                    PyModule_AddIntConstant(module, "PLANE_GROUPS", long(kPlaneGroups)) != 0 ||
+                   PyModule_AddIntConstant(module, "LANES", long(kLanes)) != 0 ||
                    PyModule_AddObject(module, "KERNELS",
                                       PyCapsule_New(const_cast<BatchNormKernels*>(&kTable),
                                                     BNLAB_KERNELS_CAPSULE, nullptr)) != 0))

@@ -6,8 +6,8 @@
 //
 // Elem<S> is the one place that knows a storage type:
 //   T           the compute type
-//   load(p)     16 values at p, widened to a vector of T
-//   store(p,v)  16 values narrowed to S and written (around the caches if asked)
+//   load(p)     kLanes values at p, widened to a vector of T
+//   store(p,v)  kLanes values narrowed to S and written (around the caches if asked)
 //   up(s), down(t)  the same for one value
 // and Pair<S> (below) narrows and stores two vectors at once.
 //
@@ -23,8 +23,9 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
-#if defined(__F16C__) || defined(__AVX512F__)
+#if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -37,28 +38,81 @@ struct f16 {
     uint16_t bits;
 };
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef double f64x16 __attribute__((vector_size(128)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
+// The kernels compute in vectors as wide as the target's registers: 16 floats
+// with AVX-512, 8 with AVX, 4 otherwise (SSE, NEON). A generic vector wider
+// than the registers is not only split: GCC builds and stores many of its
+// pieces through the stack (a scalar broadcast became 16 scalar stores and two
+// reloads), and an AVX2 build of 16-lane kernels ran 0.06-0.99x torch's
+// speed in 16 bits.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
 
-// Writes `bytes` (a multiple of 32) from `from` to p; around the caches when
-// asked and p is 32-byte aligned.
-inline void store_bytes(void* p, const void* from, size_t bytes, bool stream) {
+typedef float f32v __attribute__((vector_size(kLanes * 4)));
+typedef uint16_t u16v __attribute__((vector_size(kLanes * 2)));
+typedef uint32_t u32v __attribute__((vector_size(kLanes * 4)));
+typedef int32_t i32v __attribute__((vector_size(kLanes * 4)));
+
+// A register written to p: around the caches when asked and p is aligned to it.
+#if defined(__AVX512F__)
+inline void store_register(void* p, __m512i v, bool stream) {
+    const uintptr_t at = reinterpret_cast<uintptr_t>(p);
+    if (stream && (at & 63) == 0) {
+        _mm512_stream_si512(static_cast<__m512i*>(p), v);
+    } else if (stream && (at & 31) == 0) {  // half a line each
+        _mm256_stream_si256(static_cast<__m256i*>(p), _mm512_castsi512_si256(v));
+        _mm256_stream_si256(static_cast<__m256i*>(p) + 1, _mm512_extracti64x4_epi64(v, 1));
+    } else {
+        _mm512_storeu_si512(p, v);
+    }
+}
+#endif
 #if defined(__AVX__)
-    if (stream && (reinterpret_cast<uintptr_t>(p) & 31) == 0) {
-        for (size_t k = 0; k < bytes; k += 32) {
-            __m256i v;
-            std::memcpy(&v, static_cast<const char*>(from) + k, 32);
-            _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<char*>(p) + k), v);
-        }
+inline void store_register(void* p, __m256i v, bool stream) {
+    if (stream && (reinterpret_cast<uintptr_t>(p) & 31) == 0)
+        _mm256_stream_si256(static_cast<__m256i*>(p), v);
+    else
+        _mm256_storeu_si256(static_cast<__m256i*>(p), v);
+}
+#endif
+#if defined(__SSE2__)
+inline void store_register(void* p, __m128i v, bool stream) {
+    if (stream && (reinterpret_cast<uintptr_t>(p) & 15) == 0)
+        _mm_stream_si128(static_cast<__m128i*>(p), v);
+    else
+        _mm_storeu_si128(static_cast<__m128i*>(p), v);
+}
+#endif
+
+// Writes the vector v (of any element type) to p, around the caches when
+// asked: one register from the register it is in (through memcpy, GCC
+// spilled it to the stack first), a wider one (kLanes doubles) by halves.
+template <typename V>
+inline void store_vector(void* p, V v, bool stream) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(V) == 64) return store_register(p, (__m512i)v, stream);
+#endif
+#if defined(__AVX__)
+    if constexpr (sizeof(V) == 32) return store_register(p, (__m256i)v, stream);
+#endif
+#if defined(__SSE2__)
+    if constexpr (sizeof(V) == 16) return store_register(p, (__m128i)v, stream);
+#endif
+    if constexpr (sizeof(V) > kLanes * 4) {
+        typedef std::remove_reference_t<decltype(v[0])> E;
+        typedef E H __attribute__((vector_size(sizeof(V) / 2)));
+        H lo, hi;
+        std::memcpy(&lo, &v, sizeof(H));
+        std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+        store_vector(p, lo, stream);
+        store_vector(static_cast<char*>(p) + sizeof(H), hi, stream);
         return;
     }
-#else
-    (void)stream;
-#endif
-    std::memcpy(p, from, bytes);
+    std::memcpy(p, &v, sizeof(V));
 }
 
 // ---- scalar conversions ----------------------------------------------------------------
@@ -123,9 +177,9 @@ inline uint16_t float_to_half(float f) {
 #endif
 }
 
-// ---- vector conversions (16 lanes) -------------------------------------------------------
+// ---- vector conversions (kLanes lanes) ---------------------------------------------------
 
-inline f32x16 bf16x16_to_float(u16x16 h) {
+inline f32v widen_bf16(u16v h) {
 #if defined(__AVX512BW__)
     // One instruction: word k to the upper half of lane k, zeros below (a
     // permutation of words, vpermw, with the even words masked to zero), where
@@ -138,52 +192,55 @@ inline f32x16 bf16x16_to_float(u16x16 h) {
                                                    5, 6, 6, 7, 7,  8,  8,  9,  9,  10, 10,
                                                    11, 11, 12, 12, 13, 13, 14, 14, 15, 15};
     const __m512i wide = _mm512_castsi256_si512((__m256i)h);
-    return (f32x16)_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, _mm512_load_si512(kWord), wide);
+    return (f32v)_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, _mm512_load_si512(kWord), wide);
 #elif defined(__AVX512F__)
     // One vpmovzxwd over the whole vector: GCC lowers the generic form below
     // as two half-width widenings and an insert, a third slower end to end.
-    return (f32x16)_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16);
+    return (f32v)_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16);
+#elif defined(__AVX2__)
+    return (f32v)_mm256_slli_epi32(_mm256_cvtepu16_epi32((__m128i)h), 16);
 #else
-    const u32x16 u = __builtin_convertvector(h, u32x16) << 16;
-    return (f32x16)u;
+    const u32v u = __builtin_convertvector(h, u32v) << 16;
+    return (f32v)u;
 #endif
 }
 
-inline u16x16 float_to_bf16x16(f32x16 v) {
-#if defined(__AVX512BF16__)
-    const __m256bh r = _mm512_cvtneps_pbh((__m512)v);
-    u16x16 out;
-    std::memcpy(&out, &r, 32);
-    return out;
+// The bfloat16 nearest v (rounded to nearest even, NaN kept a quiet NaN), in
+// the low 16 bits of each 32-bit lane.
+inline u32v round_to_bf16(f32v v) {
+    const u32v u = (u32v)v;
+    const u32v r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    // One unordered compare and a blend; an unsigned compare of the bits
+    // took six instructions on AVX2, which compares only signed integers.
+    return v != v ? u32v{} + 0x7fc0u : r;
+}
+
+inline u16v narrow_bf16(f32v v) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    return (u16v)_mm512_cvtneps_pbh((__m512)v);
+#elif defined(__AVX2__) && !defined(__AVX512F__)
+    // The low words of the eight lanes, in order (vpackusdw packs within each
+    // 128-bit half; the values fit in 16 bits, so nothing saturates).
+    const __m256i r = (__m256i)round_to_bf16(v);
+    return (u16v)_mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
 #else
-    const u32x16 u = (u32x16)v;
-    u32x16 r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const i32x16 nan = (u & 0x7fffffffu) > 0x7f800000u;  // all ones where NaN
-    r = (r & ~u32x16(nan)) | (u32x16(nan) & 0x7fc0u);
-    return __builtin_convertvector(r, u16x16);
+    return __builtin_convertvector(round_to_bf16(v), u16v);
 #endif
 }
 
-inline f32x16 half16_to_float(u16x16 h) {
+inline f32v widen_half(u16v h) {
 #if defined(__AVX512F__)
-    const __m512 r = _mm512_cvtph_ps((__m256i)h);
-    return (f32x16)r;
-#elif defined(__F16C__)
-    const __m256i w = (__m256i)h;
-    const __m256 lo = _mm256_cvtph_ps(_mm256_castsi256_si128(w));
-    const __m256 hi = _mm256_cvtph_ps(_mm256_extracti128_si256(w, 1));
-    f32x16 out;
-    std::memcpy(&out, &lo, 32);
-    std::memcpy(reinterpret_cast<char*>(&out) + 32, &hi, 32);
-    return out;
+    return (f32v)_mm512_cvtph_ps((__m256i)h);
+#elif defined(__F16C__) && defined(__AVX__)
+    return (f32v)_mm256_cvtph_ps((__m128i)h);
 #else
-    f32x16 out;
-    for (int k = 0; k < 16; ++k) out[k] = half_to_float(h[k]);
+    f32v out;
+    for (int k = 0; k < kLanes; ++k) out[k] = half_to_float(h[k]);
     return out;
 #endif
 }
 
-inline u16x16 float_to_half16(f32x16 v) {
+inline u16v narrow_half(f32v v) {
 #if defined(__AVX512F__)
     __m256i r = _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     // Into a register, then stored: GCC folds a store that follows into
@@ -191,20 +248,12 @@ inline u16x16 float_to_half16(f32x16 v) {
     // (1.08 against 0.58 ns per 16 values written to L1). The empty asm
     // hides where r goes next.
     asm("" : "+v"(r));
-    return (u16x16)r;
-#elif defined(__F16C__)
-    __m256 lo, hi;
-    std::memcpy(&lo, &v, 32);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
-    const __m128i a = _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT);
-    const __m128i b = _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT);
-    u16x16 out;
-    std::memcpy(&out, &a, 16);
-    std::memcpy(reinterpret_cast<char*>(&out) + 16, &b, 16);
-    return out;
+    return (u16v)r;
+#elif defined(__F16C__) && defined(__AVX__)
+    return (u16v)_mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
-    u16x16 out;
-    for (int k = 0; k < 16; ++k) out[k] = float_to_half(v[k]);
+    u16v out;
+    for (int k = 0; k < kLanes; ++k) out[k] = float_to_half(v[k]);
     return out;
 #endif
 }
@@ -214,96 +263,81 @@ inline u16x16 float_to_half16(f32x16 v) {
 template <typename S>
 struct Elem;
 
-#if defined(__AVX512F__)
-// A float vector is one register: stored with one instruction. Through
-// store_bytes (its address taken for memcpy) GCC spilled it to the stack
-// first, a store and a reload more per vector.
-inline void store_f32x16(float* p, f32x16 v, bool stream) {
-    const __m512 m = (__m512)v;
-    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-    if (stream && (a & 63) == 0) {
-        _mm512_stream_ps(p, m);
-    } else if (stream && (a & 31) == 0) {
-        const __m512d d = _mm512_castps_pd(m);
-        _mm256_stream_pd(reinterpret_cast<double*>(p), _mm512_castpd512_pd256(d));
-        _mm256_stream_pd(reinterpret_cast<double*>(p + 8), _mm512_extractf64x4_pd(d, 1));
-    } else {
-        _mm512_storeu_ps(p, m);
-    }
-}
-#endif
-
 // float and double: stored as computed.
 template <typename S>
 struct Native {
     typedef S T;
-    typedef S V __attribute__((vector_size(16 * sizeof(S))));
+    typedef S V __attribute__((vector_size(kLanes * sizeof(S))));
     static V load(const S* p) {
         V v;
         std::memcpy(&v, p, sizeof(V));
         return v;
     }
-    static void store(S* p, V v, bool stream) { store_bytes(p, &v, sizeof(V), stream); }
+    static void store(S* p, V v, bool stream) { store_vector(p, v, stream); }
     static S up(S s) { return s; }
     static S down(S t) { return t; }
 };
 template <>
-struct Elem<float> : Native<float> {
-#if defined(__AVX512F__)
-    static void store(float* p, V v, bool stream) { store_f32x16(p, v, stream); }
-#endif
-};
+struct Elem<float> : Native<float> {};
 template <>
 struct Elem<double> : Native<double> {};
 
 // bfloat16 and float16: 16 bits, computed in float.
-template <typename S, f32x16 (*Widen)(u16x16), u16x16 (*Narrow)(f32x16), float (*Up)(uint16_t),
+template <typename S, f32v (*Widen)(u16v), u16v (*Narrow)(f32v), float (*Up)(uint16_t),
           uint16_t (*Down)(float)>
 struct Half {
     typedef float T;
-    typedef f32x16 V;
+    typedef f32v V;
     static V load(const S* p) {
-        u16x16 h;
-        std::memcpy(&h, p, 32);
+        u16v h;
+        std::memcpy(&h, p, sizeof(h));
         return Widen(h);
     }
-    static void store(S* p, V v, bool stream) {
-        const u16x16 h = Narrow(v);
-        store_bytes(p, &h, 32, stream);
-    }
+    static void store(S* p, V v, bool stream) { store_vector(p, Narrow(v), stream); }
     static float up(S s) { return Up(s.bits); }
     static S down(float t) { return S{Down(t)}; }
 };
 template <>
-struct Elem<bf16> : Half<bf16, bf16x16_to_float, float_to_bf16x16, bf16_to_float, float_to_bf16> {};
+struct Elem<bf16> : Half<bf16, widen_bf16, narrow_bf16, bf16_to_float, float_to_bf16> {};
 template <>
-struct Elem<f16> : Half<f16, half16_to_float, float_to_half16, half_to_float, float_to_half> {};
+struct Elem<f16> : Half<f16, widen_half, narrow_half, half_to_float, float_to_half> {};
 
 // Pair<S>::store(p, a, b, stream): two vectors narrowed to S and written at
-// p and p + 16, with one instruction for both where the type has one
+// p and p + kLanes, with one instruction for both where the type has one
 // (`joint`): AVX512-BF16's vcvtne2ps2bf16 narrows 32 floats to bfloat16 at
-// once, and one 64-byte store writes them.
+// once, and one 64-byte store writes them; without AVX-512, one pack of words
+// takes two vectors of bfloat16.
 template <typename S>
 struct Pair {
     typedef typename Elem<S>::V V;
     static constexpr bool joint = false;
     static void store(S* p, V a, V b, bool stream) {
         Elem<S>::store(p, a, stream);
-        Elem<S>::store(p + 16, b, stream);
+        Elem<S>::store(p + kLanes, b, stream);
     }
 };
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
 template <>
 struct Pair<bf16> {
-    typedef f32x16 V;
+    typedef f32v V;
     static constexpr bool joint = true;
     static void store(bf16* p, V a, V b, bool stream) {
-        const __m512i v = (__m512i)_mm512_cvtne2ps_pbh((__m512)b, (__m512)a);
-        if (stream && (reinterpret_cast<uintptr_t>(p) & 63) == 0)
-            _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
-        else
-            _mm512_storeu_si512(p, v);
+        store_register(p, (__m512i)_mm512_cvtne2ps_pbh((__m512)b, (__m512)a), stream);
+    }
+};
+#endif
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// One pack and one permutation (both on the one shuffle port of many x86
+// cores) narrow 16 values, where a vector at a time takes both for 8.
+template <>
+struct Pair<bf16> {
+    typedef f32v V;
+    static constexpr bool joint = true;
+    static void store(bf16* p, V a, V b, bool stream) {
+        const __m256i ra = (__m256i)round_to_bf16(a), rb = (__m256i)round_to_bf16(b);
+        store_register(p, _mm256_permute4x64_epi64(_mm256_packus_epi32(ra, rb), 0xD8), stream);
     }
 };
 #endif

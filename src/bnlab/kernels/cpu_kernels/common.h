@@ -1,4 +1,4 @@
-// Constants shared by every pass (vector width, thread-split and streaming thresholds) and
+// Constants shared by every pass (thread-split and streaming thresholds) and
 // the helpers that load, store and widen one storage type. Part of the batch-norm CPU
 // kernels: cpu_kernels.h describes the whole.
 
@@ -18,7 +18,6 @@
 
 namespace {
 
-constexpr int kLanes = 16;           // elements per vector, whatever the type
 constexpr int kBlock = 16;           // additions per lane before partial sums go to float64
 constexpr int64_t kPlaneMin = 64;    // inner >= this: plane traversal
 constexpr int64_t kMaxWidth = 4096;  // widest periodic row
@@ -94,7 +93,7 @@ inline S down(Compute<S> t) {
 template <typename T>
 inline vd to_double(typename Elem<T>::V v);
 template <>
-inline vd to_double<float>(f32x16 v) {
+inline vd to_double<float>(f32v v) {
     return __builtin_convertvector(v, vd);
 }
 template <>

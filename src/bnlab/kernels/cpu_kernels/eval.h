@@ -28,7 +28,7 @@ void running_stats(const R* __restrict rm, const R* __restrict rv, int64_t C, do
 //     run by run, each run's whole lines streamed (streamed_run), as training
 //     writes them, which measured faster there (56x56 16-bit inference
 //     1.14-1.49x, 28x28 0.99-1.05x; float32 14x14 planes ran 0.58x so);
-//   - for planes shorter than kShortPlane that do not go in groups
+//   - for planes shorter than kShortPlane values that do not go in groups
 //     (plane_groups.h): there a run's overlapping last vector and the call
 //     per run cost more than the straddling vectors (7x7 inference 1.05-1.07x
 //     faster, 6x6 1.33x; 10x10 and 14x14 16-bit planes ran 0.87-0.94x);
@@ -37,7 +37,7 @@ void running_stats(const R* __restrict rm, const R* __restrict rv, int64_t C, do
 //     its output (kStreamBytes): run by run, nearly every vector would then
 //     straddle two lines that come from memory (14x14 and 17x17 float32
 //     inference 1.12-1.14x faster on one thread; 10x10 in cache ran 0.9x).
-constexpr int64_t kShortPlane = 4 * kLanes;
+constexpr int64_t kShortPlane = 64;
 
 template <typename S>
 bool by_range(const Geometry& g, bool stream) {

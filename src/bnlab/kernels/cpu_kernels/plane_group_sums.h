@@ -23,8 +23,8 @@ template <typename S>
 struct ShiftedTerms {
     const S* x;
     void fetch(int64_t off, int64_t len) const { prefetch_run(x + off, len, false); }
-    inline void add(int64_t off, f32x16 K, f32x16& a1, f32x16& a2) const {
-        const f32x16 d = ld(x + off) - K;
+    inline void add(int64_t off, f32v K, f32v& a1, f32v& a2) const {
+        const f32v d = ld(x + off) - K;
         a1 += d;
         a2 = fused(d, d, a2);
     }
@@ -39,7 +39,7 @@ struct GradTerms {
         prefetch_run(dy + off, len, false);
         prefetch_run(x + off, len, false);
     }
-    inline void add(int64_t off, f32x16 mh, f32x16& a1, f32x16& a2) const {
+    inline void add(int64_t off, f32v mh, f32v& a1, f32v& a2) const {
         a1 += ld(dy + off);
         a2 = fused(ld(dy + off), ld(x + off) - mh, a2);
     }
@@ -51,9 +51,9 @@ struct GradTerms {
 // are fetched first: the hardware does not follow reads an image apart.
 template <int M, typename Terms>
 inline void position_sums(const Terms& terms, int64_t off, int64_t stride, int64_t n,
-                          const f32x16* base, bool ahead, f32x16* f1, f32x16* f2) {
-    f32x16 a1[M], a2[M];
-    for (int j = 0; j < M; ++j) a1[j] = a2[j] = f32x16{};
+                          const f32v* base, bool ahead, f32v* f1, f32v* f2) {
+    f32v a1[M], a2[M];
+    for (int j = 0; j < M; ++j) a1[j] = a2[j] = f32v{};
     for (int64_t o = 0; o < n; ++o, off += stride) {
         if (ahead) terms.fetch(off + M * kLanes, M * kLanes);
         for (int j = 0; j < M; ++j) terms.add(off + j * kLanes, base[j], a1[j], a2[j]);
@@ -71,9 +71,9 @@ template <typename Terms>
 void group_sums(const Terms& terms, const PlaneGroup& pg, const Geometry& g, int64_t c,
                 const float* per_channel, bool ahead, double* s1, double* s2) {
     typedef int32_t lane_mask __attribute__((vector_size(kLanes * sizeof(int32_t))));
-    f32x16 channel_base;
+    f32v channel_base;
     std::memcpy(&channel_base, per_channel, sizeof(channel_base));
-    f32x16 base[kPlaneMin], f1[kPlaneMin], f2[kPlaneMin];  // V < kPlaneMin
+    f32v base[kPlaneMin], f1[kPlaneMin], f2[kPlaneMin];  // V < kPlaneMin
     for (int64_t k = 0; k < pg.V; ++k) base[k] = permute(channel_base, pg.lanes[k]);
     vd d1[kLanes], d2[kLanes];
     for (int64_t j = 0; j < pg.G; ++j) d1[j] = d2[j] = vd{};
@@ -89,11 +89,11 @@ void group_sums(const Terms& terms, const PlaneGroup& pg, const Geometry& g, int
             position_sums<1>(terms, off + k * kLanes, stride, n, base + k, ahead, f1 + k, f2 + k);
         // Channel j's lanes lie in vectors j*inner/16 to ((j+1)*inner - 1)/16.
         for (int64_t j = 0; j < pg.G; ++j) {
-            f32x16 a1{}, a2{};
+            f32v a1{}, a2{};
             for (int64_t v = j * g.inner / kLanes; v <= ((j + 1) * g.inner - 1) / kLanes; ++v) {
                 const lane_mask mine = pg.lanes[v] == int32_t(j);
-                a1 += mine ? f1[v] : f32x16{};
-                a2 += mine ? f2[v] : f32x16{};
+                a1 += mine ? f1[v] : f32v{};
+                a2 += mine ? f2[v] : f32v{};
             }
             d1[j] += to_double<float>(a1);
             d2[j] += to_double<float>(a2);

@@ -17,7 +17,7 @@
 // 1.3-1.9x faster over 16-bit 7x7, 6x6, 5x5 and 4x6 planes and float32 6x6
 // and 7x7 in cache; 4x4 planes (G = 1: a group is one vector) ran 0.66-0.76x,
 // so planes that are whole vectors never group. Needs a one-instruction
-// permutation (AVX-512); elsewhere planes never group.
+// permutation (AVX-512's or AVX2's vpermps); elsewhere planes never group.
 
 #pragma once
 
@@ -27,21 +27,29 @@ namespace {
 
 #if defined(__AVX512F__)
 constexpr bool kPlaneGroups = true;
-inline f32x16 permute(f32x16 v, i32x16 lane) {
-    return (f32x16)_mm512_permutexvar_ps((__m512i)lane, (__m512)v);
+inline f32v permute(f32v v, i32v lane) {
+    return (f32v)_mm512_permutexvar_ps((__m512i)lane, (__m512)v);
 }
 // a*b + c rounded once (GCC leaves a product and a sum of permuted operands apart).
-inline f32x16 fused(f32x16 a, f32x16 b, f32x16 c) {
-    return (f32x16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+inline f32v fused(f32v a, f32v b, f32v c) {
+    return (f32v)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr bool kPlaneGroups = true;
+inline f32v permute(f32v v, i32v lane) {
+    return (f32v)_mm256_permutevar8x32_ps((__m256)v, (__m256i)lane);
+}
+inline f32v fused(f32v a, f32v b, f32v c) {
+    return (f32v)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 }
 #else
 constexpr bool kPlaneGroups = false;
-inline f32x16 permute(f32x16 v, i32x16 lane) {
-    f32x16 r;
+inline f32v permute(f32v v, i32v lane) {
+    f32v r;
     for (int k = 0; k < kLanes; ++k) r[k] = v[lane[k] & (kLanes - 1)];
     return r;
 }
-inline f32x16 fused(f32x16 a, f32x16 b, f32x16 c) { return a * b + c; }
+inline f32v fused(f32v a, f32v b, f32v c) { return a * b + c; }
 #endif
 
 inline int64_t group_planes(const Geometry& g) { return kLanes / gcd(g.inner, kLanes); }
@@ -75,7 +83,7 @@ bool trains_in_groups(const Geometry& g, TrainingPass pass) {
 // The lanes' planes in each vector of a group of g's planes.
 struct PlaneGroup {
     int64_t G, V, values;  // planes, vectors, values
-    std::vector<i32x16> lanes;
+    std::vector<i32v> lanes;
     explicit PlaneGroup(const Geometry& g)
         : G(group_planes(g)), V(g.inner * G / kLanes), values(g.inner * G), lanes(V) {
         for (int64_t k = 0; k < V; ++k)
@@ -89,13 +97,13 @@ struct PlaneGroup {
 template <typename S, bool centered>
 inline void normalize_group(const S* x, S* y, const PlaneGroup& pg, const float* mh,
                             const float* s, const float* b, bool stream) {
-    f32x16 gm{}, gs, gb;
+    f32v gm{}, gs, gb;
     if (centered) std::memcpy(&gm, mh, sizeof(gm));
     std::memcpy(&gs, s, sizeof(gs));
     std::memcpy(&gb, b, sizeof(gb));
     for (int64_t k = 0; k < pg.V; ++k) {
-        const i32x16 l = pg.lanes[k];
-        const f32x16 v = centered ? ld(x + k * kLanes) - permute(gm, l) : ld(x + k * kLanes);
+        const i32v l = pg.lanes[k];
+        const f32v v = centered ? ld(x + k * kLanes) - permute(gm, l) : ld(x + k * kLanes);
         store_out(y + k * kLanes, fused(v, permute(gs, l), permute(gb, l)), stream);
     }
 }
@@ -117,15 +125,15 @@ struct GroupGradCoef {
 template <typename S>
 inline void grad_group(const S* dy, const S* x, S* dx, const PlaneGroup& pg,
                        const GroupGradCoef& q, bool stream) {
-    f32x16 gm, ga, gk, gc;
+    f32v gm, ga, gk, gc;
     std::memcpy(&gm, q.mh, sizeof(gm));
     std::memcpy(&ga, q.a, sizeof(ga));
     std::memcpy(&gk, q.k, sizeof(gk));
     std::memcpy(&gc, q.c0, sizeof(gc));
     for (int64_t k = 0; k < pg.V; ++k) {
-        const i32x16 l = pg.lanes[k];
-        const f32x16 d = ld(x + k * kLanes) - permute(gm, l);
-        const f32x16 rest = fused(-d, permute(gk, l), permute(gc, l));
+        const i32v l = pg.lanes[k];
+        const f32v d = ld(x + k * kLanes) - permute(gm, l);
+        const f32v rest = fused(-d, permute(gk, l), permute(gc, l));
         store_out(dx + k * kLanes, fused(ld(dy + k * kLanes), permute(ga, l), rest), stream);
     }
 }

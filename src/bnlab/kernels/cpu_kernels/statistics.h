@@ -178,13 +178,19 @@ struct Sums {
     }
 };
 
-// Lanes [16 - rem, 16) one, the others zero: the new part of a run's last,
-// overlapping vector.
+// Lanes [kLanes - rem, kLanes) one, the others zero: the new part of a run's
+// last, overlapping vector.
+template <typename T>
+struct TailOnes {
+    alignas(64) T values[2 * kLanes];
+    constexpr TailOnes() : values{} {
+        for (int k = kLanes; k < 2 * kLanes; ++k) values[k] = 1;
+    }
+};
 template <typename T>
 inline typename Elem<T>::V tail_ones(int64_t rem) {
-    alignas(64) static const T table[2 * kLanes] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                                    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-    return Elem<T>::load(table + rem);
+    static constexpr TailOnes<T> table;
+    return Elem<T>::load(table.values + rem);
 }
 
 }  // namespace
