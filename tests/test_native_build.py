@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bnlab import native
+from bnlab.kernels import _build
 
 SOURCE = r"""
 #include <Python.h>
@@ -78,3 +79,27 @@ def test_flags_that_cannot_be_had_give_up_with_the_reason(probe):
     ext.flags = missing
     with pytest.warns(RuntimeWarning, match="_bnlab_build_probe unavailable.*headers are not in"):
         assert ext.build(native.find_compiler()) is None
+
+
+def test_code_that_includes_torch_is_built_for_no_cpu(probe, monkeypatch):
+    """Extensions built for torch's ABI (for_cpu=False, the autograd node) never get
+    -march: with -march=native on a Xeon with AVX512-FP16 the node misread dtypes. The
+    kernels' own build tries the CPU's first."""
+    ext, _, _ = probe
+    monkeypatch.setattr(native, "_VARIANTS", native.variants("x86-64-v3"))
+    tried = []
+
+    def compile_(compiler, flags, target):
+        tried.append(flags)
+        return "stop here"
+
+    monkeypatch.setattr(ext, "_compile", compile_)
+    with pytest.warns(RuntimeWarning):
+        ext.build(native.find_compiler())
+    assert tried[0][:2] == ["-march=x86-64-v3", "-fopenmp"]
+    tried.clear()
+    ext.for_cpu = False
+    with pytest.warns(RuntimeWarning):
+        ext.build(native.find_compiler())
+    assert tried == [["-fopenmp", "-DFLAG=2"], ["-DFLAG=2"]]
+    assert _build.NODE.for_cpu is False and _build.BATCH_NORM.for_cpu is True

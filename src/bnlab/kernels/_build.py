@@ -56,6 +56,7 @@ NODE = _native.Extension(
     [Path(__file__).with_name("cpu_node.cpp")],
     fallback="bnlab's Python autograd function for small calls",
     flags=_torch_flags,
+    for_cpu=False,  # it only calls the kernels, which _bnlab_bn_cpu holds
 )
 
 ENABLED = _native.ENABLED

@@ -63,6 +63,13 @@ def variants(march: str) -> list[list[str]]:
 MARCH = os.environ.get("BNLAB_MARCH", "native")
 _VARIANTS = variants(MARCH)
 
+
+def _portable_variants() -> list[list[str]]:
+    """The builds of _VARIANTS that name no CPU (at least the bare one)."""
+    kept = [v for v in _VARIANTS if not any(f.startswith("-march=") for f in v)]
+    return kept or [[]]
+
+
 ENABLED = os.environ.get("BNLAB_BACKEND", "").lower() != "reference"
 _UNSET = object()
 
@@ -70,7 +77,11 @@ _UNSET = object()
 class Extension:
     """A native module built from ``sources``; ``name`` must match the ``PyInit_<name>`` they define.
 
-    ``fallback`` names what callers use without it, for the warning.
+    ``fallback`` names what callers use without it, for the warning. ``for_cpu``: built for
+    the CPU ``MARCH`` names; False for code that includes torch's headers, to compile them
+    for the CPUs libtorch was compiled for. (Built with ``-march=native`` by GCC 12 on an
+    Intel Xeon with AVX512-FP16, the autograd node took a float64 input's dtype for
+    float32 in its backward.)
     """
 
     def __init__(
@@ -79,10 +90,12 @@ class Extension:
         sources: list[Path],
         fallback: str,
         flags: Callable[[], list[str]] | None = None,
+        for_cpu: bool = True,
     ) -> None:
         self.name, self.sources, self.fallback = name, list(sources), fallback
         # Extra compiler and linker flags (include paths, libraries), asked for at build time.
         self.flags = flags or (lambda: [])
+        self.for_cpu = for_cpu
         self._module: ModuleType | object | None = _UNSET
 
     def load(self) -> ModuleType | None:
@@ -103,7 +116,7 @@ class Extension:
             extra = self.flags()
         except Exception as e:  # what the flags come from is missing or broken
             return self._give_up(f"cannot find what the build needs ({e})")
-        for variant in _VARIANTS:
+        for variant in _VARIANTS if self.for_cpu else _portable_variants():
             flags = [*variant, *extra]
             suffix = sysconfig.get_config_var("EXT_SUFFIX")
             target = cache_dir() / f"{self.name}-{self._key(compiler, flags)}{suffix}"
