@@ -9,8 +9,11 @@
 //             too wide for rows: runs of `inner` values of one channel.
 //   periodic  short inner (channels_last, (N, C)): the channel of flat index
 //             e is (e % P) / inner with period P = C*inner, so memory is read
-//             as rows of width W = lcm(P, 16) whose column j always holds
+//             as rows of width W = lcm(P, kLanes) whose column j always holds
 //             channel (j % P) / inner, and every row is whole vectors.
+//
+// A vector is as wide as the build's registers (bnlab_half.h): kLanes is 16
+// floats with AVX-512, 8 with AVX2, 4 otherwise.
 //
 // and the training passes split each over threads by its geometry (split_of):
 //

@@ -170,7 +170,9 @@ void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, con
     const int64_t W = g.width(), rows = numel / W, tail = rows * W;
     const bool columns_are_channels = !g.planes() && W == C;  // then no tail either
     std::vector<Affine<T>> per(columns_are_channels ? 0 : C);
-    for (size_t c = 0; c < per.size(); ++c) per[c] = affine_of(mean[c], invstd[c], w, b, c);
+    // Uncentered where a channel is near zero: runs of it then skip x - mh.
+    for (size_t c = 0; c < per.size(); ++c)
+        per[c] = affine_of(mean[c], invstd[c], w, b, c, !near_zero(mean[c], invstd[c]));
     if constexpr (std::is_same<T, float>::value) {
         if (how == kInGroups)
             return normalize_in_groups(x, y, w, b, mean, invstd, g, team, per, stream);

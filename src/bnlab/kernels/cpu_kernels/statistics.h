@@ -45,7 +45,7 @@ struct Affine {
 
 // Uncentered (centered false): mh = 0, so b = beta - mean*s, all of the mean
 // folded into the constant (see ColumnNormalize::set_channels for where that
-// is as accurate).
+// is as accurate: near_zero).
 template <typename T>
 Affine<T> affine_of(double mean, double invstd, const T* w, const T* b, int64_t c,
                     bool centered = true) {
@@ -56,6 +56,10 @@ Affine<T> affine_of(double mean, double invstd, const T* w, const T* b, int64_t 
     a.b = static_cast<T>((b ? static_cast<double>(b[c]) : 0.0) - (mean - double(a.mh)) * s);
     return a;
 }
+
+// Whether a channel's |mean|*invstd is at most 1, where the uncentered form
+// y = x*s + (beta - mean*s) is as accurate as the centered one (false for NaN).
+inline bool near_zero(double mean, double invstd) { return std::fabs(mean * invstd) <= 1.0; }
 
 // dx = a*dy - k*(x - mh) + c0: the input gradient of one channel, with
 //   batch statistics:   a = gamma*invstd, k = a*invstd*dgamma/n,
