@@ -85,6 +85,7 @@ from _timing import (
     arguments,
     below_one_summary,
     copy_bandwidth,
+    cpu_model,
     inference,
     interleaved,
     interleaved_samples,
@@ -586,7 +587,9 @@ def run_sweep(args: argparse.Namespace, allocator: str, all_threads: int) -> Non
         f"- Copy bandwidth: {copy_gbs:.1f} GB/s (threads: {max(thread_counts)}); "
         f"the sweep took {minutes:.1f} min"
     )
-    title = "CPU sweep: dtypes, shapes, modes, threads (bench_bn.py --sweep)"
+    # Each CPU model keeps a section of its own: a sweep on another machine
+    # does not replace this one's.
+    title = f"CPU sweep on {cpu_model()}: dtypes, shapes, modes, threads (bench_bn.py --sweep)"
     if native.MARCH != "native":
         # Built for another CPU (BNLAB_MARCH): a section of its own, next to this CPU's.
         capability = os.environ.get("ATEN_CPU_CAPABILITY", "(unset: this CPU's best)")
@@ -594,7 +597,10 @@ def run_sweep(args: argparse.Namespace, allocator: str, all_threads: int) -> Non
             f"\n- Built for another CPU: BNLAB_MARCH={native.MARCH} (bnlab's kernels), "
             f"ATEN_CPU_CAPABILITY={capability} (torch's)"
         )
-        title = f"CPU sweep, bnlab built for -march={native.MARCH} (bench_bn.py --sweep)"
+        title = (
+            f"CPU sweep on {cpu_model()}, bnlab built for -march={native.MARCH} "
+            "(bench_bn.py --sweep)"
+        )
     publish(sweep_report(cells, header), RESULTS_MD, title, args.record)
 
 
