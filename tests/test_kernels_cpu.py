@@ -954,3 +954,25 @@ def test_plans_name_bad_arguments(name):
         query(2, 4, 49, 9, 2)
     with pytest.raises(TypeError, match=f"{name} expects 5 arguments, got 4"):
         query(2, 4, 49, 0)
+
+
+@pytest.mark.parametrize("buffers", [F32, F64], ids=str)
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+def test_inference_invstd_is_double_precise_at_every_variance(buffers, eps):
+    """Inference's invstd comes from float's 1/sqrt and two Newton steps in double:
+    within 4 ulps of float64's 1/sqrt(var + eps) over float's normal range, and exactly
+    float64's outside it (0, subnormal, huge, inf, NaN variances), 1000 channels so the
+    vectorized loops and their tails both run."""
+    var = torch.logspace(-35, 35, 1000, dtype=F64)
+    edges = [0.0, 1e-40, 1e-36, 1e36, 3e38, float("inf"), float("nan"), 1.0, 0.5]
+    var[: len(edges)] = torch.tensor(edges, dtype=F64)
+    rv = var.to(buffers)
+    c = rv.numel()
+    x = torch.ones(2, c, dtype=F32)
+    _, stats = _cpu_native.forward_eval(x, None, None, torch.zeros(c, dtype=buffers), rv, eps)
+    truth = torch.rsqrt(rv.double() + eps)
+    got = stats[1]
+    assert torch.equal(got.isnan(), truth.isnan()) and torch.equal(got.isinf(), truth.isinf())
+    finite = truth.isfinite()
+    ulp = torch.finfo(F64).eps
+    assert ((got[finite] - truth[finite]).abs() <= 4 * ulp * truth[finite]).all()

