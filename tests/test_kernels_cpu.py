@@ -958,21 +958,29 @@ def test_plans_name_bad_arguments(name):
 
 @pytest.mark.parametrize("buffers", [F32, F64], ids=str)
 @pytest.mark.parametrize("eps", [0.0, 1e-5])
-def test_inference_invstd_is_double_precise_at_every_variance(buffers, eps):
+def test_inference_invstd_is_double_precise_at_every_variance(buffers, eps, restore_threads):
     """Inference's invstd comes from float's 1/sqrt and two Newton steps in double:
     within 4 ulps of float64's 1/sqrt(var + eps) over float's normal range, and exactly
-    float64's outside it (0, subnormal, huge, inf, NaN variances), 1000 channels so the
-    vectorized loops and their tails both run."""
-    var = torch.logspace(-35, 35, 1000, dtype=F64)
+    float64's outside it (0, subnormal, huge, inf, NaN variances). 4000 channels, so the
+    vectorized loops and their tails both run, on one thread and on two (rows by
+    column)."""
+    var = torch.logspace(-35, 35, 4000, dtype=F64)
     edges = [0.0, 1e-40, 1e-36, 1e36, 3e38, float("inf"), float("nan"), 1.0, 0.5]
     var[: len(edges)] = torch.tensor(edges, dtype=F64)
+    var[-len(edges) :] = torch.tensor(edges, dtype=F64)
     rv = var.to(buffers)
     c = rv.numel()
-    x = torch.ones(2, c, dtype=F32)
-    _, stats = _cpu_native.forward_eval(x, None, None, torch.zeros(c, dtype=buffers), rv, eps)
+    x = torch.ones(32, c, dtype=F32)
     truth = torch.rsqrt(rv.double() + eps)
-    got = stats[1]
-    assert torch.equal(got.isnan(), truth.isnan()) and torch.equal(got.isinf(), truth.isinf())
     finite = truth.isfinite()
     ulp = torch.finfo(F64).eps
-    assert ((got[finite] - truth[finite]).abs() <= 4 * ulp * truth[finite]).all()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        if threads == 2:
+            assert _cpu_native.inference_plan(x) == ("rows by column", 2)
+        rm = torch.arange(c, dtype=buffers)
+        _, stats = _cpu_native.forward_eval(x, None, None, rm, rv, eps)
+        assert torch.equal(stats[0], rm.double())
+        got = stats[1]
+        assert torch.equal(got.isnan(), truth.isnan()) and torch.equal(got.isinf(), truth.isinf())
+        assert ((got[finite] - truth[finite]).abs() <= 4 * ulp * truth[finite]).all()
