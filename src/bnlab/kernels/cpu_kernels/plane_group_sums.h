@@ -87,7 +87,7 @@ void group_sums(const Terms& terms, const PlaneGroup& pg, const Geometry& g, int
             position_sums<4>(terms, off + k * kLanes, stride, n, base + k, ahead, f1 + k, f2 + k);
         for (; k < pg.V; ++k)
             position_sums<1>(terms, off + k * kLanes, stride, n, base + k, ahead, f1 + k, f2 + k);
-        // Channel j's lanes lie in vectors j*inner/16 to ((j+1)*inner - 1)/16.
+        // Channel j's lanes lie in vectors j*inner/kLanes to ((j+1)*inner - 1)/kLanes.
         for (int64_t j = 0; j < pg.G; ++j) {
             f32v a1{}, a2{};
             for (int64_t v = j * g.inner / kLanes; v <= ((j + 1) * g.inner - 1) / kLanes; ++v) {
