@@ -607,14 +607,15 @@ def portable_kernels(tmp_path_factory):
     return module
 
 
-@pytest.mark.parametrize("build", ["portable_kernels", "avx2_kernels"])
+@pytest.mark.parametrize("build", ["portable_kernels", "avx_kernels", "avx2_kernels"])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_other_builds_conversions_round_to_nearest_even_as_torch(
     dtype, build, request, monkeypatch
 ):
     """Every 16-bit value round-trips; values between two 16-bit ones round as torch's
-    .to(): through the portable bit arithmetic, and AVX2's 8-lane narrowing (F16C's
-    vcvtps2ph; for bfloat16 bit arithmetic and a pack of words)."""
+    .to(): through the portable bit arithmetic in 4 lanes and in 8 (AVX without AVX2),
+    and AVX2's 8-lane narrowing (F16C's vcvtps2ph; for bfloat16 bit arithmetic and a
+    pack of words)."""
     monkeypatch.setattr(_build, "_module", request.getfixturevalue(build))
     bits = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
     x = bits.view(1, 1, -1)
@@ -895,21 +896,35 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
+def _kernels_built_for(march: str, needs: set[str], cache) -> object:
+    """The kernels as BNLAB_MARCH=march builds them, in a cache of their own; skips on a
+    CPU without the features `needs` names (/proc/cpuinfo's flags)."""
+    from bnlab import native
+
+    if not needs <= _cpu_flags():
+        pytest.skip(f"this CPU cannot run code built for {march}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BNLAB_CACHE_DIR", str(cache))
+        mp.setattr(native, "_VARIANTS", native.variants(march)[:1])
+        module = _build.BATCH_NORM.build(native.find_compiler())
+    assert module is not None
+    return module
+
+
 @pytest.fixture(scope="module")
 def avx2_kernels(tmp_path_factory):
     """The kernels as BNLAB_MARCH=x86-64-v3 builds them (AVX2, FMA and F16C, no AVX-512):
     8-lane vectors, AVX2's lane permutation, F16C's float16 conversions and AVX2's
     bfloat16 ones."""
-    from bnlab import native
+    needs = {"avx2", "fma", "f16c", "bmi2"}
+    return _kernels_built_for("x86-64-v3", needs, tmp_path_factory.mktemp("x86-64-v3"))
 
-    if not {"avx2", "fma", "f16c", "bmi2"} <= _cpu_flags():
-        pytest.skip("this CPU cannot run code built for x86-64-v3")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BNLAB_CACHE_DIR", str(tmp_path_factory.mktemp("x86-64-v3")))
-        mp.setattr(native, "_VARIANTS", native.variants("x86-64-v3")[:1])
-        module = _build.BATCH_NORM.build(native.find_compiler())
-    assert module is not None
-    return module
+
+@pytest.fixture(scope="module")
+def avx_kernels(tmp_path_factory):
+    """The kernels built for AVX without AVX2 (-march=sandybridge): 8-lane vectors whose
+    16-bit conversions and lane permutation are the portable ones."""
+    return _kernels_built_for("sandybridge", {"avx"}, tmp_path_factory.mktemp("sandybridge"))
 
 
 @pytest.mark.parametrize("dtype", [F32, *HALF], ids=str)
@@ -924,6 +939,21 @@ def test_avx2_build_matches_the_float64_truth(dtype, avx2_kernels, monkeypatch, 
     assert _cpu_native.inference_plan(x)[0] == "planes in groups"
     for case in GROUPED:
         test_grouped_planes_match_the_float64_truth(case, dtype, True, None)
+    for case in SPLITS:
+        test_every_split_and_dtype_matches_the_float64_truth(case, dtype, None)
+
+
+@pytest.mark.parametrize("dtype", [F32, *HALF], ids=str)
+def test_avx_build_without_avx2_matches_the_float64_truth(
+    dtype, avx_kernels, monkeypatch, restore_threads
+):
+    """AVX without AVX2 (Sandy Bridge): 8 lanes, no plane groups (no one-instruction
+    permutation), short planes by range; every split against the float64 truth."""
+    monkeypatch.setattr(_build, "_module", avx_kernels)
+    assert (avx_kernels.LANES, avx_kernels.PLANE_GROUPS) == (8, 0)
+    x = torch.empty(GROUPED["7x7-wrapping-12-left"], dtype=dtype)
+    assert _cpu_native.inference_plan(x)[0] == "planes by range"
+    test_grouped_planes_match_the_float64_truth("7x7-wrapping-12-left", dtype, True, None)
     for case in SPLITS:
         test_every_split_and_dtype_matches_the_float64_truth(case, dtype, None)
 
