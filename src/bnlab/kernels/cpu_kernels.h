@@ -61,7 +61,8 @@
 // around the caches (non-temporal stores: little of them would still be
 // cached when they are read, and the stores skip reading the lines they
 // overwrite); the training passes over planes stream runs of kStreamRunBytes
-// or more, their whole cache lines only (streamed_run). On Linux, large fresh
+// or more, their whole cache lines only (streamed_run). (Inference keeps 16-bit
+// rows in the caches where a vector is 16 bytes: see eval.h's normalize.) On Linux, large fresh
 // outputs are advised as huge pages before their first touch: one page fault
 // per 2 MiB instead of one per 4 KiB, which on some machines costs more than
 // the pass itself.
