@@ -23,17 +23,8 @@ from bnlab.kernels import _build, cpu
 from ._twins import make_twins
 from .conftest import count_calls
 
-# A limit the tests set (small_calls.MAX_BYTES has none by default), and the float32
-# values it holds.
-LIMIT = 1 << 20
-MAX = LIMIT // 4
+MAX = small_calls.MAX_BYTES // 4  # float32 values
 _NODE = _build.node()
-
-
-@pytest.fixture
-def limited(monkeypatch):
-    """small_calls.MAX_BYTES set to LIMIT: larger calls take the Python function."""
-    monkeypatch.setattr(small_calls, "MAX_BYTES", LIMIT)
 
 
 def test_the_node_builds_and_loads():
@@ -59,23 +50,14 @@ def _rows(elements: int, channels: int = 16, dtype=torch.float32) -> torch.Tenso
     "elements, path", [(64, "node"), (MAX, "node"), (MAX + 16, "function")], ids=str
 )
 @pytest.mark.parametrize("train", [True, False])
-def test_graph_recording_calls_switch_at_the_limit(elements, path, train, limited):
+def test_graph_recording_calls_switch_at_the_crossover(elements, path, train):
     m = bnlab.nn.BatchNorm1d(16).train(train)
     y = m(_rows(elements).requires_grad_())
     assert _path_of(y) == path
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_large_calls_take_the_node_by_default(train):
-    """With no limit set, a call of many MiB takes the node too: through the Python
-    function, such training steps ran 1.04-1.16x slower."""
-    m = bnlab.nn.BatchNorm1d(16).train(train)
-    y = m(_rows(4 * MAX + 16).requires_grad_())
-    assert _path_of(y) == "node"
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
-def test_the_limit_is_in_bytes(dtype, limited):
+def test_the_crossover_is_in_bytes(dtype):
     """16-bit inputs switch at twice float32's values, float64 at half (MAX_BYTES)."""
     values = small_calls.MAX_BYTES // dtype.itemsize
     m = bnlab.nn.BatchNorm1d(16, dtype=torch.float64 if dtype == torch.float64 else None)
@@ -202,8 +184,8 @@ def test_batched_gradients_match_torch(train):
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_calls_without_a_graph_take_the_node(train, monkeypatch, limited):
-    """No graph: the node, not the Python backend; above a limit, the backend."""
+def test_calls_without_a_graph_take_the_node(train, monkeypatch):
+    """No graph, small: the node, not the Python backend; above the crossover, the backend."""
     name = "eager_forward_train" if train else "eager_forward_eval"
     calls = count_calls(monkeypatch, cpu, name)
     theirs, ours = (m.float() for m in make_twins("BatchNorm1d", 16))
@@ -257,13 +239,13 @@ def _call(x_dtype=torch.float32, param=None, buffer=None, momentum=0.1, elements
         ("bf16 buffers", {"x_dtype": torch.bfloat16, "param": torch.float32}, False),
         ("float64 parameters for float32 input", {"param": torch.float64}, False),
         ("momentum as a tensor (momentum=None)", {"momentum": torch.tensor(0.5)}, False),
-        ("above a limit", {"elements": MAX + 16}, False),
+        ("above the crossover", {"elements": MAX + 16}, False),
         ("strided input", {"x": torch.randn(16, 64).t()}, False),
         ("integer input", {"x": torch.ones(8, 16, dtype=torch.int64)}, False),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
-def test_rule(case, kwargs, taken, limited):
+def test_rule(case, kwargs, taken):
     """The node takes the call, or declines it (None) and the function runs."""
     y = small_calls.batch_norm(*_call(**kwargs))
     assert (y is not None) is taken, case
@@ -370,7 +352,7 @@ def test_the_node_checks_what_it_is_handed():
 
 
 @pytest.mark.parametrize("elements", [64, MAX + 16], ids=["node", "function"])
-def test_running_buffers_are_versioned_like_an_in_place_op(elements, limited):
+def test_running_buffers_are_versioned_like_an_in_place_op(elements):
     """Autograd sees the update, as torch's: a graph that saved a buffer refuses it afterwards."""
     m = bnlab.nn.BatchNorm1d(16)
     before = [b._version for b in (m.running_mean, m.running_var)]

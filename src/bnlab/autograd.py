@@ -216,10 +216,10 @@ def batch_norm(
 ) -> Tensor:
     """y from :class:`BatchNormFunction`; its arguments checked by the caller.
 
-    A plain eager call runs the same kernels behind a C++ autograd node
-    (:mod:`bnlab.small_calls`). Where the node declines it and there is nothing
-    to record, the backend op is called directly: the same op and results
-    without the autograd function's per-call cost.
+    Without anything to record, the backend op is called directly: the same
+    op and results without the autograd function's per-call cost. A small
+    plain eager call runs the same kernels behind a C++ autograd node
+    (:mod:`bnlab.small_calls`).
     """
     if torch.compiler.is_compiling():
         return _BatchNormGraph.apply(

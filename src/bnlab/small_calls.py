@@ -1,26 +1,25 @@
-"""Plain eager calls behind a C++ autograd node, where a batch norm's fixed cost is low.
+"""Where a batch norm's fixed cost is all there is: small calls behind a C++ autograd node.
 
 bnlab's autograd function is Python (``forward``, ``setup_context``,
 ``backward``, and the engine's calls into them), and every call checks in
 Python what it hands the kernels: about 20 µs a training step more than
-torch's batch norm, whose node is C++, and more on large calls (through the
-function, training steps of 3-13 MB ran 1.04-1.16x slower than through the
-node). So eager calls
-run on ``kernels/cpu_node.cpp``: the same kernels and checks behind a C++
-autograd node, called without the dispatcher (``bnlab.kernels._build.node``).
-Their numbers are bnlab's: shifted sums with a float64 carry, the running
-update rounded once. (The module keeps its name from when only small calls
-took the node.)
+torch's batch norm, whose node is C++. Below some size the kernels cannot
+win that back. So small eager calls run on ``kernels/cpu_node.cpp``: the
+same kernels and checks behind a C++ autograd node, called without the
+dispatcher (``bnlab.kernels._build.node``). Their numbers are bnlab's:
+shifted sums with a float64 carry, the running update rounded once.
 
 The rule (:func:`batch_norm` returns None for a call it does not take;
 tests/test_small_calls.py):
 
-* x takes at most :data:`MAX_BYTES`: no limit unless one is set (the node
-  declines larger calls, which then take the Python function). Training or
-  inference, with or without a graph;
+* x takes at most :data:`MAX_BYTES` (1 MiB: 262144 float32 values, 524288
+  bfloat16 ones); above it the Python function's cost is a few percent of a
+  call (``python benchmarks/bench_small_calls.py``), and the one path (with
+  its jvp and vmap rules) runs. Training or inference, with or without a
+  graph;
 * plain eager autograd on the CPU: no forward-mode AD, functorch transform,
   tracer or compiler (:func:`bnlab.autograd.batch_norm` checks them; they keep
-  the Python function, with its jvp and vmap rules);
+  the Python function);
 * arguments the kernels take as they are: x contiguous or channels_last,
   a float momentum, parameters in x's compute dtype (float32 for 16-bit x),
   running buffers float32 or float64 and contiguous. Anything else is
@@ -44,9 +43,8 @@ from torch.overrides import has_torch_function
 
 from .kernels import _build
 
-# Bytes of x at or below which a call runs behind the C++ node: in practice every
-# size. A limit set here sends larger calls to the Python function.
-MAX_BYTES = 1 << 62
+# Bytes of x at or below which a call runs behind the C++ node.
+MAX_BYTES = 1 << 20
 ENABLED = os.environ.get("BNLAB_SMALL_CALLS", "").lower() != "bnlab"
 
 
