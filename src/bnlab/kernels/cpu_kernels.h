@@ -62,10 +62,10 @@
 // cached when they are read, and the stores skip reading the lines they
 // overwrite); the training passes over planes stream runs of kStreamRunBytes
 // or more, their whole cache lines only (streamed_run). (Inference keeps 16-bit
-// rows in the caches where a vector is 16 bytes: see eval.h's normalize.) On Linux, large fresh
-// outputs are advised as huge pages before their first touch: one page fault
-// per 2 MiB instead of one per 4 KiB, which on some machines costs more than
-// the pass itself.
+// rows in the caches where a vector is 16 bytes: geometry.h's
+// streams_inference.) On Linux, large fresh outputs are advised as huge pages
+// before their first touch: one page fault per 2 MiB instead of one per 4 KiB,
+// which on some machines costs more than the pass itself.
 // The by-channel passes over short runs (ResNet's 7x7 to 28x28 planes, and
 // 56x56 in 16 bits) fetch the next channel's runs ahead (prefetch_run): the
 // hardware prefetchers do not follow runs that short and that far apart.

@@ -122,7 +122,7 @@ EvalTraversal eval_traversal(const Geometry& g, int team) {
         // ran 0.84-0.97x in groups on 2 threads.
         const bool large_float32 = sizeof(S) == 4 && g.numel() * int64_t(sizeof(S)) >= kStreamBytes;
         if (by_groups<S>(g) && !large_float32) return kInGroups;
-        const bool stream = g.numel() * int64_t(sizeof(S)) >= stream_eval_bytes(g);
+        const bool stream = streams_inference<S>(g);
         return by_range<S>(g, stream) ? kByRange : kRunByRun;
     }
     // Few rows: each thread takes all rows of its columns, as in training.
@@ -184,11 +184,7 @@ void normalize(const S* x, S* y, const T* w, const T* b, const double* mean, con
                const Geometry& g, int threads) {
     const int64_t C = g.C, numel = g.numel();
     const int team = team_size(numel, threads);
-    // Rows whose vectors are narrowed to 16 bytes (16-bit values in 8 lanes) are
-    // not streamed: built for AVX2, (8192, 1024) bfloat16 inference ran 1.35x
-    // faster so and channels_last inference the same (0.99-1.05x).
-    const bool narrow_rows = !g.planes() && kLanes * sizeof(S) < 32;
-    const bool stream = numel * int64_t(sizeof(S)) >= stream_eval_bytes(g) && !narrow_rows;
+    const bool stream = streams_inference<S>(g);
     const EvalTraversal how = eval_traversal<S>(g, team);
     const int64_t W = g.width(), rows = numel / W, tail = rows * W;
     const bool columns_are_channels = !g.planes() && W == C;  // then no tail either
