@@ -14,9 +14,10 @@ namespace {
 // inference, which now runs 1.1x faster in-process) and takes two Newton
 // steps in double, y*(1.5 - v/2*y^2): float's relative error e becomes about
 // 1.5e^2, then less than double's rounding adds. Where v is outside
-// [1e-36, 1e36] (0, inf and NaN among them), float's guess may be 0, inf or
-// NaN, or v*y^2 overflow, so those channels take double's square root and
-// division.
+// [kGuessLow, kGuessHigh] (0, inf and NaN among them), float's guess may be 0,
+// inf or NaN, or v*y^2 overflow, so those channels take double's square root
+// and division.
+constexpr double kGuessLow = 1e-36, kGuessHigh = 1e36;
 template <typename R>
 void running_stats(const R* __restrict rm, const R* __restrict rv, int64_t C, double eps,
                    double* __restrict mean, double* __restrict var, double* __restrict invstd) {
@@ -32,11 +33,12 @@ void running_stats(const R* __restrict rm, const R* __restrict rv, int64_t C, do
     // test ran scalar, or every channel took the division too.
     int outside = 0;
     for (int64_t c = 0; c < C; ++c)
-        outside |= int(!(var[c] + eps >= 1e-36)) | int(!(var[c] + eps <= 1e36));
+        outside |= int(!(var[c] + eps >= kGuessLow)) | int(!(var[c] + eps <= kGuessHigh));
     if (outside)
-        for (int64_t c = 0; c < C; ++c)
-            if (!(var[c] + eps >= 1e-36 && var[c] + eps <= 1e36))
-                invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+        for (int64_t c = 0; c < C; ++c) {
+            const double v = var[c] + eps;
+            if (!(v >= kGuessLow && v <= kGuessHigh)) invstd[c] = 1.0 / std::sqrt(v);
+        }
 }
 
 // y = (x - mh)*s + b over the elements [e0, e1) of planes (inner >= kLanes):
