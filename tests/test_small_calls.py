@@ -16,8 +16,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnlab.nn
+from bnlab import functional as F
 from bnlab import small_calls
 from bnlab.errors import ChannelMismatchError
+from bnlab.functional import check_arguments
 from bnlab.kernels import _build, cpu
 
 from ._twins import make_twins
@@ -335,20 +337,60 @@ def test_checks_come_first():
         m(torch.randn(4, 8, requires_grad=True))
 
 
-def test_the_node_checks_what_it_is_handed():
-    """The node's own boundary: sizes it does not decide on are checked before any pointer."""
-    x, w, b, rm, rv, *rest = _call()
-    with pytest.raises(
-        RuntimeError,
-        match="weight must be a contiguous Float CPU tensor of 16 elements, got Float of size",
-    ):
-        _NODE.batch_norm(x, w[:8], b, rm, rv, *rest, small_calls.MAX_BYTES)
-    with pytest.raises(RuntimeError, match="running_var must be"):
-        _NODE.batch_norm(x, w, b, rm, rv[:3], *rest, small_calls.MAX_BYTES)
-    with pytest.raises(RuntimeError, match="evaluation needs running_mean and running_var"):
-        _NODE.batch_norm(x, w, b, None, None, False, 0.1, 1e-5, small_calls.MAX_BYTES)
+def _rejected(case: str) -> tuple:
+    """A call that bnlab's checks reject: (x, weight, bias, running_mean, running_var,
+    training, momentum, eps)."""
+    x, w, b, rm, rv, training, momentum, eps = _call()
+    if case == "weight of 8":
+        w = w[:8]
+    elif case == "bias of 8 in eval":
+        b, training = b[:8], False
+    elif case == "running_mean of 3 in eval":
+        rm, training = rm[:3], False
+    elif case == "running_var of 3":
+        rv = rv[:3]
+    elif case == "eval without buffers":
+        rm, rv, training = None, None, False
+    elif case == "one buffer":
+        rv = None
+    elif case == "eps 0 in training":
+        eps = 0.0
+    elif case == "eps -1e-3 in eval":
+        eps, training = -1e-3, False
+    elif case == "one value per channel":
+        x = x[:1]
+    return x, w, b, rm, rv, training, momentum, eps
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "weight of 8",
+        "bias of 8 in eval",
+        "running_mean of 3 in eval",
+        "running_var of 3",
+        "eval without buffers",
+        "one buffer",
+        "eps 0 in training",
+        "eps -1e-3 in eval",
+        "one value per channel",
+    ],
+)
+def test_the_node_declines_what_the_checks_reject(case):
+    """functional.batch_norm tries the node before its checks: the node must decline
+    every call they reject, so that the checks raise their own errors."""
+    x, w, b, rm, rv, training, momentum, eps = call = _rejected(case)
+    with pytest.raises((ValueError, RuntimeError)) as checked:
+        check_arguments(x, rm, rv, w, b, training, eps)
+    assert _NODE.batch_norm(*call, small_calls.MAX_BYTES) is None
+    with pytest.raises(type(checked.value)) as got:
+        F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
+    assert str(got.value) == str(checked.value)
+
+
+def test_the_node_checks_its_arguments_count():
     with pytest.raises(TypeError, match="expects 9 arguments"):
-        _NODE.batch_norm(x)
+        _NODE.batch_norm(_rows(64))
 
 
 @pytest.mark.parametrize("elements", [64, MAX + 16], ids=["node", "function"])

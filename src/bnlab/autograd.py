@@ -204,6 +204,30 @@ def _transformed() -> bool:
     return _compat.transforms_active() or torch.jit.is_tracing()
 
 
+def small_call(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float | Tensor,
+    eps: float,
+) -> Tensor | None:
+    """y from the C++ node for a small plain eager call (:mod:`bnlab.small_calls`), or
+    None for any other call.
+
+    It may be tried before the arguments are checked: the node declines every call
+    that :func:`bnlab.functional.check_arguments` rejects. Compiled, forward-mode,
+    transformed and traced calls keep :func:`batch_norm`, for their rules.
+    """
+    if torch.compiler.is_compiling() or _compat.forward_ad_active() or _transformed():
+        return None
+    return small_calls.batch_norm(
+        x, weight, bias, running_mean, running_var, training, momentum, eps
+    )
+
+
 def batch_norm(
     x: Tensor,
     weight: Tensor | None,
@@ -217,9 +241,8 @@ def batch_norm(
     """y from :class:`BatchNormFunction`; its arguments checked by the caller.
 
     Without anything to record, the backend op is called directly: the same
-    op and results without the autograd function's per-call cost. A small
-    plain eager call runs the same kernels behind a C++ autograd node
-    (:mod:`bnlab.small_calls`).
+    op and results without the autograd function's per-call cost. (Small
+    plain eager calls are the caller's to try first: :func:`small_call`.)
     """
     if torch.compiler.is_compiling():
         return _BatchNormGraph.apply(
@@ -231,12 +254,6 @@ def batch_norm(
             x, weight, bias, running_mean, running_var
         )
     beyond_autograd = forward_ad or _transformed()  # tangents, batching rules, a tracer
-    if not beyond_autograd:
-        y = small_calls.batch_norm(
-            x, weight, bias, running_mean, running_var, training, momentum, eps
-        )
-        if y is not None:
-            return y
     if beyond_autograd or _graph(x, weight, bias):
         return _apply(x, weight, bias, running_mean, running_var, training, momentum, eps)[0]
     backend = kernels.select(x)

@@ -79,8 +79,9 @@ def batch_norm_relu(
     """max(bn(x), 0); arguments checked by the caller, as for :func:`autograd.batch_norm`."""
     backend = _fused_backend(x)
     if backend is None:
-        y = autograd.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps)
-        return torch.relu(y)
+        args = (x, weight, bias, running_mean, running_var, training, momentum, eps)
+        y = autograd.small_call(*args)
+        return torch.relu(autograd.batch_norm(*args) if y is None else y)
     return BatchNormReLUFunction.apply(
         x, weight, bias, running_mean, running_var, training, momentum, eps, backend
     )

@@ -255,12 +255,14 @@ Tensor batch_norm(const Tensor& input, const std::optional<Tensor>& weight,
 // of a subclass (FakeTensor among them). (__torch_function__ is the caller's check.)
 bool plain(const Tensor& t) { return !t.key_set().has(c10::DispatchKey::Python); }
 
-// Whether the kernels take t as it is: a plain, dense (C,) CPU tensor of `type`, or None.
-bool takes_vector(PyObject* o, at::ScalarType type, std::optional<Tensor>* out) {
+// Whether the kernels take t as it is: a plain, dense CPU tensor of `type` and C
+// elements, or None.
+bool takes_vector(PyObject* o, at::ScalarType type, int64_t C, std::optional<Tensor>* out) {
     if (o == Py_None) return true;
     if (!THPVariable_Check(o)) return false;
     const Tensor& t = THPVariable_Unpack(o);
-    if (!plain(t) || !t.device().is_cpu() || t.scalar_type() != type || !t.is_contiguous())
+    if (!plain(t) || !t.device().is_cpu() || t.scalar_type() != type || !t.is_contiguous() ||
+        t.numel() != C)
         return false;
     *out = t;
     return true;
@@ -273,8 +275,10 @@ bool takes_vector(PyObject* o, at::ScalarType type, std::optional<Tensor>* out) 
 // or both float32 or both float64; momentum a Python number; no dispatch mode active (it
 // expects to see torch's ops). The caller has checked for __torch_function__. Deciding here costs a fraction
 // of what the same tests cost in Python. A Python function rather than a torch op: a
-// torch.ops call's boxing costs about as much as a small batch norm's kernels. The
-// caller has made bnlab's checks of the arguments' sizes and values.
+// torch.ops call's boxing costs about as much as a small batch norm's kernels. It also
+// declines every call that bnlab.functional.check_arguments would reject (sizes, eps,
+// one value per channel in training, missing buffers in eval), so that it can be tried
+// before those checks: the caller's full path then raises their errors.
 PyObject* py_batch_norm(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     if (!check_nargs(nargs, 9, "batch_norm")) return nullptr;
     if (!kernels || !THPVariable_Check(a[0]) || !(PyFloat_Check(a[6]) || PyLong_Check(a[6])) ||
@@ -291,14 +295,17 @@ PyObject* py_batch_norm(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
         Py_RETURN_NONE;
     std::optional<Tensor> w, b, rm, rv;
     const auto param = compute_type(x);
-    if (!takes_vector(a[1], param, &w) || !takes_vector(a[2], param, &b)) Py_RETURN_NONE;
-    if (!takes_vector(a[3], at::kFloat, &rm) && !takes_vector(a[3], at::kDouble, &rm))
+    const int64_t C = x.size(1);
+    if (!takes_vector(a[1], param, C, &w) || !takes_vector(a[2], param, C, &b)) Py_RETURN_NONE;
+    if (!takes_vector(a[3], at::kFloat, C, &rm) && !takes_vector(a[3], at::kDouble, C, &rm))
         Py_RETURN_NONE;
     const auto buffer = rm ? rm->scalar_type() : at::kFloat;
-    if (!takes_vector(a[4], buffer, &rv) || rm.has_value() != rv.has_value()) Py_RETURN_NONE;
+    if (!takes_vector(a[4], buffer, C, &rv) || rm.has_value() != rv.has_value()) Py_RETURN_NONE;
     const int training = PyObject_IsTrue(a[5]);
     const double momentum = f64(a[6]), eps = f64(a[7]);
     if (training < 0 || PyErr_Occurred()) return nullptr;
+    // check_arguments' rules, in its comparisons (a NaN eps passes both).
+    if (training ? (eps <= 0.0 || x.numel() / C == 1) : (eps < 0.0 || !rm)) Py_RETURN_NONE;
     try {
         Tensor y;
         {

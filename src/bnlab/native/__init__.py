@@ -51,6 +51,7 @@ _COMMON = [
     "-Wno-psabi",
 ]
 
+
 def variants(march: str) -> list[list[str]]:
     """The builds tried in turn: for the CPU ``march`` names, then without it (a compiler
     that lacks it), with OpenMP and then without."""
