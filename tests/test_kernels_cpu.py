@@ -356,7 +356,7 @@ SPLITS = {
     "rows-by-column-cl": ((8, 1024, 3, 3), "cl", "rows by column"),
     # Large enough for the paths memory-bound tensors take: the next channel's
     # 14x14 runs fetched ahead (over 2 MiB; the training forward takes them in
-    # groups, every channel's statistics first); 512-byte rows streamed by the sums
+    # groups); 512-byte rows streamed by the sums
     # (a thread's share over 1 MiB in 16 bits) and, over 8 MiB, by inference
     # row by row; wide rows summed four at a time with the next four fetched.
     "planes-fetched-ahead": ((16, 512, 14, 14), None, "planes by channel in groups"),
@@ -765,8 +765,8 @@ GROUPED = {
     # More images than a block of sums (kBlock = 16) takes in float32: the
     # sums go down the images in three blocks, one of them short.
     "6x6-three-image-blocks": (40, 122, 6, 6),
-    # Beyond L2 (2 MiB) and not streamed (under 8 MiB) in every dtype: training
-    # takes every channel's statistics first, then y as inference writes it.
+    # Beyond L2 (2 MiB) and not streamed (under 8 MiB) in every dtype: the
+    # sums fetch every image's next positions ahead.
     "7x7-beyond-L2": (24, 1000, 7, 7),
 }
 

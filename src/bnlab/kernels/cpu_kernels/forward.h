@@ -3,7 +3,7 @@
 
 #pragma once
 
-#include "eval.h"
+#include "row_elementwise.h"
 #include "plane_group_sums.h"
 #include "row_sums.h"
 
@@ -18,10 +18,6 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
     const bool stream = numel * int64_t(sizeof(S)) >= kStreamBytes;
     const std::vector<T> K = shifts(x, g);
 
-    // Short planes in groups beyond L2, not streamed (plane_groups.h's
-    // sums_first): 16-bit (32, 2048, 7, 7) and (16, 2048, 7, 7) ran 1.15-1.2x
-    // faster so than a block at a time on one thread, 1.08-1.14x on two.
-    const bool stats_first = sums_first<S>(g, team);
     if (g.planes()) {
         std::vector<double> partial;  // (threads, 2, C): element split only
         parallel(team, [&](const int t, const int T_) {
@@ -46,9 +42,8 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                 int64_t c = c0;
                 if constexpr (std::is_same<T, float>::value) {
                     // Short planes: a block of G channels' statistics at a
-                    // time (plane_group_sums.h), then, unless every channel's
-                    // statistics come first, the block's planes image by image
-                    // in groups (plane_groups.h). Against a run at a time, the
+                    // time (plane_group_sums.h), then the block's planes image
+                    // by image in groups (plane_groups.h). Against a run at a time, the
                     // groups' y ran 1.1-1.4x faster over 16-bit 7x7, 6x6 and
                     // 4x5 planes, 1.2-1.8x over float32's, (32, 2048, 7, 7)
                     // included (1.46-1.75x); fetching the next image's group
@@ -59,16 +54,12 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                         const ShiftedTerms<S> terms{x};
                         T Kg[kLanes] = {}, mh[kLanes] = {}, s[kLanes] = {}, bb[kLanes] = {};
                         double s1[kLanes], s2[kLanes];
-                        auto block_stats = [&](int64_t c) {
+                        // The block's statistics and coefficients.
+                        auto block_coefficients = [&](int64_t c) {
                             for (int64_t j = 0; j < pg.G; ++j) Kg[j] = K[c + j];
                             group_sums(terms, pg, g, c, Kg, ahead.reads, s1, s2);
-                            for (int64_t j = 0; j < pg.G; ++j)
-                                finish_channel(c + j, n, K.data(), s1[j], s2[j], eps, run, stats);
-                        };
-                        // The block's coefficients, once its statistics are known.
-                        auto block_coefficients = [&](int64_t c) {
-                            block_stats(c);
                             for (int64_t j = 0; j < pg.G; ++j) {
+                                finish_channel(c + j, n, K.data(), s1[j], s2[j], eps, run, stats);
                                 const Affine<T> a =
                                     affine_of(stats.mean[c + j], stats.invstd[c + j], w, b, c + j);
                                 mh[j] = a.mh;
@@ -76,19 +67,10 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                                 bb[j] = a.b;
                             }
                         };
-                        if (stats_first)
-                            for (; c + pg.G <= c1; c += pg.G) block_stats(c);
-                        else
-                            c = in_channel_groups(pg, g, c0, c1, block_coefficients,
-                                                  [&](int64_t off) {
-                                                      normalize_group<S, true>(x + off, y + off, pg,
-                                                                               mh, s, bb, stream);
-                                                  });
+                        c = in_channel_groups(pg, g, c0, c1, block_coefficients, [&](int64_t off) {
+                            normalize_group<S, true>(x + off, y + off, pg, mh, s, bb, stream);
+                        });
                     }
-                }
-                if (stats_first) {
-                    for (; c < c1; ++c) channel_stats(c);
-                    return;
                 }
                 channels_run_by_run(c, c1, g, y, ahead.writes, channel_stats, [&](int64_t ch) {
                     const Affine<T> a = affine_of(stats.mean[ch], stats.invstd[ch], w, b, ch);
@@ -109,7 +91,6 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                     });
             }
         });
-        if (stats_first) normalize(x, y, w, b, stats.mean, stats.invstd, g, threads);
         return;
     }
 

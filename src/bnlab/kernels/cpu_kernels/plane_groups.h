@@ -138,18 +138,6 @@ inline void grad_group(const S* dy, const S* x, S* dx, const PlaneGroup& pg,
     }
 }
 
-// Whether the training forward over g's planes in groups takes every
-// channel's statistics first and then y in one pass over memory, as inference
-// writes it: where y is neither in L2 nor streamed. A block of channels'
-// planes at a time leaves its stores strided (an image apart, each line read
-// before it is written). The backward gained nothing so (0.93-1.02x).
-template <typename S>
-bool sums_first(const Geometry& g, int team) {
-    const int64_t bytes = g.numel() * int64_t(sizeof(S));
-    return trains_in_groups<S>(g, kForwardPass) && bytes >= kBeyondL2Bytes &&
-           bytes < kStreamBytes && split_of(g, sizeof(S), team) == kByChannel;
-}
-
 // The by-channel passes over channels [c0, c1) of short planes, G channels at
 // a time: per_block(c) for each block of G channels from c (their sums and
 // coefficients), then group(off) for every image's G planes of the block
