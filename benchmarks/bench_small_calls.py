@@ -5,8 +5,8 @@
 
 bnlab's autograd function is Python, where torch.nn's batch norm has its
 autograd node in C++, and every call through it checks its tensors in
-Python; calls at or below ``small_calls.MAX_BYTES`` therefore run the same
-kernels behind a C++ node (``bnlab.small_calls``). For each input size and
+Python; calls at or below ``small_calls.MAX_BYTES`` (and inference of any
+size) therefore run the same kernels behind a C++ node (``bnlab.small_calls``). For each input size and
 for a training step ("fwd+bwd") and inference ("eval", under no_grad),
 three contenders are timed in interleaved rounds, module level:
 
@@ -14,7 +14,7 @@ three contenders are timed in interleaved rounds, module level:
 * function  — ``bnlab.nn.BatchNormXd`` with every call on the Python
   function and backend (``small_calls.ENABLED = False``);
 * bnlab     — ``bnlab.nn.BatchNormXd`` as shipped: calls at or below
-  ``MAX_BYTES`` behind the node, larger ones on the function.
+  ``MAX_BYTES`` behind the node, larger training steps on the function.
 
 "bnlab" should be at or above 1.0 everywhere; "function" shows what the
 node saves, and where that stops mattering. A ratio is the median of the
@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     lines = [
         "Module level; torch time / contender time (✗ below 1.00); function: every call on "
-        "bnlab's Python autograd function, bnlab: as shipped (calls up to "
-        f"small_calls.MAX_BYTES = {small_calls.MAX_BYTES >> 10} KiB of input behind the C++ node).",
+        "bnlab's Python autograd function, bnlab: as shipped (training calls up to "
+        f"small_calls.MAX_BYTES = {small_calls.MAX_BYTES >> 10} KiB of input, and inference "
+        "of every size, behind the C++ node).",
         "",
         f"| shape | elements | {header} |",
         "|---|---:|" + "---:|" * len(columns),

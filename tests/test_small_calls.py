@@ -186,27 +186,31 @@ def test_batched_gradients_match_torch(train):
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_calls_without_a_graph_take_the_node(train, monkeypatch):
-    """No graph, small: the node, not the Python backend; above the crossover, the backend."""
+def test_calls_without_a_graph_take_the_node_at_every_size(train, monkeypatch):
+    """No graph (under no_grad, or nothing that requires grad): the node, not the Python
+    backend, below the crossover and above it, with torch's numbers."""
     name = "eager_forward_train" if train else "eager_forward_eval"
     calls = count_calls(monkeypatch, cpu, name)
     theirs, ours = (m.float() for m in make_twins("BatchNorm1d", 16))
-    x = _rows(64) * 2 + 1
-    with torch.no_grad():
-        for m in (ours, theirs):
-            m.train(train)
-        torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=1e-6)
-        assert not calls
-        ours(_rows(MAX + 16))
-    assert len(calls) == 1
+    for m in (ours, theirs):
+        m.train(train).requires_grad_(False)
+    for elements in (64, MAX + 16):
+        x = _rows(elements) * 2 + 1
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x.requires_grad_()), theirs(x), atol=1e-5, rtol=1e-5)
+    assert not calls
     for a, b in zip(ours.buffers(), theirs.buffers(), strict=False):
-        if not train:
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
-def _call(x_dtype=torch.float32, param=None, buffer=None, momentum=0.1, elements=64, x=None):
-    """The arguments of one training call, as the module hands them on."""
+def _call(
+    x_dtype=torch.float32, param=None, buffer=None, momentum=0.1, elements=64, x=None, grad=False
+):
+    """The arguments of one training call, as the module hands them on; with ``grad``, x
+    requires grad (the call records a graph)."""
     x = _rows(elements).to(x_dtype) if x is None else x
+    x.requires_grad_(grad)
     param, buffer = param or x_dtype, buffer or x_dtype
     c = x.shape[1]
     return (
@@ -241,7 +245,8 @@ def _call(x_dtype=torch.float32, param=None, buffer=None, momentum=0.1, elements
         ("bf16 buffers", {"x_dtype": torch.bfloat16, "param": torch.float32}, False),
         ("float64 parameters for float32 input", {"param": torch.float64}, False),
         ("momentum as a tensor (momentum=None)", {"momentum": torch.tensor(0.5)}, False),
-        ("above the crossover", {"elements": MAX + 16}, False),
+        ("above the crossover, recording a graph", {"elements": MAX + 16, "grad": True}, False),
+        ("above the crossover, no graph", {"elements": MAX + 16}, True),
         ("strided input", {"x": torch.randn(16, 64).t()}, False),
         ("integer input", {"x": torch.ones(8, 16, dtype=torch.int64)}, False),
     ],

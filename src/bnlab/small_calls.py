@@ -12,13 +12,17 @@ shifted sums with a float64 carry, the running update rounded once.
 The rule (:func:`batch_norm` returns None for a call it does not take;
 tests/test_small_calls.py):
 
-* x takes at most :data:`MAX_BYTES` (1 MiB: 262144 float32 values, 524288
-  bfloat16 ones); above it the Python function's cost is a few percent of a
-  call (``python benchmarks/bench_small_calls.py``), and the one path (with
-  its jvp and vmap rules) runs. Training or inference, with or without a
-  graph;
+* a call that records a graph: x takes at most :data:`MAX_BYTES` (1 MiB:
+  262144 float32 values, 524288 bfloat16 ones). Above it the Python
+  function's cost is a few percent of a training step, and the one path
+  (with its jvp and vmap rules) runs: with such calls too behind the node, a
+  rank of a two-process gloo run aborted at exit now and then in an earlier
+  state of bnlab (README, "Small calls");
+* a call without a graph (inference, anything under no_grad): every size. It
+  leaves no autograd node behind, and the function's checks and dispatch were
+  4-14% of a 1.5-7 MB inference call;
 * plain eager autograd on the CPU: no forward-mode AD, functorch transform,
-  tracer or compiler (:func:`bnlab.autograd.batch_norm` checks them; they keep
+  tracer or compiler (:func:`bnlab.autograd.small_call` checks them; they keep
   the Python function);
 * arguments the kernels take as they are: x contiguous or channels_last,
   a float momentum, parameters in x's compute dtype (float32 for 16-bit x),

@@ -270,8 +270,8 @@ bool takes_vector(PyObject* o, at::ScalarType type, int64_t C, std::optional<Ten
 
 // batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
 //            max_bytes) -> y, or None when the call is not one the node takes as it is:
-// input a plain, dense, non-empty CPU tensor of float32/float64/bfloat16/float16 and at
-// most max_bytes; weight and bias None or of its compute type; the running buffers None
+// input a plain, dense, non-empty CPU tensor of float32/float64/bfloat16/float16, and at
+// most max_bytes where the call records a graph; weight and bias None or of its compute type; the running buffers None
 // or both float32 or both float64; momentum a Python number; no dispatch mode active (it
 // expects to see torch's ops). The caller has checked for __torch_function__. Deciding here costs a fraction
 // of what the same tests cost in Python. A Python function rather than a torch op: a
@@ -291,7 +291,7 @@ PyObject* py_batch_norm(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     if (!plain(x) || !x.device().is_cpu() || x.numel() == 0 || x.dim() < 2 ||
         !(type == at::kFloat || type == at::kDouble || type == at::kBFloat16 ||
           type == at::kHalf) ||
-        int64_t(x.numel() * x.element_size()) > max_bytes || !dense(x))
+        !dense(x))
         Py_RETURN_NONE;
     std::optional<Tensor> w, b, rm, rv;
     const auto param = compute_type(x);
@@ -306,6 +306,9 @@ PyObject* py_batch_norm(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     if (training < 0 || PyErr_Occurred()) return nullptr;
     // check_arguments' rules, in its comparisons (a NaN eps passes both).
     if (training ? (eps <= 0.0 || x.numel() / C == 1) : (eps < 0.0 || !rm)) Py_RETURN_NONE;
+    const bool graph = at::GradMode::is_enabled() &&
+                       (x.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
+    if (graph && int64_t(x.numel() * x.element_size()) > max_bytes) Py_RETURN_NONE;
     try {
         Tensor y;
         {
