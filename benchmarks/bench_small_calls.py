@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (
     arguments,
     below_one_summary,
+    cpu_model,
     inference,
     interleaved_samples,
     publish,
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     publish(
         "\n".join(lines) + "\n",
         RESULTS_MD,
-        "Small calls: the C++ node, the Python function and torch (bench_small_calls.py)",
+        f"Small calls on {cpu_model()}: the C++ node, the Python function and torch "
+        "(bench_small_calls.py)",
         args.record,
     )
 
