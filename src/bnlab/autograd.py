@@ -214,8 +214,8 @@ def small_call(
     momentum: float | Tensor,
     eps: float,
 ) -> Tensor | None:
-    """y from the C++ node for a small plain eager call (:mod:`bnlab.small_calls`), or
-    None for any other call.
+    """y from the C++ node for a plain eager call it takes (:mod:`bnlab.small_calls`:
+    small ones, and inference of every size), or None for any other call.
 
     It may be tried before the arguments are checked: the node declines every call
     that :func:`bnlab.functional.check_arguments` rejects. Compiled, forward-mode,

@@ -116,8 +116,8 @@ def batch_norm(
     host sync and stays inside a compiled graph.
     """
     training = bool(training)
-    # A small call first: the node takes only calls that pass every check below, and
-    # those checks in Python cost a tenth of such a call.
+    # The C++ node first: it takes only calls that pass every check below, which in
+    # Python cost about a tenth of a small call.
     y = autograd.small_call(input, weight, bias, running_mean, running_var, training, momentum, eps)
     if y is not None:
         return y

@@ -4,7 +4,8 @@ bnlab's autograd function is Python (``forward``, ``setup_context``,
 ``backward``, and the engine's calls into them), and every call checks in
 Python what it hands the kernels: about 20 µs a training step more than
 torch's batch norm, whose node is C++. Below some size the kernels cannot
-win that back. So small eager calls run on ``kernels/cpu_node.cpp``: the
+win that back. So small eager calls, and inference of every size, run on
+``kernels/cpu_node.cpp``: the
 same kernels and checks behind a C++ autograd node, called without the
 dispatcher (``bnlab.kernels._build.node``). Their numbers are bnlab's:
 shifted sums with a float64 carry, the running update rounded once.
@@ -13,14 +14,14 @@ The rule (:func:`batch_norm` returns None for a call it does not take;
 tests/test_small_calls.py):
 
 * a call that records a graph: x takes at most :data:`MAX_BYTES` (1 MiB:
-  262144 float32 values, 524288 bfloat16 ones). Above it the Python
-  function's cost is a few percent of a training step, and the one path
-  (with its jvp and vmap rules) runs: with such calls too behind the node, a
-  rank of a two-process gloo run aborted at exit now and then in an earlier
-  state of bnlab (README, "Small calls");
+  262144 float32 values, 524288 bfloat16 ones). Above it the one path (with
+  its jvp and vmap rules) runs. The function cost 4-16% of a 3-13 MB training
+  step, but with such calls too behind the node a rank of a two-process gloo
+  run aborted at exit now and then, for a cause not found (README, "Small
+  calls");
 * a call without a graph (inference, anything under no_grad): every size. It
-  leaves no autograd node behind, and the function's checks and dispatch were
-  4-14% of a 1.5-7 MB inference call;
+  leaves no autograd node behind, and on 1.2-13 MB inference the node ran at
+  1.0-1.25x the function's speed (README, "Small calls");
 * plain eager autograd on the CPU: no forward-mode AD, functorch transform,
   tracer or compiler (:func:`bnlab.autograd.small_call` checks them; they keep
   the Python function);

@@ -271,14 +271,15 @@ bool takes_vector(PyObject* o, at::ScalarType type, int64_t C, std::optional<Ten
 // batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
 //            max_bytes) -> y, or None when the call is not one the node takes as it is:
 // input a plain, dense, non-empty CPU tensor of float32/float64/bfloat16/float16, and at
-// most max_bytes where the call records a graph; weight and bias None or of its compute type; the running buffers None
-// or both float32 or both float64; momentum a Python number; no dispatch mode active (it
-// expects to see torch's ops). The caller has checked for __torch_function__. Deciding here costs a fraction
-// of what the same tests cost in Python. A Python function rather than a torch op: a
-// torch.ops call's boxing costs about as much as a small batch norm's kernels. It also
-// declines every call that bnlab.functional.check_arguments would reject (sizes, eps,
-// one value per channel in training, missing buffers in eval), so that it can be tried
-// before those checks: the caller's full path then raises their errors.
+// most max_bytes where the call records a graph; weight and bias None or of its compute
+// type; the running buffers None or both float32 or both float64; momentum a Python
+// number; no dispatch mode active (it expects to see torch's ops). The caller has
+// checked for __torch_function__. Deciding here costs a fraction of what the same tests
+// cost in Python. A Python function rather than a torch op: a torch.ops call's boxing
+// costs about as much as a small batch norm's kernels. It also declines every call that
+// bnlab.functional.check_arguments would reject (sizes, eps, one value per channel in
+// training, missing buffers in eval), so that it can be tried before those checks: the
+// caller's full path then raises their errors.
 PyObject* py_batch_norm(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     if (!check_nargs(nargs, 9, "batch_norm")) return nullptr;
     if (!kernels || !THPVariable_Check(a[0]) || !(PyFloat_Check(a[6]) || PyLong_Check(a[6])) ||
@@ -306,8 +307,9 @@ PyObject* py_batch_norm(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
     if (training < 0 || PyErr_Occurred()) return nullptr;
     // check_arguments' rules, in its comparisons (a NaN eps passes both).
     if (training ? (eps <= 0.0 || x.numel() / C == 1) : (eps < 0.0 || !rm)) Py_RETURN_NONE;
-    const bool graph = at::GradMode::is_enabled() &&
-                       (x.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
+    const bool graph = at::GradMode::is_enabled() && (x.requires_grad() ||
+                                                      (w && w->requires_grad()) ||
+                                                      (b && b->requires_grad()));
     if (graph && int64_t(x.numel() * x.element_size()) > max_bytes) Py_RETURN_NONE;
     try {
         Tensor y;
