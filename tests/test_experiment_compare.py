@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -289,6 +290,27 @@ def test_temporary_files_of_a_dead_writer_are_told_apart(tmp_path):
     assert [p.exists() for p in [*dead, other]] == [False, False, True]
     assert remove_temporary_files(tmp_path) == 1  # what a command does that takes over a lock
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "kept.txt"]
+
+
+def test_a_stop_right_after_the_temporary_file_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """A worker's stop raises wherever its main thread is, even just after the temporary
+    file is created: the write still removes it."""
+    from bnlab.experiments import results
+
+    class Stop(BaseException):
+        pass
+
+    real_open = os.open
+
+    def open_then_stop(*args, **kwargs):
+        real_open(*args, **kwargs)
+        raise Stop
+
+    monkeypatch.setattr(os, "open", open_then_stop)
+    with pytest.raises(Stop), results.atomic_open(tmp_path / "x.pt") as f:
+        f.write(b"never")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_stale_lock_is_taken_over_with_a_note_and_its_leftovers_go(tmp_path):

@@ -144,3 +144,30 @@ def test_unguarded_script_fails_fast_with_the_fix(tmp_path):
     assert done.returncode != 0
     assert "RunFailed" in done.stderr and "died while starting" in done.stderr
     assert 'if __name__ == "__main__":' in done.stderr
+
+
+def test_a_worker_ended_hard_leaves_no_temporary_file(tmp_path):
+    """A stopped worker whose main thread does not unwind within the grace period (stuck
+    in a C call; here, SIGTERM blocked) is ended by its watcher, which first removes the
+    worker's temporary files."""
+    script = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from bnlab.experiments import results, workers
+
+out = Path(sys.argv[1])
+read_end, write_end = os.pipe()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # no handler will run
+reader = os.fdopen(read_end, "rb")
+threading.Thread(target=workers._watch, args=(reader, os.getppid(), out), daemon=True).start()
+with results.atomic_open(out / "checkpoints" / "bn-seed0.pt") as f:
+    f.write(b"half")
+    os.write(write_end, b"s")  # the command says stop
+    time.sleep(60)
+"""
+    (tmp_path / "checkpoints").mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, timeout=60
+    )
+    assert done.returncode == 143, done.stderr.decode()
+    assert list(tmp_path.rglob("*.tmp")) == []

@@ -19,8 +19,8 @@ import csv
 import io
 import json
 import os
+import secrets
 import statistics
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -44,15 +44,18 @@ def _umask() -> int:
 def atomic_open(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
     """A binary file that replaces `path` only when the block finishes without error."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMPORARY_SUFFIX
-    )
+    # Named before it exists, and created inside the try: a stop (a worker's
+    # SIGTERM raises in its main thread) that lands right after the file is
+    # created still finds the name to remove. (mkstemp returns the name only
+    # once the file exists.)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}"
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
+        os.chmod(tmp, 0o666 & ~_umask())  # created private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

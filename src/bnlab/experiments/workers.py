@@ -16,8 +16,9 @@ The workers stop when the command stops, whatever stops it:
 - the watcher then interrupts the worker's main thread with SIGTERM, whose
   handler unwinds a running task, so no temporary file is left, and ends
   the process; a worker that does not end within a grace period is ended
-  hard. A worker whose command died also removes the command's own
-  half-written files (their names carry its PID);
+  hard, once the watcher has removed its temporary files. A worker whose
+  command died also removes the command's own half-written files (their
+  names carry its PID);
 - the workers and Python's resource tracker (which the pool's semaphores
   start) are started with SIGINT and SIGHUP blocked: Ctrl-C or a closed
   terminal reach the whole process group, but it is the command that
@@ -285,6 +286,9 @@ def _watch(stop_reader: Any, command_pid: int, out: Path) -> None:
     _stopping.set()
     signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
     time.sleep(GRACE_SECONDS)
+    # Not unwound in time (its main thread still inside a long C call, such as
+    # an fsync on a busy disk): this worker's own temporary files go first.
+    remove_temporary_files(out, os.getpid())
     os._exit(143)
 
 
