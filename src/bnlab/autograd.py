@@ -204,6 +204,12 @@ def _transformed() -> bool:
     return _compat.transforms_active() or torch.jit.is_tracing()
 
 
+def beyond_plain_eager() -> bool:
+    """Whether a call is compiled, under forward-mode AD, a functorch transform or a
+    tracer: then it needs the Python function's rules (no C++ node, no fused backend)."""
+    return torch.compiler.is_compiling() or _compat.forward_ad_active() or _transformed()
+
+
 def small_call(
     x: Tensor,
     weight: Tensor | None,
@@ -221,7 +227,7 @@ def small_call(
     that :func:`bnlab.functional.check_arguments` rejects. Compiled, forward-mode,
     transformed and traced calls keep :func:`batch_norm`, for their rules.
     """
-    if torch.compiler.is_compiling() or _compat.forward_ad_active() or _transformed():
+    if beyond_plain_eager():
         return None
     return small_calls.batch_norm(
         x, weight, bias, running_mean, running_var, training, momentum, eps

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _compat, autograd, kernels
+from . import autograd, kernels
 from .kernels import reference
 
 
@@ -60,7 +60,7 @@ class BatchNormReLUFunction(torch.autograd.Function):
 
 def _fused_backend(x: Tensor):
     """The backend that fuses the ReLU for x, or None where the composition runs."""
-    if torch.compiler.is_compiling() or _compat.forward_ad_active() or autograd._transformed():
+    if autograd.beyond_plain_eager():
         return None
     backend = kernels.select(x)
     return backend if getattr(backend, "fuses_relu", False) else None

@@ -49,10 +49,10 @@ void forward_train(const S* x, S* y, const T* w, const T* b, const Stats& stats,
                     // 7, 7) included (1.46-1.75x). Taking every channel's
                     // statistics first, then y in one pass, ran 0.74-0.98x at
                     // 2-8 MB on an Intel Xeon (16-bit 6x6, and 10x10 on two
-                    // threads: 0.99-1.03x); it had
-                    // measured 1.15-1.2x on an AMD EPYC, with run-at-a-time
-                    // sums. Fetching the next image's group of y ahead, as the
-                    // runs do, ran float32 0.72-0.9x and 16-bit no faster.
+                    // threads: 0.99-1.03x); it had measured 1.15-1.2x on an
+                    // AMD EPYC, with run-at-a-time sums. Fetching the next
+                    // image's group of y ahead, as the runs do, ran float32
+                    // 0.72-0.9x and 16-bit no faster.
                     if (trains_in_groups<S>(g, kForwardPass)) {
                         const PlaneGroup pg(g);
                         const ShiftedTerms<S> terms{x};
