@@ -125,6 +125,40 @@ def test_wrong_sized_tensor_raises_one_clear_error(name):
     assert issubclass(bnlab.ChannelMismatchError, RuntimeError)
 
 
+@pytest.mark.parametrize("function", [F.batch_norm, F.batch_norm_relu], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("shape", [(), (5,)], ids=["0d", "1d"])
+def test_input_without_channels_raises_one_clear_error(function, shape):
+    x = torch.randn(shape, dtype=torch.float64)
+    with pytest.raises(RuntimeError):  # torch's type: it complains about running_mean
+        TF.batch_norm(x, **_args(5))
+    message = rf"expects input of shape \(N, C, \*\), got {len(shape)}D input of size"
+    with pytest.raises(bnlab.InputRankError, match=message):
+        function(x, **_args(5))
+    assert issubclass(bnlab.InputRankError, ValueError)
+    assert issubclass(bnlab.InputRankError, RuntimeError)
+
+
+@pytest.mark.parametrize("function", [F.batch_norm, F.batch_norm_relu], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("buffers", [True, False])
+def test_empty_1d_input_returns_empty_as_torch(function, training, buffers):
+    """No channels to check sizes against: torch returns the (empty) input, after its eps
+    check, whatever buffers come with it; weight and bias get zero gradients."""
+    args = _args(4, buffers=buffers)
+    weight, bias = (args[k].requires_grad_() for k in ("weight", "bias"))
+    x = torch.randn(0, dtype=torch.bfloat16, requires_grad=True)
+    y = function(x, **args, training=training)
+    assert y.shape == (0,) and y.dtype == torch.bfloat16
+    y.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(bias.grad, torch.zeros(4, dtype=torch.float64))
+    assert x.grad.shape == (0,)
+    if TORCH_213:
+        assert TF.batch_norm(x, **_clone(args), training=training).shape == (0,)
+    with pytest.raises(ValueError, match="eps must be"):
+        function(x, **_clone(args), training=training, eps=-1.0)
+
+
 def test_empty_batch_leaves_buffers_and_gives_zero_parameter_grads():
     x = torch.randn(0, 3, 4, dtype=torch.float64, requires_grad=True)
     args = _args()

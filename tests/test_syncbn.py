@@ -24,7 +24,7 @@ from torch.testing import assert_close
 
 import bnlab.nn
 from bnlab import sync_functional
-from bnlab.errors import ChannelMismatchError
+from bnlab.errors import ChannelMismatchError, InputRankError
 from bnlab.kernels import CPU, REFERENCE
 
 from ._dist import spawn
@@ -125,6 +125,11 @@ def _errors(rank: int, world: int) -> dict[str, str]:
         m(torch.randn(1 - rank, 3))
     except ValueError as e:
         messages["one value"] = str(e)
+    # An empty 1-d input has no channel count to agree on (alone, functional.batch_norm's rule).
+    try:
+        sync_functional.sync_batch_norm(torch.randn(0), None, None)
+    except InputRankError as e:
+        messages["no channels"] = str(e)
     # Eval never communicates: the ranks may run different numbers of batches.
     m.eval()
     for _ in range(rank + 1):
@@ -158,6 +163,7 @@ def test_matches_one_process_batchnorm_over_the_whole_batch():
         assert "rank 0: 3, rank 1: 4" in messages["channels"]
         assert "Expected more than 1 value per channel" in messages["one value"]
         assert "double backward" in messages["double backward"]
+        assert "needs input of shape (N, C, *) on every process" in messages["no channels"]
 
 
 def _subset_job(rank: int, world: int) -> str:

@@ -9,3 +9,13 @@ class ChannelMismatchError(ValueError, RuntimeError):
     raises this one, deriving from both ``ValueError`` and ``RuntimeError`` so
     code written to catch either keeps working.
     """
+
+
+class InputRankError(ValueError, RuntimeError):
+    """An input with no channel dimension (0-d, or 1-d and not empty) given to batch norm.
+
+    torch's functional batch norm raises a ``RuntimeError`` about running_mean's
+    size for it (torch.nn's modules check the rank first, with a ``ValueError``,
+    and so do bnlab's). bnlab names the shape it needs, deriving from both, as
+    :class:`ChannelMismatchError` does.
+    """

@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import autograd, fused_relu
-from .errors import ChannelMismatchError
+from .errors import ChannelMismatchError, InputRankError
 
 
 def check_arguments(
@@ -38,8 +38,8 @@ def check_arguments(
     check, for a caller that counts values over several processes.
     """
     size = input.shape
-    if len(size) < 2:
-        raise ValueError(
+    if len(size) < 2 and input.numel():
+        raise InputRankError(
             f"{name} expects input of shape (N, C, *), got {len(size)}D input of size {list(size)}"
         )
     if training:
@@ -53,13 +53,13 @@ def check_arguments(
                 )
         if eps <= 0.0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-        if (running_mean is None) != (running_var is None):
-            raise ValueError(
-                "running_mean and running_var must either both be None or neither be None"
-            )
-    else:
-        if eps < 0.0:
-            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if len(size) < 2:
+        return  # an empty (0,) input: no channels to check the rest against, as in torch
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if not training:
         for buffer_name, buffer in (("running_mean", running_mean), ("running_var", running_var)):
             if buffer is None:
                 raise RuntimeError(
@@ -98,6 +98,18 @@ def _checked_buffers(
     return running_mean, running_var
 
 
+def _without_channels(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """y for an empty (0,) input, the one input without a channel dimension that passes
+    the checks: empty, as in torch, and scaled and shifted by the first γ and β, so that
+    the three get (zero) gradients and y keeps the input's dtype."""
+    y = input.clone()
+    if weight is not None:
+        y = y * weight[0]
+    if bias is not None:
+        y = y + bias[0]
+    return y
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -124,6 +136,8 @@ def batch_norm(
     running_mean, running_var = _checked_buffers(
         input, running_mean, running_var, weight, bias, training, eps
     )
+    if input.dim() < 2:
+        return _without_channels(input, weight, bias)
     return autograd.batch_norm(
         input, weight, bias, running_mean, running_var, training, momentum, eps
     )
@@ -145,6 +159,8 @@ def batch_norm_relu(
     running_mean, running_var = _checked_buffers(
         input, running_mean, running_var, weight, bias, training, eps
     )
+    if input.dim() < 2:
+        return _without_channels(input, weight, bias)
     return fused_relu.batch_norm_relu(
         input, weight, bias, running_mean, running_var, training, momentum, eps
     )

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _compat, functional, kernels
-from .errors import ChannelMismatchError
+from .errors import ChannelMismatchError, InputRankError
 from .kernels import reference
 
 _F64 = torch.float64
@@ -232,6 +232,11 @@ def sync_batch_norm(
     if group is None:
         return functional.batch_norm(
             input, running_mean, running_var, weight, bias, True, momentum, eps
+        )
+    if input.dim() < 2:  # (an empty 1-d one, which one process alone may take as it is)
+        raise InputRankError(
+            "sync_batch_norm needs input of shape (N, C, *) on every process, with the same C, "
+            f"got {input.dim()}D input of size {list(input.shape)}"
         )
     functional.check_arguments(
         input, running_mean, running_var, weight, bias, True, eps,

@@ -1,25 +1,33 @@
 """bnlab against torch on PyTorch's own batch-norm samples.
 
-torch ships the inputs its module tests run on (``common_modules.module_db``):
-for each BatchNorm class, constructor arguments and inputs that cover
-momentum=None, no affine, no running stats, bias=False, an empty batch and
-(N, C, L) input, and the calls that must fail. Each sample here builds torch's
-module and bnlab's with the same arguments and the same random state, and
-both must give the same outputs, gradients and buffers, in the input's layout,
-or raise the same error.
+torch ships the inputs its own tests run on. For its modules
+(``common_modules.module_db``): for each BatchNorm class, constructor
+arguments and inputs that cover momentum=None, no affine, no running stats,
+bias=False, an empty batch and (N, C, L) input, and the calls that must
+fail. For ``F.batch_norm`` (``common_methods_invocations.op_db``): calls with
+negative and zero momentum, a large eps, no buffers in training, one value
+per channel in eval, and an empty 1-d input. Each sample runs on torch and on
+bnlab with equal state, and both must give the same outputs, gradients
+(reverse and forward mode) and buffers, in the input's layout, or raise the
+same error.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.testing._internal.common_methods_invocations import op_db
 from torch.testing._internal.common_modules import ModuleErrorEnum, module_db
 
+import bnlab.functional
 import bnlab.nn
 
 from ._twins import copy_state_, randomize_
 
 BATCH_NORMS = [info for info in module_db if info.module_cls.__name__.startswith("BatchNorm")]
+(FUNCTIONAL,) = [
+    op for op in op_db if (op.name, op.variant_test_name) == ("nn.functional.batch_norm", "")
+]
 
 # float64: both sides sum the same values in a different order, a few ulps apart.
 # float32: a channel's sums run over at most 128 values in these samples, and a
@@ -158,3 +166,81 @@ def test_error_samples_raise_like_torch(info):
             module = cls(*args, **kwargs, dtype=torch.float64)
             with pytest.raises(error.error_type, match=error.error_regex):
                 module(*sample.forward_input.args, **sample.forward_input.kwargs)
+
+
+def _functional_call(fn, sample, tangents=None):
+    """``fn`` on fresh copies of the sample's tensors, the running buffers included: y, the
+    buffers after the call, and y's tangent when ``tangents`` (for x, weight, bias) are given."""
+    x = sample.input.detach().clone()
+    running_mean, running_var, weight, bias = (
+        None if t is None else t.detach().clone() for t in sample.args
+    )
+    kwargs = sample.kwargs
+
+    def f(x, weight, bias):
+        return fn(x, running_mean, running_var, weight, bias, **kwargs)
+
+    if tangents is None:
+        y = f(x, weight, bias)
+        tangent = None
+    else:
+        primals = (x, weight, bias)
+        present = [k for k, t in enumerate(primals) if t is not None]
+
+        def g(*ts):
+            args = list(primals)
+            for k, t in zip(present, ts, strict=True):
+                args[k] = t
+            return f(*args)
+
+        y, tangent = torch.func.jvp(
+            g, tuple(primals[k] for k in present), tuple(tangents[k] for k in present)
+        )
+    return y, (running_mean, running_var), tangent
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_functional_samples_match_torch(dtype):
+    tol = TOLERANCE[dtype]
+    samples = list(FUNCTIONAL.sample_inputs("cpu", dtype, requires_grad=True))
+    assert samples
+    for k, sample in enumerate(samples):
+        where = f"sample {k}: x {tuple(sample.input.shape)}, {sample.kwargs}"
+        ours = _functional_call(bnlab.functional.batch_norm, sample)
+        theirs = _functional_call(torch.nn.functional.batch_norm, sample)
+        for name, a, b in zip(
+            ("y", "running_mean", "running_var"),
+            (ours[0], *ours[1]),
+            (theirs[0], *theirs[1]),
+            strict=True,
+        ):
+            assert (a is None) == (b is None), f"{where}: {name}"
+            if b is not None:
+                torch.testing.assert_close(
+                    a, b, **tol, msg=lambda m, w=where, n=name: f"{w}, {n}: {m}"
+                )
+        # Reverse mode: the gradients of x, weight and bias for one random dy.
+        differentiable = [sample.input] + [t for t in sample.args[2:] if t is not None]
+        dy = torch.randn_like(theirs[0])
+        grads = []
+        for fn in (bnlab.functional.batch_norm, torch.nn.functional.batch_norm):
+            leaves = [t.detach().clone().requires_grad_() for t in differentiable]
+            it = iter(leaves[1:])
+            weight, bias = (None if t is None else next(it) for t in sample.args[2:])
+            rm, rv = (None if t is None else t.detach().clone() for t in sample.args[:2])
+            y = fn(leaves[0], rm, rv, weight, bias, **sample.kwargs)
+            grads.append(torch.autograd.grad(y, leaves, dy, allow_unused=True))
+        for a, b in zip(*grads, strict=True):
+            if b is None:
+                assert a is None or not a.any(), where
+            else:
+                torch.testing.assert_close(a, b, **tol, msg=lambda m, w=where: f"{w}, grad: {m}")
+        # Forward mode: y's tangent for random tangents of x, weight and bias.
+        tangents = [
+            None if t is None else torch.randn_like(t) for t in (sample.input, *sample.args[2:])
+        ]
+        ours_t = _functional_call(bnlab.functional.batch_norm, sample, tangents)[2]
+        theirs_t = _functional_call(torch.nn.functional.batch_norm, sample, tangents)[2]
+        torch.testing.assert_close(
+            ours_t, theirs_t, **tol, msg=lambda m, w=where: f"{w}, tangent: {m}"
+        )
