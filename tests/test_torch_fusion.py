@@ -1,0 +1,81 @@
+"""bnlab's layers in torch's eager-mode fusion (torch.ao.quantization.fuse_modules)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.quantization import fuse_modules, fuse_modules_qat
+from torch.ao.quantization import fuser_method_mappings as mappings
+
+import bnlab.nn
+from bnlab.nn.torch_fusion import register_fusers
+
+from ._twins import F64, TOL, copy_state_, randomize_
+
+# (modules before the batch norm, batch norm class name, input shape): every pattern
+# of torch's fuser table that holds a batch norm.
+PATTERNS = {
+    "conv1d-bn": (lambda: [nn.Conv1d(3, 4, 3, dtype=F64)], "BatchNorm1d", (2, 3, 8)),
+    "conv2d-bn": (lambda: [nn.Conv2d(3, 4, 3, dtype=F64)], "BatchNorm2d", (2, 3, 6, 6)),
+    "conv3d-bn": (lambda: [nn.Conv3d(3, 4, 3, dtype=F64)], "BatchNorm3d", (2, 3, 4, 4, 4)),
+    "linear-bn": (lambda: [nn.Linear(3, 4, dtype=F64)], "BatchNorm1d", (5, 3)),
+    "convtranspose2d-bn": (
+        lambda: [nn.ConvTranspose2d(3, 4, 3, dtype=F64)],
+        "BatchNorm2d",
+        (2, 3, 5, 5),
+    ),
+    "bn": (lambda: [], "BatchNorm2d", (2, 4, 5, 5)),
+}
+WITH_RELU = {"conv1d-bn", "conv2d-bn", "conv3d-bn", "bn"}  # torch fuses a ReLU after these
+CASES = [(p, False) for p in PATTERNS if p != "bn"] + [(p, True) for p in sorted(WITH_RELU)]
+QAT_CASES = [c for c in CASES if not c[0].startswith("convtranspose")]  # eval-only in torch
+
+
+def _twins(pattern: str, relu: bool):
+    """(torch model, bnlab model, input): the pattern as an nn.Sequential, equal state."""
+    before, bn_name, shape = PATTERNS[pattern]
+    models = []
+    for library in (nn, bnlab.nn):
+        torch.manual_seed(0)
+        layers = [*before(), getattr(library, bn_name)(4, dtype=F64)]
+        models.append(nn.Sequential(*layers, *([nn.ReLU()] if relu else [])))
+    randomize_(models[0])
+    copy_state_(models[1], models[0])
+    return models[0], models[1], torch.randn(shape, dtype=F64)
+
+
+def _names(model: nn.Module) -> list[str]:
+    return [str(k) for k in range(len(model))]
+
+
+def _types(model: nn.Module) -> list[type]:
+    return [type(m) for m in model.modules()]
+
+
+@pytest.mark.parametrize("pattern, relu", CASES)
+def test_eval_fusion_is_torchs(pattern, relu):
+    theirs, ours, x = _twins(pattern, relu)
+    fused = [fuse_modules(m.eval(), [_names(m)]) for m in (theirs, ours)]
+    assert _types(fused[1]) == _types(fused[0])
+    torch.testing.assert_close(fused[1](x), fused[0](x), **TOL)
+    torch.testing.assert_close(fused[1](x), ours(x), **TOL)  # and the unfused model's numbers
+
+
+@pytest.mark.parametrize("pattern, relu", QAT_CASES)
+def test_qat_fusion_is_torchs_and_trains_alike(pattern, relu):
+    theirs, ours, x = _twins(pattern, relu)
+    fused = [fuse_modules_qat(m.train(), [_names(m)]) for m in (theirs, ours)]
+    assert _types(fused[1]) == _types(fused[0])
+    for _ in range(2):  # training forwards: batch statistics, running buffers moved
+        torch.testing.assert_close(fused[1](x), fused[0](x), **TOL)
+    for a, b in zip(fused[1].buffers(), fused[0].buffers(), strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_registering_again_changes_nothing():
+    table = mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD
+    before = dict(table)
+    register_fusers()
+    assert table == before
+    assert (nn.Conv2d, bnlab.nn.BatchNorm2d, nn.ReLU) in table
