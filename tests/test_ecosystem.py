@@ -24,6 +24,7 @@ from ._twins import (
     assert_same_state,
     assert_same_tensors,
     check_like_torch,
+    make_twins,
     net_twins,
 )
 
@@ -306,3 +307,78 @@ def test_state_dict_file_interchange(direction):
     for train in (True, False):
         torch.testing.assert_close(dst_fresh.train(train)(x2), src.train(train)(x2), **TOL)
     assert_same_state(dst_fresh, src)
+
+
+# ---- tools that move a parameter or buffer out of the module's dictionaries -----------
+
+
+class _Positive(nn.Module):
+    """A parametrization: |t| + 0.1, so a variance stays positive."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t.abs() + 0.1
+
+
+def _parametrized(module: nn.Module) -> nn.Module:
+    from torch.nn.utils import parametrize
+
+    for name in ("weight", "running_var"):
+        parametrize.register_parametrization(module, name, _Positive())
+    return module
+
+
+def _pruned(module: nn.Module) -> nn.Module:
+    from torch.nn.utils import prune
+
+    for name in ("weight", "bias"):
+        prune.l1_unstructured(module, name, amount=0.5)
+    return module
+
+
+TOOLS = {"parametrize": _parametrized, "prune": _pruned}
+
+
+@pytest.mark.parametrize("tool", list(TOOLS))
+def test_parametrize_and_prune_like_torch(tool):
+    """Both tools take weight (and parametrize a buffer) out of the module's dictionaries,
+    into a property or an attribute set before each call: bnlab's forward must read those."""
+    theirs, ours = (TOOLS[tool](m) for m in make_twins("BatchNorm2d"))
+    x = _randn(4, 3, 2, 2)
+    for training in (True, False):
+        outputs = []
+        for m in (theirs, ours):
+            m.train(training).zero_grad()
+            xr = x.clone().requires_grad_()
+            y = m(xr)
+            y.backward(torch.ones_like(y) + xr.detach())
+            outputs.append((y, xr.grad, [p.grad for p in m.parameters()]))
+        assert_same_tensors(outputs[1], outputs[0], f"{tool}, training={training}")
+        assert_same_state(ours, theirs)
+
+
+VARIANTS = ["BatchNormReLU2d", "GhostBatchNorm2d", "BatchRenorm2d", "FrozenBatchNorm2d"]
+# prune takes parameters, and a frozen layer has none.
+VARIANT_CASES = [
+    (c, t) for c in VARIANTS for t in TOOLS if (c, t) != ("FrozenBatchNorm2d", "prune")
+]
+
+
+@pytest.mark.parametrize("cls_name, tool", VARIANT_CASES)
+def test_variants_read_what_the_tools_give(cls_name, tool):
+    """bnlab's own layers normalize with the parametrized (or pruned) tensors: the same as
+    a twin given those tensors as its plain state."""
+    torch.manual_seed(0)
+    cls = getattr(bnlab.nn, cls_name)
+    kwargs = {"virtual_batch_size": 4} if cls_name == "GhostBatchNorm2d" else {}  # two ghosts
+    tool_layer, plain = (cls(3, dtype=F64, **kwargs) for _ in range(2))
+    TOOLS[tool](tool_layer)
+    x = _randn(8, 3, 2, 2)
+    with torch.no_grad():
+        tool_layer.eval()(x)  # prune's hook sets weight and bias
+        for name, t in list(plain.named_parameters()) + list(plain.named_buffers()):
+            t.copy_(getattr(tool_layer, name))
+    # Eval first: a training call moves the plain twin's running_var, and only a
+    # temporary where it is a parametrization's output (as in torch).
+    for training in (False, True):
+        tool_layer.train(training), plain.train(training)
+        torch.testing.assert_close(tool_layer(x), plain(x), **TOL)

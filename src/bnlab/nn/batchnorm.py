@@ -51,6 +51,28 @@ def fx_leaf(module: nn.Module, input: object) -> fx.Proxy | None:
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
 
 
+def affine_of(module: nn.Module) -> tuple[Tensor | None, Tensor | None]:
+    """``module``'s weight and bias, read from its dictionary (Module.__getattr__ costs
+    as much as a small batch norm), or as attributes where a tool moved them out:
+    ``torch.nn.utils.parametrize`` makes one a property, ``prune`` an attribute its
+    hook sets before each call."""
+    params = module._parameters
+    try:
+        return params["weight"], params["bias"]
+    except KeyError:
+        return module.weight, module.bias
+
+
+def running_of(module: nn.Module) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``module``'s running mean, variance and batch counter, read as :func:`affine_of`
+    reads weight and bias."""
+    buffers = module._buffers
+    try:
+        return buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"]
+    except KeyError:
+        return module.running_mean, module.running_var, module.num_batches_tracked
+
+
 def check_channels(module: nn.Module, input: Tensor) -> None:
     """The one clear error for a channel count that is not ``module.num_features``."""
     # num_features == 0 is what a lazy module with neither parameters nor
@@ -75,10 +97,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         """
         self._check_input_dim(input)
         check_channels(self, input)
-        # Read from the dictionary: Module.__getattr__ costs as much as a small batch norm.
-        buffers = self._buffers
-        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        counter = buffers["num_batches_tracked"]
+        running_mean, running_var, counter = running_of(self)
         momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and counter is not None:
             # Counted before the batch is checked, exactly as torch does.
@@ -104,9 +123,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if node is not None:
             return node
         plan = self._plan(input)
-        params = self._parameters
+        weight, bias = affine_of(self)
         return self._normalize(
-            input, plan.running_mean, plan.running_var, params["weight"], params["bias"],
+            input, plan.running_mean, plan.running_var, weight, bias,
             plan.use_batch_stats, plan.momentum, self.eps,
         )  # fmt: skip
 

@@ -56,10 +56,12 @@ class _FrozenBatchNorm(nn.Module):
             return node
         self._check_input_dim(input)
         check_channels(self, input)
-        b = self._buffers
-        return F.batch_norm(
-            input, b["running_mean"], b["running_var"], b["weight"], b["bias"], False, 0.0, self.eps
-        )
+        b = self._buffers  # read as batchnorm.affine_of reads a layer's parameters
+        try:
+            mean, var, weight, bias = b["running_mean"], b["running_var"], b["weight"], b["bias"]
+        except KeyError:
+            mean, var, weight, bias = self.running_mean, self.running_var, self.weight, self.bias
+        return F.batch_norm(input, mean, var, weight, bias, False, 0.0, self.eps)
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):

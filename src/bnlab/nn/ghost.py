@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..kernels import reference
-from .batchnorm import _BatchNorm, fx_leaf
+from .batchnorm import _BatchNorm, affine_of, fx_leaf
 
 
 def _memory_format_of(x: Tensor) -> torch.memory_format:
@@ -121,7 +121,7 @@ class _GhostBatchNorm(_BatchNorm):
         if node is not None:
             return node
         plan = self._plan(input)
-        weight, bias = self._parameters["weight"], self._parameters["bias"]
+        weight, bias = affine_of(self)
         if (
             not plan.use_batch_stats
             or input.shape[0] <= self.virtual_batch_size

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..kernels import reference
-from .batchnorm import _BatchNorm, fx_leaf
+from .batchnorm import _BatchNorm, affine_of, fx_leaf, running_of
 
 
 def renorm_limits(
@@ -131,9 +131,8 @@ class _BatchRenorm(_BatchNorm):
         if node is not None:
             return node
         plan = self._plan(input)
-        weight, bias = self.weight, self.bias
-        buffers = self._buffers
-        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        weight, bias = affine_of(self)
+        running_mean, running_var, counter = running_of(self)
         # Renorm needs running statistics to correct towards; without them
         # (or for an empty batch) training is batch norm's.
         correct = (
@@ -144,9 +143,7 @@ class _BatchRenorm(_BatchNorm):
             and (self.rmax != 1.0 or self.dmax != 0.0)
         )
         if correct:
-            rmax, dmax = renorm_limits(
-                self.rmax, self.dmax, self.warmup, buffers["num_batches_tracked"]
-            )
+            rmax, dmax = renorm_limits(self.rmax, self.dmax, self.warmup, counter)
             batch_mean, batch_var = reference.batch_stats(input.detach())
             r, d = renorm_correction(
                 batch_mean, batch_var, running_mean, running_var, self.eps, rmax, dmax

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import sync_functional
-from .batchnorm import _BatchNorm, fx_leaf
+from .batchnorm import _BatchNorm, affine_of, fx_leaf
 
 _HAS_BIAS_ARG = "bias" in inspect.signature(nn.modules.batchnorm._BatchNorm.__init__).parameters
 
@@ -81,9 +81,9 @@ class SyncBatchNorm(_BatchNorm):
         if not self._channels_checked and not torch.compiler.is_compiling():
             sync_functional.agree_on_channels(self.num_features, group, input.device)
             self._channels_checked = True
-        params = self._parameters
+        weight, bias = affine_of(self)
         return sync_functional.sync_batch_norm(
-            input, plan.running_mean, plan.running_var, params["weight"], params["bias"],
+            input, plan.running_mean, plan.running_var, weight, bias,
             plan.momentum, self.eps, group,
         )  # fmt: skip
 
