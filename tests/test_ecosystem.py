@@ -233,6 +233,29 @@ def test_torch_export(train, momentum):
     check_like_torch(fn, (theirs,), (ours,), eager)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_exported_program_saves_loads_and_trains(train):
+    """torch.export.save and load, then a forward and backward through the loaded module:
+    outputs, gradients of the input and of every parameter, and buffers as torch's.
+    (An update under no_grad had made the graph unsaveable, and the exported ops had no
+    gradient.)"""
+    theirs, ours = net_twins()
+    x = _randn(4, 2, 4, 4)
+    dy = _randn(4, 2, seed=3)
+
+    def fn(model):
+        buffer = io.BytesIO()
+        torch.export.save(torch.export.export(model.train(train), (x,), strict=False), buffer)
+        buffer.seek(0)
+        loaded = torch.export.load(buffer).module()
+        xr = x.clone().requires_grad_()
+        y = loaded(xr)
+        y.backward(dy)
+        return y, xr.grad, [p.grad for p in loaded.parameters()], _state(loaded)
+
+    assert_same_tensors(fn(ours), fn(theirs), "exported, saved and loaded")
+
+
 def test_compile_aot_eager_fullgraph_training_momentum_none():
     """conv-BN-ReLU compiled with fullgraph (graph breaks are errors), momentum=None
     (torch's own layer breaks the graph here: it turns the counter into a float), forward

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _build, cpu, reference
+from . import _build, _op_autograd, cpu, reference
 from ._cpu_native import compute_dtype
 from ._layout import restride
 
@@ -82,3 +82,6 @@ def cpu_backward(
 def _(dy, x, weight, stats, batch_stats):
     c, param = x.shape[1], compute_dtype(x.dtype)
     return torch.empty_like(x), x.new_empty((c,), dtype=param), x.new_empty((c,), dtype=param)
+
+
+_op_autograd.register(cpu_forward_train, cpu_forward_eval, cpu_backward)

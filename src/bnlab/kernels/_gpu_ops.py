@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import gpu
+from . import _op_autograd, gpu
 from ._layout import restride
 from .gpu import acc_dtype
 
@@ -64,3 +64,6 @@ def triton_backward(
 def _(dy, x, weight, stats, batch_stats):
     c, acc = x.shape[1], acc_dtype(x.dtype)
     return torch.empty_like(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+
+_op_autograd.register(triton_forward_train, triton_forward_eval, triton_backward)

@@ -51,15 +51,19 @@ def update_running_stats(
 
     16-bit buffers are updated in float32 and rounded once: updated in their
     own dtype, each of the product, the cast and the sum would round.
+
+    The statistics are detached, not the update put under ``no_grad``: a
+    change of grad mode would become a region of its own in an exported graph
+    (torch.export), which then could not be saved and loaded.
     """
-    with torch.no_grad():
-        unbiased_var = var * (n / (n - 1))
-        for buffer, stat in ((running_mean, mean), (running_var, unbiased_var)):
-            if buffer.dtype.itemsize >= 4:
-                buffer.mul_(1 - momentum).add_(momentum * stat.to(buffer.dtype))
-            else:
-                wide = buffer.float().mul_(1 - momentum)
-                buffer.copy_(wide.add_(momentum * stat.float()))
+    mean, var = mean.detach(), var.detach()
+    unbiased_var = var * (n / (n - 1))
+    for buffer, stat in ((running_mean, mean), (running_var, unbiased_var)):
+        if buffer.dtype.itemsize >= 4:
+            buffer.mul_(1 - momentum).add_(momentum * stat.to(buffer.dtype))
+        else:
+            wide = buffer.float().mul_(1 - momentum)
+            buffer.copy_(wide.add_(momentum * stat.float()))
 
 
 def normalize(
