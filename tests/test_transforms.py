@@ -10,6 +10,7 @@ cases torch refuses is read from the installed torch, never written down here.
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -485,7 +486,8 @@ def test_double_backward(rank, affine, mode):
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 @pytest.mark.parametrize("rank", ["1d-NC", "2d", "3d"])
 def test_jit_trace(rank, affine, mode):
-    """A traced module run twice (on new inputs) matches torch's traced module.
+    """A traced module, saved and loaded, run twice (on new inputs) forward and backward,
+    matches torch's traced module.
 
     torch's own trace fails its check for momentum=None in training (it bakes
     1/num_batches_tracked in as a constant); then bnlab's may fail too, but if it
@@ -504,8 +506,19 @@ def test_jit_trace(rank, affine, mode):
             warnings.simplefilter("ignore", DeprecationWarning)
             return torch.jit.trace(m, (x,))
 
-    def run(traced):
-        return traced(x1).detach(), traced(x2).detach(), _state(traced)
+    def run(m):
+        if isinstance(m, torch.jit.ScriptModule):  # kept and loaded, as a traced model is
+            buffer = io.BytesIO()
+            torch.jit.save(m, buffer)
+            buffer.seek(0)
+            m = torch.jit.load(buffer)
+        outputs = []
+        for xi in (x1, x2):
+            xr = xi.clone().requires_grad_()
+            y = m(xr)
+            y.backward(xr.detach() + 1)
+            outputs.append((y.detach(), xr.grad))
+        return outputs, [p.grad for p in m.parameters()], _state(m)
 
     try:
         traced_theirs = trace(theirs)

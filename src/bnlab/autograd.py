@@ -259,8 +259,11 @@ def batch_norm(
         running_mean, running_var = _without_lone_tangents(
             x, weight, bias, running_mean, running_var
         )
-    beyond_autograd = forward_ad or _transformed()  # tangents, batching rules, a tracer
-    if beyond_autograd or _graph(x, weight, bias):
+    # Tangents and batching rules are the Function's, and so is a graph, except in a
+    # trace: there the backend's custom ops, which carry their gradient, are recorded
+    # as ops (the Function would be a Python call, which torch.jit.save cannot keep).
+    tracing = torch.jit.is_tracing()
+    if forward_ad or _compat.transforms_active() or (_graph(x, weight, bias) and not tracing):
         return _apply(x, weight, bias, running_mean, running_var, training, momentum, eps)[0]
     backend = kernels.select(x)
     if training:

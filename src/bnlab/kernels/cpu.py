@@ -18,8 +18,8 @@ precision when |mean| >> std). Running buffers the kernels cannot write in
 place (a 16-bit dtype, strided, a momentum per channel) move by the
 reference rule.
 
-Under ``torch.compile`` the same calls run behind the custom ops of
-:mod:`bnlab.kernels._cpu_ops`, which the compiler can trace.
+Under ``torch.compile`` and ``torch.jit.trace`` the same calls run behind
+the custom ops of :mod:`bnlab.kernels._cpu_ops`, which both keep whole.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch import Tensor
 from . import _build, _cpu_native, reference
 from ._cpu_native import DTYPE_CODES, compute_dtype
 from ._layout import geometry
+from .protocol import captured
 
 _F64 = torch.float64
 
@@ -128,7 +129,7 @@ class CPUBackend:
     def forward_train(
         self, x, weight, bias, eps, running_mean, running_var, momentum, want_stats=True
     ):
-        if torch.compiler.is_compiling():
+        if captured():
             y, stats, var = torch.ops.bnlab.cpu_forward_train(x, weight, bias, eps)
             if running_mean is not None:
                 reference.update_running_stats(
@@ -141,12 +142,12 @@ class CPUBackend:
         return y, stats
 
     def forward_eval(self, x, weight, bias, running_mean, running_var, eps, want_stats=True):
-        if torch.compiler.is_compiling():
+        if captured():
             return torch.ops.bnlab.cpu_forward_eval(x, weight, bias, running_mean, running_var, eps)
         return eager_forward_eval(x, weight, bias, running_mean, running_var, eps, want_stats)
 
     def backward(self, dy, x, weight, stats, batch_stats):
-        if torch.compiler.is_compiling():
+        if captured():
             return torch.ops.bnlab.cpu_backward(dy, x, weight, stats, batch_stats)
         return eager_backward(dy, x, weight, stats, batch_stats)
 
@@ -155,7 +156,7 @@ class CPUBackend:
 
     def batch_stats(self, x):
         """The training forward's statistics (shifted sums, float64); its y is discarded."""
-        if torch.compiler.is_compiling():
+        if captured():
             _, stats, var = torch.ops.bnlab.cpu_forward_train(x, None, None, 1.0)
         else:
             _, stats, var = eager_forward_train(x, None, None, 1.0, None, None, 0.0, True, True)

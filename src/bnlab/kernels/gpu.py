@@ -38,6 +38,7 @@ from torch import Tensor
 
 from . import _build, reference
 from ._layout import geometry
+from .protocol import captured
 
 _F64 = torch.float64
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -360,7 +361,7 @@ class TritonBackend:
     def forward_train(
         self, x, weight, bias, eps, running_mean, running_var, momentum, want_stats=True
     ):
-        if torch.compiler.is_compiling():
+        if captured():
             y, stats, var = torch.ops.bnlab.triton_forward_train(x, weight, bias, eps)
             if running_mean is not None:
                 n = x.numel() // x.size(1)
@@ -372,14 +373,14 @@ class TritonBackend:
         return y, stats
 
     def forward_eval(self, x, weight, bias, running_mean, running_var, eps, want_stats=True):
-        if torch.compiler.is_compiling():
+        if captured():
             return torch.ops.bnlab.triton_forward_eval(
                 x, weight, bias, running_mean, running_var, eps
             )
         return eager_forward_eval(x, weight, bias, running_mean, running_var, eps)
 
     def backward(self, dy, x, weight, stats, batch_stats):
-        if torch.compiler.is_compiling():
+        if captured():
             return torch.ops.bnlab.triton_backward(dy, x, weight, stats, batch_stats)
         return eager_backward(dy, x, weight, stats, batch_stats)
 

@@ -14,13 +14,24 @@ Batch norm across processes (:mod:`bnlab.sync_functional`) splits both passes
 at the point where the processes exchange their per-channel numbers:
 ``batch_stats`` → combine → ``forward_eval`` with the combined statistics,
 and ``backward_reduce`` → sum → ``backward_elemt``.
+
+A call being captured into a graph (:func:`captured`) goes through the
+backend's custom ops, which the capture keeps whole, rather than raw
+pointers it cannot follow.
 """
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
+
+
+def captured() -> bool:
+    """Whether calls are being captured into a graph: by ``torch.compile`` (and
+    ``torch.export``) or ``torch.jit.trace``."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 @runtime_checkable

@@ -57,7 +57,9 @@ def update_running_stats(
     (torch.export), which then could not be saved and loaded.
     """
     mean, var = mean.detach(), var.detach()
-    unbiased_var = var * (n / (n - 1))
+    # var·n first: n may be a traced size, a 0-dim int64 tensor, whose quotient
+    # n / (n − 1) would be a float32 one.
+    unbiased_var = var * n / (n - 1)
     for buffer, stat in ((running_mean, mean), (running_var, unbiased_var)):
         if buffer.dtype.itemsize >= 4:
             buffer.mul_(1 - momentum).add_(momentum * stat.to(buffer.dtype))
