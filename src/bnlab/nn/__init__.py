@@ -9,9 +9,9 @@ from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .sync import SyncBatchNorm
-from .torch_fusion import register_fusers
+from .torch_quantization import register_with_torch
 
-register_fusers()
+register_with_torch()
 
 __all__ = [
     "BatchNorm1d",

@@ -1,15 +1,24 @@
-"""bnlab's layers in torch's eager-mode fusion (torch.ao.quantization.fuse_modules)."""
+"""bnlab's layers in torch's eager-mode quantization: fusion (fuse_modules, fuse_modules_qat)
+and post-training quantization (prepare, convert), against torch's layers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
-from torch.ao.quantization import fuse_modules, fuse_modules_qat
+from torch.ao.quantization import (
+    DeQuantStub,
+    QuantStub,
+    convert,
+    fuse_modules,
+    fuse_modules_qat,
+    get_default_qconfig,
+    prepare,
+)
 from torch.ao.quantization import fuser_method_mappings as mappings
 
 import bnlab.nn
-from bnlab.nn.torch_fusion import register_fusers
+from bnlab.nn.torch_quantization import register_with_torch
 
 from ._twins import F64, TOL, copy_state_, randomize_
 
@@ -76,6 +85,29 @@ def test_qat_fusion_is_torchs_and_trains_alike(pattern, relu):
 def test_registering_again_changes_nothing():
     table = mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD
     before = dict(table)
-    register_fusers()
+    register_with_torch()
     assert table == before
     assert (nn.Conv2d, bnlab.nn.BatchNorm2d, nn.ReLU) in table
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn-relu"])
+def test_post_training_quantization_is_torchs(fused, relu):
+    """QuantStub, conv, batch norm (and ReLU), DeQuantStub, calibrated and converted:
+    unfused, convert puts torch's quantized batch norm in bnlab's layer's place."""
+    theirs, ours, x = _twins("conv2d-bn", relu)
+    quantized = []
+    for model in (theirs, ours):
+        model = nn.Sequential(QuantStub(), *model.float(), DeQuantStub()).eval()
+        if fused:
+            model = fuse_modules(model, [[str(k) for k in range(1, 3 + relu)]])
+        model.qconfig = get_default_qconfig("x86")
+        prepared = prepare(model)
+        prepared(x.float())  # calibration
+        quantized.append(convert(prepared))
+    assert _types(quantized[1]) == _types(quantized[0])
+    # Calibration observes each library's float32 outputs, a few ulps apart, so the
+    # scales may differ in their last bits: equal to float32 rounding, not bit for bit.
+    torch.testing.assert_close(
+        quantized[1](x.float()), quantized[0](x.float()), rtol=1e-5, atol=1e-5
+    )
