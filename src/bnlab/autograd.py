@@ -24,10 +24,7 @@ from torch import Tensor
 
 from . import _compat, kernels, small_calls
 from .kernels import reference
-
-
-def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)  # a no-op .to() still costs a microsecond
+from .kernels._op_autograd import requested
 
 
 class _BatchNormGraph(torch.autograd.Function):
@@ -86,18 +83,7 @@ class _BatchNormGraph(torch.autograd.Function):
             dx, dweight, dbias = reference.backward(dy, x, weight, mean, invstd, ctx.training)
         else:
             dx, dweight, dbias = kernels.select(x).backward(dy, x, weight, stats, ctx.training)
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        weight_dtype, bias_dtype = ctx.param_dtypes
-        return (
-            dx if need_x else None,
-            _as_dtype(dweight, weight_dtype) if need_weight else None,
-            _as_dtype(dbias, bias_dtype) if need_bias else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (*requested(ctx, dx, dweight, dbias), None, None, None, None, None)
 
     @staticmethod
     def vmap(info, in_dims, x, weight, bias, running_mean, running_var, training, momentum, eps):

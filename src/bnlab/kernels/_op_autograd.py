@@ -14,8 +14,20 @@ import torch
 from torch import Tensor
 
 
-def _as(t: Tensor, dtype: torch.dtype | None) -> Tensor | None:
-    return None if dtype is None else t.to(dtype)
+def requested(ctx, dx: Tensor, dweight: Tensor, dbias: Tensor) -> tuple:
+    """(dx, dweight, dbias) as the inputs ask: None where no gradient is needed, and
+    the parameters' in their own dtypes (``ctx.param_dtypes``)."""
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    weight_dtype, bias_dtype = ctx.param_dtypes
+    return (
+        dx if need_x else None,
+        _as_dtype(dweight, weight_dtype) if need_weight else None,
+        _as_dtype(dbias, bias_dtype) if need_bias else None,
+    )
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # a no-op .to() still costs a microsecond
 
 
 def _setup(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, stats, *others) -> None:
@@ -34,14 +46,7 @@ def register(forward_train, forward_eval, backward_op) -> None:
 
     def gradients(ctx, dy: Tensor, batch_stats: bool) -> tuple:
         x, weight, stats = ctx.saved_tensors
-        dx, dweight, dbias = backward_op(dy, x, weight, stats, batch_stats)
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        weight_dtype, bias_dtype = ctx.param_dtypes
-        return (
-            dx if need_x else None,
-            _as(dweight, weight_dtype) if need_weight else None,
-            _as(dbias, bias_dtype) if need_bias else None,
-        )
+        return requested(ctx, *backward_op(dy, x, weight, stats, batch_stats))
 
     def setup_train(ctx, inputs, output) -> None:
         x, weight, bias, _ = inputs
