@@ -15,6 +15,20 @@ from bnlab import _compat
 
 def test_internals_present():
     assert _compat.INTERNALS
+    assert _compat.DISPATCH_MODES
+
+
+def test_dispatch_mode_active():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    assert not _compat.dispatch_mode_active()
+    with Passthrough():
+        assert _compat.dispatch_mode_active()
+    assert not _compat.dispatch_mode_active()
 
 
 class _Double(torch.autograd.Function):

@@ -536,6 +536,59 @@ def test_jit_trace(rank, affine, mode):
     assert_same_tensors(run(traced_ours), run(traced_theirs))
 
 
+# ---- make_fx and dispatch modes ----------------------------------------------------
+
+
+@pytest.mark.parametrize("tracing_mode", ["real", "fake", "symbolic"])
+@pytest.mark.parametrize("mode", ["track-train-m0.1", "track-eval", "notrack-train"])
+def test_make_fx(mode, tracing_mode):
+    """A graph made by make_fx (the layer called with its state as inputs), replayed on
+    fresh copies of that state and a new input: torch's graph's outputs and buffers.
+    (Raw kernel calls, which no dispatch mode sees, had left a graph of empty_like.)"""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    track, train, momentum = MODES[mode]
+    theirs, ours, shape = _twin_layers("2d", track_running_stats=track, momentum=momentum)
+    x, x1 = _randn(*shape), _randn(*shape, seed=1)
+
+    def replay(m):
+        m.train(train)
+        state = dict(m.named_parameters()) | dict(m.named_buffers())
+        fresh = {k: v.detach().clone() for k, v in state.items()}
+        graph = make_fx(lambda s, t: functional_call(m, s, (t,)), tracing_mode=tracing_mode)(
+            {k: v.clone() for k, v in fresh.items()}, x
+        )
+        y = graph(fresh, x1)
+        return y, fresh
+
+    assert_same_tensors(replay(ours), replay(theirs), f"make_fx {tracing_mode}")
+
+
+def test_a_dispatch_mode_sees_the_batch_norm():
+    """A user's TorchDispatchMode sees an op that normalizes (bnlab's custom op), and the
+    numbers stay torch's, in training and eval."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    theirs, ours, shape = _twin_layers("2d")
+    x = _randn(*shape)
+    for train in (True, False):
+        outputs = []
+        for m in (theirs, ours):
+            with Seen() as seen:
+                outputs.append((m.train(train)(x), _state(m)))
+            assert any("batch_norm" in op or "bnlab.cpu_forward" in op for op in seen.ops)
+        assert_same_tensors(outputs[1], outputs[0], f"train={train}")
+
+
 # ---- autocast ----------------------------------------------------------------------
 
 

@@ -63,6 +63,21 @@ def applier(cls: type[Function], tensors: int) -> Callable:
     return apply
 
 
+try:
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode as _in_dispatch_mode
+
+    DISPATCH_MODES = True
+except ImportError:  # pragma: no cover - depends on the torch release
+    DISPATCH_MODES = False
+
+
+def dispatch_mode_active() -> bool:
+    """Whether a Python dispatch mode is active (make_fx, FakeTensorMode, a user's
+    TorchDispatchMode): it sees only calls that go through the dispatcher, so raw
+    kernel calls must not bypass it. Without the internal: assume one is."""
+    return _in_dispatch_mode() if DISPATCH_MODES else True
+
+
 def forward_ad_active() -> bool:
     """Whether a forward-mode AD level is open (dual tensors may be around)."""
     return getattr(_forward_ad, "_current_level", 0) >= 0

@@ -191,9 +191,15 @@ def _transformed() -> bool:
 
 
 def beyond_plain_eager() -> bool:
-    """Whether a call is compiled, under forward-mode AD, a functorch transform or a
-    tracer: then it needs the Python function's rules (no C++ node, no fused backend)."""
-    return torch.compiler.is_compiling() or _compat.forward_ad_active() or _transformed()
+    """Whether a call is compiled, under forward-mode AD, a functorch transform, a
+    tracer or a Python dispatch mode: then it needs the Python function's rules (no
+    C++ node, no fused backend)."""
+    return (
+        torch.compiler.is_compiling()
+        or _compat.forward_ad_active()
+        or _transformed()
+        or _compat.dispatch_mode_active()
+    )
 
 
 def small_call(

@@ -27,11 +27,14 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .. import _compat
+
 
 def captured() -> bool:
-    """Whether calls are being captured into a graph: by ``torch.compile`` (and
-    ``torch.export``) or ``torch.jit.trace``."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    """Whether calls are being captured into a graph, by ``torch.compile`` (and
+    ``torch.export``) or ``torch.jit.trace``, or seen by a Python dispatch mode
+    (``make_fx``, ``FakeTensorMode``, a user's mode): only ops reach them."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or _compat.dispatch_mode_active()
 
 
 @runtime_checkable

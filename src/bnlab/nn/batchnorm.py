@@ -29,6 +29,7 @@ from torch import Tensor, fx, nn
 
 from .. import functional as F
 from ..errors import ChannelMismatchError
+from ..kernels.protocol import captured
 
 _ONE = torch.ones((), dtype=torch.long)
 
@@ -102,8 +103,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.training and self.track_running_stats and counter is not None:
             # Counted before the batch is checked, exactly as torch does.
             # A tensor one skips wrapping the int 1 in a tensor on each eager
-            # call (half the count's cost); compiled graphs take the int.
-            counter.add_(1 if torch.compiler.is_compiling() else _ONE)
+            # call (half the count's cost); captured graphs take the int (a
+            # fake counter cannot add a real tensor).
+            counter.add_(1 if captured() else _ONE)
             if self.momentum is None:
                 # Cumulative average as a tensor: no host sync, traceable by
                 # torch.compile, and one per model under vmap.
