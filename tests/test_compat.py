@@ -16,6 +16,23 @@ from bnlab import _compat
 def test_internals_present():
     assert _compat.INTERNALS
     assert _compat.DISPATCH_MODES
+    assert _compat.FUNCTIONALIZE
+
+
+def test_functionalizing():
+    from torch.func import functionalize, grad
+
+    seen = []
+
+    def f(x):
+        seen.append(_compat.functionalizing())
+        return x.sum()
+
+    f(torch.ones(2))
+    functionalize(f)(torch.ones(2))
+    functionalize(grad(f))(torch.ones(2))  # functionalize outside, grad innermost
+    grad(f)(torch.ones(2))
+    assert seen == [False, True, True, False]
 
 
 def test_dispatch_mode_active():

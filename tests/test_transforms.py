@@ -19,6 +19,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as TF
 from torch.func import (
     functional_call,
+    functionalize,
     grad,
     hessian,
     jacfwd,
@@ -28,6 +29,7 @@ from torch.func import (
     vjp,
     vmap,
 )
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import bnlab.functional
 
@@ -545,8 +547,6 @@ def test_make_fx(mode, tracing_mode):
     """A graph made by make_fx (the layer called with its state as inputs), replayed on
     fresh copies of that state and a new input: torch's graph's outputs and buffers.
     (Raw kernel calls, which no dispatch mode sees, had left a graph of empty_like.)"""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     track, train, momentum = MODES[mode]
     theirs, ours, shape = _twin_layers("2d", track_running_stats=track, momentum=momentum)
     x, x1 = _randn(*shape), _randn(*shape, seed=1)
@@ -562,6 +562,41 @@ def test_make_fx(mode, tracing_mode):
         return y, fresh
 
     assert_same_tensors(replay(ours), replay(theirs), f"make_fx {tracing_mode}")
+
+
+FUNCTIONALIZED = {
+    "functionalize": lambda f: functionalize(f),
+    "make_fx(functionalize)": lambda f: (
+        lambda s, t: make_fx(functionalize(f), tracing_mode="fake")(
+            {k: v.clone() for k, v in s.items()}, t
+        )(s, t)
+    ),
+    "grad(functionalize)": lambda f: (
+        lambda s, t: grad(lambda t: functionalize(f)(s, t).square().sum())(t)
+    ),
+    "functionalize(grad)": lambda f: functionalize(
+        grad(lambda s, t: f(s, t).square().sum(), argnums=1)
+    ),
+}
+
+
+@pytest.mark.parametrize("transform", list(FUNCTIONALIZED))
+@pytest.mark.parametrize("mode", ["track-train-m0.1", "track-eval", "notrack-train"])
+def test_functionalize(mode, transform):
+    """functionalize alone, traced by make_fx, and around or inside grad: outputs and the
+    state it leaves as torch's, or torch's exception type (grad refuses the running
+    update of a buffer it captured). functionalize has no rule for an autograd Function."""
+    track, train, momentum = MODES[mode]
+    theirs, ours, shape = _twin_layers("2d", track_running_stats=track, momentum=momentum)
+    x = _randn(*shape)
+
+    def run(m):
+        m.train(train)
+        state = {k: v.detach().clone() for k, v in (m.state_dict()).items()}
+        out = FUNCTIONALIZED[transform](lambda s, t: functional_call(m, s, (t,)))(state, x)
+        return out, state
+
+    check_like_torch(run, (theirs,), (ours,))
 
 
 def test_a_dispatch_mode_sees_the_batch_norm():

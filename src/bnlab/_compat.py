@@ -64,6 +64,24 @@ def applier(cls: type[Function], tensors: int) -> Callable:
 
 
 try:
+    from torch._C._functorch import TransformType as _TransformType
+    from torch._C._functorch import get_interpreter_stack as _transform_stack
+
+    FUNCTIONALIZE = True
+except ImportError:  # pragma: no cover - depends on the torch release
+    FUNCTIONALIZE = False
+
+
+def functionalizing() -> bool:
+    """Whether ``functionalize`` is among the active functorch transforms: it has no
+    rule for a Python autograd function. Without the internal: False (and
+    functionalize meets the autograd function, and refuses)."""
+    if not (FUNCTIONALIZE and transforms_active()):
+        return False
+    return any(t.key() == _TransformType.Functionalize for t in _transform_stack() or ())
+
+
+try:
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode as _in_dispatch_mode
 
     DISPATCH_MODES = True

@@ -246,6 +246,15 @@ def batch_norm(
         return _BatchNormGraph.apply(
             x, weight, bias, running_mean, running_var, training, momentum, eps
         )[0]
+    if _compat.functionalizing():
+        # functionalize has no rule for an autograd Function (alone or around or
+        # inside grad and vmap): the reference formulas, plain differentiable ops.
+        reference_backend = kernels.REFERENCE
+        if training:
+            return reference_backend.forward_train(
+                x, weight, bias, eps, running_mean, running_var, momentum
+            )[0]
+        return reference_backend.forward_eval(x, weight, bias, running_mean, running_var, eps)[0]
     forward_ad = _compat.forward_ad_active()
     if forward_ad:
         running_mean, running_var = _without_lone_tangents(
