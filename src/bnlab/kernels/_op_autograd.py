@@ -1,11 +1,12 @@
 """Gradients for the backends' custom ops, so that a graph holding them trains.
 
 ``torch.compile`` traces :class:`bnlab.autograd.BatchNormFunction`, backward
-and all. ``torch.export`` keeps only its forward: the exported module calls
-the ops themselves (``bnlab::cpu_forward_train`` and the like), and without
-a formula of their own, a backward through it stopped at the first one.
-Their formula is the backend's backward op, as the Function's is; the
-statistics they return are not differentiable.
+and all. ``torch.export`` keeps only its forward, and ``torch.jit.trace`` and
+dispatch modes (``make_fx``) record the ops without the Function: their
+graphs call the ops themselves (``bnlab::cpu_forward_train`` and the like),
+and without a formula of their own, a backward through such a graph stopped
+at the first one. Their formula is the backend's backward op, as the
+Function's is; the statistics they return are not differentiable.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ precision when |mean| >> std). Running buffers the kernels cannot write in
 place (a 16-bit dtype, strided, a momentum per channel) move by the
 reference rule.
 
-Under ``torch.compile`` and ``torch.jit.trace`` the same calls run behind
-the custom ops of :mod:`bnlab.kernels._cpu_ops`, which both keep whole.
+Calls being captured (:func:`bnlab.kernels.protocol.captured`: by
+``torch.compile``, ``torch.jit.trace`` or a Python dispatch mode) run behind
+the custom ops of :mod:`bnlab.kernels._cpu_ops`, which those keep whole.
 """
 
 from __future__ import annotations
