@@ -405,3 +405,27 @@ def test_variants_read_what_the_tools_give(cls_name, tool):
     for training in (False, True):
         tool_layer.train(training), plain.train(training)
         torch.testing.assert_close(tool_layer(x), plain(x), **TOL)
+
+
+@pytest.mark.parametrize("cls_name", VARIANTS)
+def test_variants_trace_save_and_load(cls_name):
+    """bnlab's own layers under torch.jit.trace, saved and loaded: in training, the
+    outputs and buffers of the eager layer's next call (tracing ran one)."""
+    import warnings
+
+    kwargs = {"virtual_batch_size": 4} if cls_name == "GhostBatchNorm2d" else {}
+    x, x1 = _randn(8, 3, 2, 2), _randn(8, 3, 2, 2, seed=1)
+    for train in (True, False):
+        traced_layer, eager = (
+            getattr(bnlab.nn, cls_name)(3, dtype=F64, **kwargs).train(train) for _ in range(2)
+        )
+        with warnings.catch_warnings():  # jit.trace is deprecated, and warns of baked sizes
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(traced_layer, (x,), check_trace=False)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer)
+        eager(x)  # the call tracing made
+        assert_same_tensors(loaded(x1), eager(x1), f"{cls_name}, train={train}")
+        assert_same_tensors(_state(loaded), _state(eager), f"{cls_name} state, train={train}")

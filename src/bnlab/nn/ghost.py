@@ -65,7 +65,9 @@ def ghost_batch_norm(
     chunk takes a call of its own.
     """
     n, c = x.shape[:2]
-    k, rest = divmod(n, virtual_batch_size)
+    # int(): under torch.jit.trace a size is a tensor; the chunks follow the batch
+    # size, which a trace fixes anyway.
+    k, rest = divmod(int(n), virtual_batch_size)
     parts = []
     if k:
         whole = x[: k * virtual_batch_size].unflatten(0, (k, virtual_batch_size))  # (k, V, C, *)
