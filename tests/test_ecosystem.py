@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import bnlab.functional
 import bnlab.nn
 
 from ._twins import (
@@ -203,6 +204,77 @@ def test_fx_symbolic_trace_keeps_bnlab_layer_as_leaf():
         y = graphs["bnlab"].train(train)(x)
         torch.testing.assert_close(y, reference.train(train)(x), **TOL)
     assert_same_state(graphs["bnlab"], reference)
+
+
+class _Functional(nn.Module):
+    """A model that calls a functional batch norm itself, with its own state."""
+
+    def __init__(self, function, train: bool):
+        super().__init__()
+        self.function, self.training_flag = function, train
+        self.register_buffer("running_mean", torch.zeros(3, dtype=F64))
+        self.register_buffer("running_var", torch.ones(3, dtype=F64))
+        self.weight = nn.Parameter(torch.rand(3, dtype=F64) + 0.5)
+
+    def forward(self, x):
+        return self.function(
+            x, self.running_mean, self.running_var, self.weight, None,
+            training=self.training_flag, momentum=0.3, eps=1e-4,
+        )  # fmt: skip
+
+
+FUNCTIONALS = {
+    "batch_norm": (bnlab.functional.batch_norm, torch.nn.functional.batch_norm),
+    "batch_norm_relu": (
+        bnlab.functional.batch_norm_relu,
+        lambda *args, **kwargs: torch.relu(torch.nn.functional.batch_norm(*args, **kwargs)),
+    ),
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(FUNCTIONALS))
+def test_fx_symbolic_trace_records_the_functional_call(name, train):
+    """torch.fx records bnlab's functional call as one call_function node, as it does
+    torch's (both take part in __torch_function__), and the graph computes torch's numbers."""
+    ours, theirs = FUNCTIONALS[name]
+    graph = torch.fx.symbolic_trace(_Functional(ours, train))
+    calls = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    assert calls == [ours]
+    reference = _Functional(theirs, train)
+    reference.load_state_dict(graph.state_dict())
+    for seed in (1, 2):
+        x = _randn(4, 3, 2, 2, seed=seed)
+        torch.testing.assert_close(graph(x), reference(x), **TOL)
+    assert_same_state(graph, reference)
+
+
+def test_torch_function_modes_and_subclasses_see_the_call():
+    """A TorchFunctionMode sees bnlab.functional.batch_norm called, and a tensor subclass
+    gets its own type back, with torch's numbers."""
+    from torch.overrides import TorchFunctionMode
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.functions = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.functions.append(func)
+            return func(*args, **(kwargs or {}))
+
+    class Tagged(torch.Tensor):
+        pass
+
+    x = _randn(4, 3, 2, 2)
+    args = (torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64))
+    with Seen() as seen:
+        y = bnlab.functional.batch_norm(x, *args, training=True)
+    assert bnlab.functional.batch_norm in seen.functions
+    tagged = bnlab.functional.batch_norm(x.as_subclass(Tagged), *args, training=True)
+    assert type(tagged) is Tagged
+    torch.testing.assert_close(tagged.as_subclass(torch.Tensor), y, **TOL)
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, *args, training=True), **TOL)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "mNone"])

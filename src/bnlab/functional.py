@@ -15,6 +15,7 @@ module's business; this function is pure apart from the in-place update.
 from __future__ import annotations
 
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import autograd, fused_relu
 from .errors import ChannelMismatchError, InputRankError
@@ -127,6 +128,12 @@ def batch_norm(
     tensor, so a cumulative average (``1 / num_batches_tracked``) needs no
     host sync and stays inside a compiled graph.
     """
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        # As torch's: subclasses, modes and fx proxies see this function's call.
+        return handle_torch_function(
+            batch_norm, (input, running_mean, running_var, weight, bias),
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+        )  # fmt: skip
     training = bool(training)
     # The C++ node first: it takes only calls that pass every check below, which in
     # Python cost about a tenth of a small call.
@@ -155,6 +162,11 @@ def batch_norm_relu(
 ) -> Tensor:
     """``relu(batch_norm(...))`` with :func:`batch_norm`'s arguments, rules and errors, in
     one pass each way where the backend fuses them (see :mod:`bnlab.fused_relu`)."""
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(
+            batch_norm_relu, (input, running_mean, running_var, weight, bias),
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+        )  # fmt: skip
     training = bool(training)
     running_mean, running_var = _checked_buffers(
         input, running_mean, running_var, weight, bias, training, eps
