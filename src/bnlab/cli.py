@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import shlex
 import signal
 import sys
@@ -251,6 +252,15 @@ def say(text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # a torchrun rank
+        from bnlab.experiments.distributed import leave
+
+        leave(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
