@@ -16,6 +16,7 @@ from torch.ao.quantization import (
     prepare,
 )
 from torch.ao.quantization import fuser_method_mappings as mappings
+from torch.ao.quantization.quantization_mappings import DEFAULT_STATIC_QUANT_MODULE_MAPPINGS
 
 import bnlab.nn
 from bnlab.nn.torch_quantization import register_with_torch
@@ -83,11 +84,12 @@ def test_qat_fusion_is_torchs_and_trains_alike(pattern, relu):
 
 
 def test_registering_again_changes_nothing():
-    table = mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD
-    before = dict(table)
+    tables = (mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD, DEFAULT_STATIC_QUANT_MODULE_MAPPINGS)
+    before = [dict(table) for table in tables]
     register_with_torch()
-    assert table == before
-    assert (nn.Conv2d, bnlab.nn.BatchNorm2d, nn.ReLU) in table
+    assert [dict(table) for table in tables] == before
+    assert (nn.Conv2d, bnlab.nn.BatchNorm2d, nn.ReLU) in tables[0]
+    assert tables[1][bnlab.nn.BatchNorm2d] is tables[1][nn.BatchNorm2d]
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
