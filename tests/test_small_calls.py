@@ -25,7 +25,17 @@ from bnlab.kernels import _build, cpu
 from ._twins import make_twins
 from .conftest import count_calls
 
-MAX = small_calls.MAX_BYTES // 4  # float32 values
+# A limit for graph-recording calls, as small_calls.MAX_BYTES may set (it sets none):
+# the tests of the mechanism use this one.
+LIMIT = 1 << 20
+MAX = LIMIT // 4  # float32 values
+
+
+@pytest.fixture
+def limited(monkeypatch):
+    monkeypatch.setattr(small_calls, "MAX_BYTES", LIMIT)
+
+
 _NODE = _build.node()
 
 
@@ -52,16 +62,31 @@ def _rows(elements: int, channels: int = 16, dtype=torch.float32) -> torch.Tenso
     "elements, path", [(64, "node"), (MAX, "node"), (MAX + 16, "function")], ids=str
 )
 @pytest.mark.parametrize("train", [True, False])
-def test_graph_recording_calls_switch_at_the_crossover(elements, path, train):
+def test_graph_recording_calls_switch_at_the_crossover(elements, path, train, limited):
     m = bnlab.nn.BatchNorm1d(16).train(train)
     y = m(_rows(elements).requires_grad_())
     assert _path_of(y) == path
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_graph_recording_calls_of_every_size_take_the_node(train):
+    """As shipped there is no limit: a 4 MiB training step runs behind the node, with torch's
+    numbers and gradients."""
+    theirs, ours = (m.float().train(train) for m in make_twins("BatchNorm1d", 16))
+    x = _rows(4 * MAX) * 2 + 1
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ys = [m(t) for m, t in zip((ours, theirs), xs, strict=True)]
+    assert _path_of(ys[0]) == "node"
+    for y in ys:
+        y.backward(torch.ones_like(y) + x)
+    torch.testing.assert_close(ys[0], ys[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
-def test_the_crossover_is_in_bytes(dtype):
+def test_the_crossover_is_in_bytes(dtype, limited):
     """16-bit inputs switch at twice float32's values, float64 at half (MAX_BYTES)."""
-    values = small_calls.MAX_BYTES // dtype.itemsize
+    values = LIMIT // dtype.itemsize
     m = bnlab.nn.BatchNorm1d(16, dtype=torch.float64 if dtype == torch.float64 else None)
     for elements, path in ((values, "node"), (values + 16, "function")):
         y = m(_rows(elements, dtype=dtype).requires_grad_())
@@ -253,7 +278,7 @@ def _call(
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
-def test_rule(case, kwargs, taken):
+def test_rule(case, kwargs, taken, limited):
     """The node takes the call, or declines it (None) and the function runs."""
     y = small_calls.batch_norm(*_call(**kwargs))
     assert (y is not None) is taken, case
