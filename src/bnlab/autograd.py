@@ -25,6 +25,7 @@ from torch import Tensor
 from . import _compat, kernels, small_calls
 from .kernels import reference
 from .kernels._op_autograd import requested
+from .kernels.protocol import captured
 
 
 class _BatchNormGraph(torch.autograd.Function):
@@ -185,21 +186,12 @@ def _graph(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     )
 
 
-def _transformed() -> bool:
-    """Whether a functorch transform or a tracer is active (forward AD is checked apart)."""
-    return _compat.transforms_active() or torch.jit.is_tracing()
-
-
 def beyond_plain_eager() -> bool:
-    """Whether a call is compiled, under forward-mode AD, a functorch transform, a
-    tracer or a Python dispatch mode: then it needs the Python function's rules (no
-    C++ node, no fused backend)."""
-    return (
-        torch.compiler.is_compiling()
-        or _compat.forward_ad_active()
-        or _transformed()
-        or _compat.dispatch_mode_active()
-    )
+    """Whether a call is captured (compiled, traced, under a Python dispatch mode:
+    :func:`bnlab.kernels.protocol.captured`), under forward-mode AD or a functorch
+    transform: then it needs the Python function's rules (no C++ node, no fused
+    backend)."""
+    return captured() or _compat.forward_ad_active() or _compat.transforms_active()
 
 
 def small_call(
@@ -249,24 +241,21 @@ def batch_norm(
     if _compat.functionalizing():
         # functionalize has no rule for an autograd Function (alone or around or
         # inside grad and vmap): the reference formulas, plain differentiable ops.
-        reference_backend = kernels.REFERENCE
-        if training:
-            return reference_backend.forward_train(
-                x, weight, bias, eps, running_mean, running_var, momentum
-            )[0]
-        return reference_backend.forward_eval(x, weight, bias, running_mean, running_var, eps)[0]
-    forward_ad = _compat.forward_ad_active()
-    if forward_ad:
-        running_mean, running_var = _without_lone_tangents(
-            x, weight, bias, running_mean, running_var
-        )
-    # Tangents and batching rules are the Function's, and so is a graph, except in a
-    # trace: there the backend's custom ops, which carry their gradient, are recorded
-    # as ops (the Function would be a Python call, which torch.jit.save cannot keep).
-    tracing = torch.jit.is_tracing()
-    if forward_ad or _compat.transforms_active() or (_graph(x, weight, bias) and not tracing):
-        return _apply(x, weight, bias, running_mean, running_var, training, momentum, eps)[0]
-    backend = kernels.select(x)
+        backend = kernels.REFERENCE
+    else:
+        forward_ad = _compat.forward_ad_active()
+        if forward_ad:
+            running_mean, running_var = _without_lone_tangents(
+                x, weight, bias, running_mean, running_var
+            )
+        # Tangents and batching rules are the Function's, and so is a graph, except in
+        # a trace: there the backend's custom ops, which carry their gradient, are
+        # recorded as ops (the Function would be a Python call, which torch.jit.save
+        # cannot keep).
+        graph = _graph(x, weight, bias) and not torch.jit.is_tracing()
+        if forward_ad or _compat.transforms_active() or graph:
+            return _apply(x, weight, bias, running_mean, running_var, training, momentum, eps)[0]
+        backend = kernels.select(x)
     if training:
         return backend.forward_train(
             x, weight, bias, eps, running_mean, running_var, momentum, False

@@ -27,6 +27,7 @@ from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import convert
 
 TWINS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+_BNLAB_LAYERS = frozenset(TWINS.values())
 
 
 def register_with_torch() -> None:
@@ -48,9 +49,8 @@ def _on_torch_layers(fuser):
     """``fuser`` handed torch's batch norm layers in place of bnlab's, sharing their state."""
 
     def fuse(is_qat, *modules):
-        bnlab_layers = tuple(TWINS.values())
         return fuser(
-            is_qat, *(convert(m, to="torch") if type(m) in bnlab_layers else m for m in modules)
+            is_qat, *(convert(m, to="torch") if type(m) in _BNLAB_LAYERS else m for m in modules)
         )
 
     return fuse
